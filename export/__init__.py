@@ -1,0 +1,1 @@
+"""Flow library, training, ONNX export and Triton repository writer."""

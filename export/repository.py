@@ -1,0 +1,114 @@
+"""Write Triton model configurations (``config.pbtxt``) from the flowserve spec.
+
+Two flavours share one builder:
+
+* ``python``: the ``flowserve_onnx`` Python-based backend runs the ONNX file with ONNX
+  Runtime. It works with the Triton in the ``nvidia-pytriton`` wheel (CPU here, CUDA EP
+  on ``KIND_GPU``).
+* ``onnxruntime``: Triton's native ONNX Runtime backend, for GPU clusters running the
+  NGC Triton image.
+
+Configs are built as ``model_config_pb2.ModelConfig`` messages, Triton's own schema, and
+printed in text format, so a field Triton does not know cannot be written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from flowserve.spec import DirectionSpec, TensorSpec
+
+PYTHON_BACKEND = "flowserve_onnx"
+BACKENDS = {"python": PYTHON_BACKEND, "onnxruntime": "onnxruntime"}
+INSTANCE_KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
+MODEL_FILENAME = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How Triton should serve a model: batching, instances and backend flavour."""
+
+    backend: str = "python"
+    max_batch_size: int = 1024
+    max_queue_delay_us: int = 500
+    instance_count: int = 1
+    instance_kind: str = "cpu"
+    gpus: tuple[int, ...] = field(default_factory=tuple)
+    intra_op_threads: int = 1
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+        if self.instance_kind not in INSTANCE_KINDS:
+            raise ValueError(f"instance kind must be one of {sorted(INSTANCE_KINDS)}")
+        if self.gpus and self.instance_kind != "gpu":
+            raise ValueError("a gpus list needs instance kind 'gpu'")
+        if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
+            raise ValueError("max_batch_size and instance_count must be >= 1, queue delay >= 0")
+
+
+def _tensor_dims(tensor: TensorSpec) -> tuple[list[int], bool]:
+    """Triton dims for a per-row tensor; scalars per row are exposed as [1] with a reshape."""
+    return (list(tensor.dims), False) if tensor.dims else ([1], True)
+
+
+def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingConfig) -> mc.ModelConfig:
+    """The ``ModelConfig`` of one direction of a flow."""
+    config = mc.ModelConfig(name=model_name, max_batch_size=serving.max_batch_size)
+    config.backend = BACKENDS[serving.backend]
+    config.default_model_filename = MODEL_FILENAME
+    for tensor in spec.inputs:
+        dims, scalar = _tensor_dims(tensor)
+        entry = config.input.add(name=tensor.name, data_type=tensor.config_dtype, dims=dims)
+        if scalar:
+            entry.reshape.SetInParent()
+    for tensor in spec.outputs:
+        dims, scalar = _tensor_dims(tensor)
+        entry = config.output.add(name=tensor.name, data_type=tensor.config_dtype, dims=dims)
+        if scalar:
+            entry.reshape.SetInParent()
+
+    config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+    config.instance_group.add(
+        name=model_name,
+        count=serving.instance_count,
+        kind=INSTANCE_KINDS[serving.instance_kind],
+        gpus=list(serving.gpus),
+    )
+    for batch_size in sorted({1, serving.max_batch_size}):
+        warmup = config.model_warmup.add(name=f"random-batch-{batch_size}", batch_size=batch_size)
+        for tensor in spec.inputs:
+            dims, _ = _tensor_dims(tensor)
+            warmup.inputs[tensor.name].CopyFrom(
+                mc.ModelWarmup.Input(data_type=tensor.config_dtype, dims=dims, random_data=True)
+            )
+    thread_key = "intra_op_num_threads" if serving.backend == "python" else "intra_op_thread_count"
+    config.parameters[thread_key].string_value = str(serving.intra_op_threads)
+    return config
+
+
+def config_text(config: mc.ModelConfig) -> str:
+    """``config.pbtxt`` text of ``config``."""
+    return text_format.MessageToString(config)
+
+
+def parse_config_text(text: str) -> mc.ModelConfig:
+    """Parse ``config.pbtxt`` text with Triton's schema; unknown fields raise ParseError."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def write_model(
+    repository: Path, model_name: str, version: int, spec: DirectionSpec,
+    serving: ServingConfig, onnx_bytes: bytes,
+) -> Path:
+    """Write ``<repository>/<model_name>/config.pbtxt`` and the version's ONNX file."""
+    model_dir = Path(repository) / model_name
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (version_dir / MODEL_FILENAME).write_bytes(onnx_bytes)
+    (model_dir / "config.pbtxt").write_text(config_text(build_model_config(model_name, spec, serving)))
+    return version_dir / MODEL_FILENAME

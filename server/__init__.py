@@ -1,0 +1,1 @@
+"""Asyncio gRPC gateway in front of Triton, its launcher and metrics."""

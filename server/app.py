@@ -1,0 +1,126 @@
+"""Assemble and run the gateway: gRPC server, health, reflection and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .interceptor import ErrorAndMetricsInterceptor
+from .metrics import GatewayMetrics
+from .proto import flowserve_pb2 as pb
+from .proto import flowserve_pb2_grpc as pb_grpc
+from .service import FlowService, GatewayLimits, ModelCatalog
+from .servicer import FlowServicer
+from .triton import TritonBackend
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class GatewayConfig:
+    """Where the gateway listens, which Triton it uses, and its limits."""
+
+    model_repository: Path
+    triton_url: str
+    host: str = "0.0.0.0"
+    port: int = 8500
+    metrics_port: int = 8502
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    health_interval_s: float = 1.0
+    shutdown_grace_s: float = 10.0
+
+
+class Gateway:
+    """The running gateway; ``start`` then ``wait_for_stop`` or ``stop``."""
+
+    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or GatewayMetrics()
+        self.backend = TritonBackend(config.triton_url)
+        self.catalog = ModelCatalog(config.model_repository)
+        self.service = FlowService(self.backend, self.catalog, config.limits)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._metrics_http = None
+        self._health_task: asyncio.Task | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        pb_grpc.add_FlowServiceServicer_to_server(FlowServicer(self.service), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
+        self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        await self._update_health()
+        self._health_task = asyncio.create_task(self._watch_health())
+        await self.server.start()
+        log.info(
+            "gateway on %s:%d (metrics :%d), Triton at %s, models %s",
+            self.config.host, self.port, self.config.metrics_port, self.config.triton_url, self.catalog.names(),
+        )
+
+    async def _update_health(self) -> None:
+        ready = await self.backend.is_ready()
+        self.metrics.triton_ready.set(1.0 if ready else 0.0)
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self._update_health()
+            except Exception:  # the watcher must outlive a bad poll
+                log.exception("health poll failed")
+
+    async def stop(self) -> None:
+        """Stop accepting RPCs, let in-flight ones finish within the grace period, and close."""
+        await self.health.enter_graceful_shutdown()
+        if self._health_task:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.server.stop(self.config.shutdown_grace_s)
+        await self.backend.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        log.info("gateway stopped")
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """Run the gateway until SIGINT or SIGTERM, then shut it down gracefully."""
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await gateway.stop()

@@ -1,0 +1,65 @@
+"""A small synchronous client of the flowserve gateway, used by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from . import tensors
+from .app import MAX_MESSAGE_BYTES
+from .proto import flowserve_pb2 as pb
+from .proto import flowserve_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class Samples:
+    x: np.ndarray
+    log_prob: np.ndarray | None
+    seed: int
+
+
+class FlowClient:
+    """Calls ``flowserve.v1.FlowService`` at ``target`` (``host:port``)."""
+
+    def __init__(self, target: str, timeout: float = 60.0):
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.stub = pb_grpc.FlowServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "FlowClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def sample(
+        self, model: str, num_samples: int, seed: int | None = None,
+        temperature: float | None = None, return_log_prob: bool = True,
+    ) -> Samples:
+        request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
+        if seed is not None:
+            request.seed = seed
+        if temperature is not None:
+            request.temperature = temperature
+        response = self.stub.Sample(request, timeout=self.timeout)
+        log_prob = np.asarray(response.log_prob, dtype=np.float32) if return_log_prob else None
+        return Samples(tensors.decode(response.samples, "samples"), log_prob, response.seed)
+
+    def log_likelihood(self, model: str, x: np.ndarray) -> np.ndarray:
+        request = pb.LogLikelihoodRequest(model=model, x=tensors.encode(x))
+        response = self.stub.LogLikelihood(request, timeout=self.timeout)
+        return np.asarray(response.log_prob, dtype=np.float32)

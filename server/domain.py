@@ -1,0 +1,74 @@
+"""Domain objects and errors of the gateway, free of gRPC and of Triton.
+
+The service layer speaks only these; the servicer converts protos to and from them and
+the interceptor turns the errors into gRPC status codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class FlowServeError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+
+class InvalidArgument(FlowServeError):
+    """The request is malformed; the message names the field."""
+
+
+class ModelNotFound(FlowServeError):
+    """No flow of that name is served."""
+
+
+class ResourceExhausted(FlowServeError):
+    """The gateway's in-flight budget is spent; retry later."""
+
+
+class BackendUnavailable(FlowServeError):
+    """Triton cannot be reached or the model is not ready there."""
+
+
+class DeadlineExceeded(FlowServeError):
+    """The client's deadline passed before the work was done."""
+
+
+class BackendError(FlowServeError):
+    """Triton answered with an error that is not the client's fault."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served flow as ListModels describes it."""
+
+    name: str
+    family: str
+    event_shape: tuple[int, ...]
+    directions: tuple[str, ...]
+    versions: tuple[str, ...]
+    ready: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleQuery:
+    model: str
+    num_samples: int
+    seed: int | None = None
+    temperature: float = 1.0
+    return_log_prob: bool = False
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    samples: np.ndarray
+    log_prob: np.ndarray | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class LogLikelihoodQuery:
+    model: str
+    x: np.ndarray

@@ -1,0 +1,221 @@
+"""Start and stop the ``tritonserver`` that ships in the ``nvidia-pytriton`` wheel.
+
+The wheel carries Triton 2.51 with the Python backend only. To serve flowserve models it
+needs, found and set up here:
+
+* a backend directory holding the Python backend (``libtriton_python.so``, its utils and
+  the stub built for this Python) and the ``flowserve_onnx`` runner;
+* ``LD_LIBRARY_PATH`` with the wheel's bundled libraries;
+* this environment's ``bin`` first on ``PATH``: the stub ignores ``PYTHONPATH`` and takes
+  its interpreter, and so numpy and onnxruntime, from ``python3`` on ``PATH``.
+
+Triton runs in its own process group, so stopping it also stops its stub processes, and
+on Linux it is told to die with its parent, so a killed launcher leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from flowserve.export.repository import PYTHON_BACKEND
+
+log = logging.getLogger(__name__)
+
+
+class TritonLaunchError(RuntimeError):
+    """Triton could not be found, started, or did not become ready."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Paths inside the installed ``nvidia-pytriton`` wheel."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libraries: Path
+
+    @classmethod
+    def find(cls) -> "TritonInstallation":
+        """Locate ``tritonserver`` and its pieces in the installed wheel."""
+        try:
+            import pytriton
+        except ImportError as exc:
+            raise TritonLaunchError("nvidia-pytriton is not installed: pip install nvidia-pytriton") from exc
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        found = cls(
+            binary=root / "bin" / "tritonserver",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / python_version / "triton_python_backend_stub",
+            libraries=root.parent.parent / "nvidia_pytriton.libs",
+        )
+        for path in (found.binary, found.python_backend, found.stub, found.libraries):
+            if not path.exists():
+                raise TritonLaunchError(f"incomplete nvidia-pytriton install: {path} is missing")
+        return found
+
+    def build_backend_directory(self, target: Path) -> Path:
+        """Create ``target`` with the Python backend and the ``flowserve_onnx`` runner."""
+        python_dir = target / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            shutil.copy2(self.python_backend / name, python_dir / name)
+        shutil.copy2(self.stub, python_dir / "triton_python_backend_stub")
+        runner_dir = target / PYTHON_BACKEND
+        runner_dir.mkdir(exist_ok=True)
+        runner = resources.files("flowserve.export") / "triton_backend" / "model.py"
+        (runner_dir / "model.py").write_text(runner.read_text())
+        return target
+
+    def environment(self) -> dict[str, str]:
+        """Environment for ``tritonserver`` and its Python stubs."""
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(self.libraries), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@dataclass
+class TritonServer:
+    """A ``tritonserver`` child process serving ``model_repository`` on local ports."""
+
+    model_repository: Path
+    workdir: Path
+    grpc_port: int = 0
+    metrics_port: int = 0
+    process: subprocess.Popen | None = None
+
+    def __post_init__(self):
+        self.grpc_port = self.grpc_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "tritonserver.log"
+
+    def start(self, ready_timeout: float = 120.0) -> "TritonServer":
+        """Start Triton and wait until it reports ready; raise TritonLaunchError otherwise."""
+        repository = Path(self.model_repository).resolve()
+        if not repository.is_dir():
+            raise TritonLaunchError(f"model repository {repository} does not exist")
+        install = TritonInstallation.find()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        backends = install.build_backend_directory(self.workdir / "backends")
+        command = [
+            str(install.binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            f"--grpc-port={self.grpc_port}",
+            "--grpc-address=127.0.0.1",
+            "--allow-http=false",
+            f"--metrics-port={self.metrics_port}",
+            "--metrics-address=127.0.0.1",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+        ]
+        log.info("starting Triton: %s (log: %s)", " ".join(command), self.log_path)
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                command,
+                env=install.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise TritonLaunchError(
+                        f"tritonserver exited with code {self.process.returncode} before it was ready; "
+                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(Exception):
+                    if client.is_server_ready(client_timeout=1.0):
+                        log.info("Triton ready on %s", self.grpc_url)
+                        return
+                time.sleep(0.2)
+        finally:
+            client.close()
+        raise TritonLaunchError(
+            f"tritonserver was not ready after {timeout:.0f} s; last lines of {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of Triton's log."""
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop Triton and its stubs: SIGTERM to the process group, SIGKILL after ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("Triton did not stop within %.0f s; killing it", timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        # Stubs that outlived tritonserver share its process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,101 @@
+"""Every Prometheus collector of the gateway, in one registry.
+
+Labels are bounded: ``method`` is one of the RPCs, ``code`` a gRPC status name, and
+``model`` a served flow's name or ``"unknown"`` (names from requests that match no flow
+never become label values).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MODEL = "unknown"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+class GpuMemoryCollector:
+    """GPU memory used and total per GPU, read through NVML at scrape time.
+
+    Where NVML is missing (no driver, as on CPU-only machines) it reports zero GPUs and
+    ``flowserve_nvml_available 0``; a scrape never fails because of NVML.
+    """
+
+    def __init__(self, nvml=None):
+        if nvml is None:
+            import pynvml as nvml
+        self._nvml = nvml
+        self._initialised = False
+
+    def _ensure_init(self) -> bool:
+        if not self._initialised:
+            try:
+                self._nvml.nvmlInit()
+                self._initialised = True
+            except self._nvml.NVMLError as exc:
+                log.debug("NVML unavailable: %s", exc)
+        return self._initialised
+
+    def collect(self):
+        available = GaugeMetricFamily(
+            "flowserve_nvml_available", "1 when NVML could be read, 0 when it is missing or failing"
+        )
+        count = GaugeMetricFamily("flowserve_gpus", "GPUs visible through NVML")
+        used = GaugeMetricFamily("flowserve_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu", "name"])
+        total = GaugeMetricFamily("flowserve_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu", "name"])
+        ok = self._ensure_init()
+        gpus = 0
+        if ok:
+            try:
+                gpus = self._nvml.nvmlDeviceGetCount()
+                for index in range(gpus):
+                    handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+                    name = self._nvml.nvmlDeviceGetName(handle)
+                    name = name.decode() if isinstance(name, bytes) else str(name)
+                    memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                    used.add_metric([str(index), name], float(memory.used))
+                    total.add_metric([str(index), name], float(memory.total))
+            except self._nvml.NVMLError as exc:
+                log.warning("NVML read failed: %s", exc)
+                ok, gpus = False, 0
+                used = GaugeMetricFamily(used.name, used.documentation, labels=["gpu", "name"])
+                total = GaugeMetricFamily(total.name, total.documentation, labels=["gpu", "name"])
+        available.add_metric([], 1.0 if ok else 0.0)
+        count.add_metric([], float(gpus))
+        return [available, count, used, total]
+
+
+class GatewayMetrics:
+    """The gateway's collectors, registered in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, nvml=None):
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "flowserve_requests", "RPCs handled, by method, model and gRPC status code",
+            ["method", "model", "code"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "flowserve_request_latency_seconds", "RPC latency in the gateway",
+            ["method", "model"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.rows = Histogram(
+            "flowserve_request_rows", "Rows (samples or scored points) per successful request",
+            ["method", "model"], buckets=ROW_BUCKETS, registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "flowserve_requests_in_flight", "RPCs being handled now", ["method"], registry=self.registry
+        )
+        self.triton_ready = Gauge(
+            "flowserve_triton_ready", "1 when the gateway's Triton reports ready", registry=self.registry
+        )
+        self.registry.register(GpuMemoryCollector(nvml))
+
+    def serve_http(self, port: int, address: str = "0.0.0.0"):
+        """Expose ``/metrics`` on ``address:port``; returns the HTTP server."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return server

@@ -1,0 +1,57 @@
+"""The thin gRPC servicer: protos to domain objects, the service, and back."""
+
+from __future__ import annotations
+
+import grpc
+
+from flowserve.spec import DENSITY, GENERATION
+
+from . import tensors
+from .domain import LogLikelihoodQuery, SampleQuery
+from .proto import flowserve_pb2 as pb
+from .proto import flowserve_pb2_grpc as pb_grpc
+from .service import FlowService
+
+DIRECTION_ENUM = {DENSITY: pb.DIRECTION_DENSITY, GENERATION: pb.DIRECTION_GENERATION}
+
+
+class FlowServicer(pb_grpc.FlowServiceServicer):
+    """flowserve.v1.FlowService over a FlowService."""
+
+    def __init__(self, service: FlowService):
+        self.service = service
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        models = await self.service.list_models()
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(
+                name=m.name,
+                family=m.family,
+                event_shape=list(m.event_shape),
+                versions=list(m.versions),
+                directions=[DIRECTION_ENUM[d] for d in m.directions],
+                ready=m.ready,
+                metadata=m.metadata,
+            )
+            for m in models
+        ])
+
+    async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
+        query = SampleQuery(
+            model=request.model,
+            num_samples=request.num_samples,
+            seed=request.seed if request.HasField("seed") else None,
+            temperature=request.temperature if request.HasField("temperature") else 1.0,
+            return_log_prob=request.return_log_prob,
+        )
+        result = await self.service.sample(query, timeout=context.time_remaining())
+        return pb.SampleResponse(
+            samples=tensors.encode(result.samples),
+            log_prob=[] if result.log_prob is None else result.log_prob.tolist(),
+            seed=result.seed,
+        )
+
+    async def LogLikelihood(self, request: pb.LogLikelihoodRequest, context: grpc.aio.ServicerContext):
+        query = LogLikelihoodQuery(model=request.model, x=tensors.decode(request.x, "x"))
+        log_prob = await self.service.log_likelihood(query, timeout=context.time_remaining())
+        return pb.LogLikelihoodResponse(log_prob=log_prob.tolist())

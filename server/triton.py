@@ -1,0 +1,84 @@
+"""Asyncio client of Triton's gRPC inference protocol, speaking domain errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from flowserve.spec import DirectionSpec
+
+from .domain import BackendError, BackendUnavailable, DeadlineExceeded
+
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
+
+
+def _translate(exc: InferenceServerException, model: str) -> Exception:
+    status = str(exc.status() or "")
+    message = exc.message() or str(exc)
+    if status == "StatusCode.DEADLINE_EXCEEDED" or "Deadline Exceeded" in message:
+        return DeadlineExceeded(f"deadline exceeded while {model!r} was running on Triton")
+    if status in _UNAVAILABLE or "is not ready" in message or "unknown model" in message:
+        return BackendUnavailable(f"Triton cannot serve {model!r}: {message}")
+    return BackendError(f"Triton failed on {model!r}: {message}")
+
+
+class TritonBackend:
+    """The gateway's connection to one Triton server."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._client = triton_aio.InferenceServerClient(url)
+        self._max_batch_sizes: dict[str, int] = {}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self, timeout: float = 1.0) -> bool:
+        """Whether Triton answers and reports itself ready."""
+        try:
+            return await self._client.is_server_ready(client_timeout=timeout)
+        except InferenceServerException:
+            return False
+
+    async def model_versions(self) -> dict[str, list[str]]:
+        """Ready versions of every model Triton has in its repository."""
+        try:
+            index = await self._client.get_model_repository_index(as_json=True)
+        except InferenceServerException as exc:
+            raise _translate(exc, "the repository index") from exc
+        versions: dict[str, list[str]] = {}
+        for entry in index.get("models", []):
+            if entry.get("state") == "READY":
+                versions.setdefault(entry["name"], []).append(entry.get("version", ""))
+        return versions
+
+    async def max_batch_size(self, model: str) -> int:
+        """``max_batch_size`` from the model's config on Triton, cached per model."""
+        if model not in self._max_batch_sizes:
+            try:
+                config = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
+            except InferenceServerException as exc:
+                raise _translate(exc, model) from exc
+            self._max_batch_sizes[model] = int(config["config"].get("max_batch_size", 0)) or 1
+        return self._max_batch_sizes[model]
+
+    async def infer(
+        self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        """Run one batch through ``model``; outputs are reshaped to [rows, *dims]."""
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded(f"deadline exceeded before {model!r} was called")
+        requested = []
+        for tensor in spec.inputs:
+            array = inputs[tensor.name]
+            infer_input = triton_aio.InferInput(tensor.name, list(array.shape), tensor.triton_dtype)
+            infer_input.set_data_from_numpy(array)
+            requested.append(infer_input)
+        outputs = [triton_aio.InferRequestedOutput(t.name) for t in spec.outputs]
+        try:
+            result = await self._client.infer(model, requested, outputs=outputs, client_timeout=timeout)
+        except InferenceServerException as exc:
+            raise _translate(exc, model) from exc
+        rows = next(iter(inputs.values())).shape[0]
+        return {t.name: result.as_numpy(t.name).reshape(rows, *t.dims) for t in spec.outputs}
