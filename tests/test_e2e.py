@@ -1,0 +1,326 @@
+"""Live end-to-end tests: real Triton, real gateway, real gRPC and Prometheus clients."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
+
+from flowserve.server.client import FlowClient
+from flowserve.server.launcher import free_port
+from flowserve.server.proto import flowserve_pb2 as pb
+from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
+
+from conftest import (
+    LARGE_CHUNKS,
+    MAX_ROWS_PER_REQUEST,
+    SMALL_BATCH,
+    SMALL_CHUNKS,
+    processes_mentioning,
+    start_serve,
+    stop_serve,
+    wait_for_health,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stub(live_server):
+    with grpc.insecure_channel(live_server.target) as channel:
+        yield pb_grpc.FlowServiceStub(channel)
+
+
+def metric_samples(text: str) -> list:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(
+        s.value for s in metric_samples(text)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def expected_samples(flow, seed: int, n: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """What the gateway must return: the flow applied to PCG64(seed) noise."""
+    noise = np.random.Generator(np.random.PCG64(seed)).standard_normal((n, flow.dim), dtype=np.float32)
+    with torch.no_grad():
+        x, log_prob = flow.sample_with_log_prob(torch.from_numpy(noise * np.float32(temperature)))
+    return x.numpy(), log_prob.numpy()
+
+
+def test_list_models_describes_both_flows(live_server):
+    with FlowClient(live_server.target) as client:
+        models = {m.name: m for m in client.list_models()}
+    assert set(models) == {SMALL_CHUNKS, LARGE_CHUNKS}
+    info = models[SMALL_CHUNKS]
+    assert info.family == "realnvp"
+    assert list(info.event_shape) == [2]
+    assert list(info.directions) == [pb.DIRECTION_DENSITY, pb.DIRECTION_GENERATION]
+    assert list(info.versions) == ["1"] and info.ready
+    assert info.metadata["dataset"] == "moons"
+    assert math.isfinite(float(info.metadata["metrics.test_log_likelihood"]))
+    assert info.metadata["checksums.density"].startswith("sha256:")
+
+
+def test_samples_match_pytorch_and_do_not_depend_on_chunking(live_server, trained_flow):
+    n, seed = 3 * SMALL_BATCH + 17, 1234  # four chunks of the small model, one of the large one
+    with FlowClient(live_server.target) as client:
+        small = client.sample(SMALL_CHUNKS, n, seed=seed)
+        large = client.sample(LARGE_CHUNKS, n, seed=seed)
+        other_seed = client.sample(SMALL_CHUNKS, n, seed=seed + 1)
+    assert small.x.shape == (n, 2) and small.log_prob.shape == (n,) and small.seed == seed
+    np.testing.assert_allclose(small.x, large.x, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(small.log_prob, large.log_prob, rtol=0, atol=1e-5)
+    assert not np.allclose(small.x, other_seed.x)
+    x, log_prob = expected_samples(trained_flow, seed, n)
+    np.testing.assert_allclose(small.x, x, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(small.log_prob, log_prob, rtol=0, atol=1e-4)
+
+
+def test_sample_without_seed_returns_the_seed_it_used(live_server, trained_flow):
+    with FlowClient(live_server.target) as client:
+        first = client.sample(SMALL_CHUNKS, 10)
+        again = client.sample(SMALL_CHUNKS, 10, seed=first.seed)
+    np.testing.assert_array_equal(first.x, again.x)
+
+
+def test_temperature_scales_the_base_noise(live_server, trained_flow):
+    with FlowClient(live_server.target) as client:
+        cold = client.sample(LARGE_CHUNKS, 200, seed=5, temperature=0.5)
+    x, log_prob = expected_samples(trained_flow, 5, 200, temperature=0.5)
+    np.testing.assert_allclose(cold.x, x, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(cold.log_prob, log_prob, rtol=0, atol=1e-4)
+
+
+def test_log_likelihood_matches_pytorch(live_server, trained_flow, moons):
+    x = np.concatenate([moons["test"], np.array([[3.0, -3.0], [0.0, 0.0]], np.float32)])
+    with FlowClient(live_server.target) as client:
+        served = client.log_likelihood(SMALL_CHUNKS, x)
+    with torch.no_grad():
+        expected = trained_flow.log_prob(torch.from_numpy(x)).numpy()
+    assert served.shape == (len(x),)
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-4)
+
+
+def _tensor(array) -> pb.Tensor:
+    array = np.asarray(array, dtype="<f4")
+    return pb.Tensor(shape=list(array.shape), data=array.tobytes())
+
+
+GOOD_X = _tensor([[0.5, 0.25]])
+BAD_REQUESTS = [
+    ("Sample", pb.SampleRequest(model="nope", num_samples=3), grpc.StatusCode.NOT_FOUND, "'nope'"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model="nope", x=GOOD_X), grpc.StatusCode.NOT_FOUND, "'nope'"),
+    ("Sample", pb.SampleRequest(num_samples=3), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.ones((4, 3)))),
+     grpc.StatusCode.INVALID_ARGUMENT, "x.shape"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.ones(4))),
+     grpc.StatusCode.INVALID_ARGUMENT, "x.shape"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor([[0.0, np.nan]])),
+     grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor([[1.0, 2.0], [np.inf, 0.0]])),
+     grpc.StatusCode.INVALID_ARGUMENT, "row 1"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.zeros((0, 2)))),
+     grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=pb.Tensor(shape=[2, 2], data=b"\0" * 12)),
+     grpc.StatusCode.INVALID_ARGUMENT, "x.data"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS), grpc.StatusCode.INVALID_ARGUMENT, "x.shape"),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.zeros((MAX_ROWS_PER_REQUEST + 1, 2)))),
+     grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+    ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=0), grpc.StatusCode.INVALID_ARGUMENT, "num_samples"),
+    ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=-5), grpc.StatusCode.INVALID_ARGUMENT, "num_samples"),
+    ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST + 1),
+     grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+    ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=3, temperature=0.0),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=3, temperature=-1.0),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=3, temperature=float("nan")),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=3, temperature=float("inf")),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+]
+
+
+@pytest.mark.parametrize(("method", "request_", "code", "needle"), BAD_REQUESTS,
+                         ids=[f"{m}-{c.name}-{n}" for m, _, c, n in BAD_REQUESTS])
+def test_bad_input_gets_a_precise_status(stub, method, request_, code, needle):
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(stub, method)(request_, timeout=30)
+    assert info.value.code() == code, info.value.details()
+    assert needle in info.value.details()
+
+
+def test_oversized_message_gets_resource_exhausted(stub):
+    huge = pb.Tensor(shape=[9_000_000, 2], data=b"\0" * (72 * 1024 * 1024))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=huge), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_passed_deadline_gets_deadline_exceeded(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST), timeout=0.01)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_bad_requests_do_not_disturb_good_ones(live_server, stub, trained_flow, moons):
+    x = moons["test"][:50]
+    with torch.no_grad():
+        expected_lp = trained_flow.log_prob(torch.from_numpy(x)).numpy()
+    expected_x, _ = expected_samples(trained_flow, 99, 150)
+    failures = []
+
+    def good(i: int) -> None:
+        if i % 2:
+            response = stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(x)), timeout=60)
+            if not np.allclose(response.log_prob, expected_lp, rtol=0, atol=1e-4):
+                failures.append(f"LogLikelihood {i} drifted")
+        else:
+            response = stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=150, seed=99), timeout=60)
+            got = np.frombuffer(response.samples.data, "<f4").reshape(150, 2)
+            if not np.allclose(got, expected_x, rtol=0, atol=1e-4):
+                failures.append(f"Sample {i} drifted")
+
+    def bad(i: int) -> None:
+        method, request_, code, _ = BAD_REQUESTS[i % len(BAD_REQUESTS)]
+        try:
+            getattr(stub, method)(request_, timeout=60)
+            failures.append(f"bad request {i} succeeded")
+        except grpc.RpcError as error:
+            if error.code() != code:
+                failures.append(f"bad request {i}: {error.code()} instead of {code}")
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(good if i % 3 == 0 else bad, i) for i in range(180)]
+        for future in futures:
+            future.result()
+    assert failures == []
+    with FlowClient(live_server.target) as client:  # and the server is still up
+        assert client.sample(SMALL_CHUNKS, 5, seed=1).x.shape == (5, 2)
+
+
+def test_triton_batches_concurrent_single_row_requests(live_server, stub, moons):
+    model = f"{SMALL_CHUNKS}-density"
+    before = live_server.scrape(live_server.triton_metrics_url)
+    rows = moons["test"][:96]
+    barrier = threading.Barrier(32)
+
+    def score(i: int) -> None:
+        if i < 32:
+            barrier.wait()
+        stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(rows[i:i + 1])), timeout=60)
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(score, range(len(rows))))
+    after = live_server.scrape(live_server.triton_metrics_url)
+    inferences = metric_value(after, "nv_inference_count", model=model) - metric_value(before, "nv_inference_count", model=model)
+    executions = (metric_value(after, "nv_inference_exec_count", model=model)
+                  - metric_value(before, "nv_inference_exec_count", model=model))
+    assert inferences == len(rows)
+    assert executions < inferences, f"{executions} executions for {inferences} rows: no batching"
+
+
+def test_metrics_are_scraped_and_count_outcomes(live_server, stub):
+    with pytest.raises(grpc.RpcError):
+        stub.Sample(pb.SampleRequest(model="not-a-model", num_samples=1), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=0), timeout=10)
+    stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=7, seed=3), timeout=10)
+    text = live_server.scrape()
+    assert metric_value(text, "flowserve_requests_total", method="Sample", model=SMALL_CHUNKS, code="OK") >= 1
+    assert metric_value(text, "flowserve_requests_total", method="Sample", model="unknown", code="NOT_FOUND") >= 1
+    assert metric_value(text, "flowserve_requests_total", method="Sample", code="INVALID_ARGUMENT") >= 1
+    assert not any(s.labels.get("model") == "not-a-model" for s in metric_samples(text))
+    assert metric_value(text, "flowserve_request_latency_seconds_count", method="Sample", model=SMALL_CHUNKS) >= 1
+    assert metric_value(text, "flowserve_request_rows_sum", method="Sample", model=SMALL_CHUNKS) >= 7
+    assert metric_value(text, "flowserve_requests_in_flight", method="Sample") == 0
+    assert metric_value(text, "flowserve_triton_ready") == 1
+    assert metric_value(text, "flowserve_nvml_available") == 0  # no GPU on this machine
+    assert metric_value(text, "flowserve_gpus") == 0
+
+
+def test_health_and_reflection(live_server):
+    with grpc.insecure_channel(live_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "flowserve.v1.FlowService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "flowserve.v1.FlowService" in services and "grpc.health.v1.Health" in services
+
+
+def test_cli_sample_and_score(live_server, tmp_path, trained_flow):
+    samples_path = tmp_path / "samples.npy"
+    run = [sys.executable, "-m", "flowserve.cli"]
+    target = ["--target", live_server.target]
+    out = subprocess.run([*run, "sample", *target, "--model", SMALL_CHUNKS, "-n", "300", "--seed", "0",
+                          "-o", str(samples_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    samples = np.load(samples_path)
+    np.testing.assert_allclose(samples, expected_samples(trained_flow, 0, 300)[0], rtol=0, atol=1e-4)
+
+    scores_path = tmp_path / "scores.npy"
+    out = subprocess.run([*run, "score", *target, "--model", SMALL_CHUNKS, str(samples_path),
+                          "-o", str(scores_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "scored 300 rows" in out.stdout
+    with torch.no_grad():
+        expected = trained_flow.log_prob(torch.from_numpy(samples)).numpy()
+    np.testing.assert_allclose(np.load(scores_path), expected, rtol=0, atol=1e-4)
+
+    out = subprocess.run([*run, "score", *target, "--model", "nope", str(samples_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+
+
+def test_gateway_without_triton_reports_unavailable(repository, tmp_path):
+    dead_triton = f"127.0.0.1:{free_port()}"
+    process, port, metrics_port = start_serve(repository, tmp_path, "--triton-url", dead_triton)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_for_health(target, process, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=60)
+        with FlowClient(target, timeout=30) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.sample(SMALL_CHUNKS, 3, seed=0)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as info:
+                client.log_likelihood(SMALL_CHUNKS, np.zeros((2, 2), np.float32))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            models = client.list_models()  # still lists what it would serve
+            assert {m.name for m in models} == {SMALL_CHUNKS, LARGE_CHUNKS}
+            assert not any(m.ready for m in models)
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert metric_value(text, "flowserve_triton_ready") == 0
+        assert metric_value(text, "flowserve_requests_total", method="Sample", code="UNAVAILABLE") == 1
+    finally:
+        assert stop_serve(process) == 0
+
+
+def test_serve_stops_cleanly_and_leaves_no_processes(repository, tmp_path):
+    private_repo = tmp_path / "repo"
+    shutil.copytree(repository, private_repo)
+    process, port, _ = start_serve(private_repo, tmp_path / "work")
+    try:
+        wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
+        assert any("tritonserver" in p for p in processes_mentioning(str(private_repo)))
+        assert any("triton_python_backend_stub" in p for p in processes_mentioning(str(private_repo)))
+    finally:
+        code = stop_serve(process)
+    assert code == 0
+    assert processes_mentioning(str(private_repo)) == []
