@@ -95,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> Path:
+    import torch
+
     from flowserve.export.data import DATASETS, summarize, train_test_split
     from flowserve.export.flows import build_flow
     from flowserve.export.train import TrainConfig, save_checkpoint, train_flow
 
     data = DATASETS[args.dataset](args.num_points, seed=args.seed)
     train, test = train_test_split(data, seed=args.seed)
+    torch.manual_seed(args.seed)  # the initial weights; train_flow seeds its own batches
     flow = build_flow({"family": args.family, "dim": data.shape[1]})
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     metrics = train_flow(flow, train, test, config, progress=sys.stderr.isatty() or args.verbose)

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowserve.export.data import summarize, train_test_split, two_moons
@@ -43,6 +44,7 @@ def moons() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, moons) -> Path:
+    torch.manual_seed(0)
     flow = build_flow({"family": "realnvp", "dim": 2})
     metrics = train_flow(flow, moons["train"], moons["test"], TrainConfig(steps=300, seed=0), progress=False)
     path = tmp_path_factory.mktemp("ckpt") / "realnvp-moons.pt"
