@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -178,7 +179,7 @@ class TritonServer:
                 if self.process.poll() is not None:
                     raise TritonLaunchError(
                         f"tritonserver exited with code {self.process.returncode} before it was ready; "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                        f"errors and last lines of {self.log_path}:\n{self.log_tail()}"
                     )
                 with contextlib.suppress(Exception):
                     if client.is_server_ready(client_timeout=1.0):
@@ -188,14 +189,16 @@ class TritonServer:
         finally:
             client.close()
         raise TritonLaunchError(
-            f"tritonserver was not ready after {timeout:.0f} s; last lines of {self.log_path}:\n{self.log_tail()}"
+            f"tritonserver was not ready after {timeout:.0f} s; errors and last lines of {self.log_path}:\n{self.log_tail()}"
         )
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of Triton's log."""
+    def log_tail(self, lines: int = 5) -> str:
+        """Triton's error lines (glog ``E`` lines) and the last ``lines`` lines of its log."""
         if not self.log_path.exists():
             return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        text = self.log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in text[:-lines] if re.match(r"E\d{4} ", line)]
+        return "\n".join(errors[-10:] + text[-lines:])
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Triton and its stubs: SIGTERM to the process group, SIGKILL after ``timeout``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import shutil
 import subprocess
@@ -324,3 +325,24 @@ def test_serve_stops_cleanly_and_leaves_no_processes(repository, tmp_path):
         code = stop_serve(process)
     assert code == 0
     assert processes_mentioning(str(private_repo)) == []
+
+
+def test_in_flight_budget_gets_resource_exhausted(live_server, repository):
+    from flowserve.server.domain import ResourceExhausted, SampleQuery
+    from flowserve.server.service import FlowService, GatewayLimits, ModelCatalog
+    from flowserve.server.triton import TritonBackend
+
+    async def scenario() -> None:
+        backend = TritonBackend(live_server.triton_grpc_url)
+        service = FlowService(backend, ModelCatalog(repository), GatewayLimits(100, 150))
+        try:
+            first = asyncio.create_task(service.sample(SampleQuery(SMALL_CHUNKS, 100, seed=1)))
+            await asyncio.sleep(0)  # the first request now holds 100 of the 150 rows, waiting on Triton
+            with pytest.raises(ResourceExhausted, match="100 rows in flight, limit 150"):
+                await service.sample(SampleQuery(SMALL_CHUNKS, 100, seed=2))
+            assert (await first).samples.shape == (100, 2)
+            assert (await service.sample(SampleQuery(SMALL_CHUNKS, 100, seed=2))).samples.shape == (100, 2)
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())

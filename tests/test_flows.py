@@ -205,7 +205,7 @@ def test_short_training_beats_gaussian_baseline(config):
     torch.manual_seed(0)
     flow = build_flow(config)
     before = mean_log_prob(flow, test)
-    metrics = train_flow(flow, train, test, TrainConfig(steps=300), progress=False)
+    metrics = train_flow(flow, train, test, TrainConfig(steps=600), progress=False)
     baseline = diagonal_gaussian_log_likelihood(train, test)
     assert metrics["test_log_likelihood"] == pytest.approx(mean_log_prob(flow, test))
     assert metrics["test_log_likelihood"] > before + 0.5

@@ -1,0 +1,104 @@
+"""ONNX export of both directions: parity with PyTorch, repository layout, failure path."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from flowserve import cli
+from flowserve.export import onnx_export
+from flowserve.export.onnx_export import ExportParityError, check_parity, export_onnx, parity_inputs
+from flowserve.export.repository import parse_config_text
+from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec, read_all_metadata
+
+from conftest import LARGE_CHUNKS, SMALL_BATCH, SMALL_CHUNKS
+
+
+@pytest.fixture(scope="module")
+def onnx_models(trained_flow) -> dict[str, bytes]:
+    return {d: export_onnx(trained_flow, d) for d in DIRECTIONS}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_graph_io_follows_the_spec_and_has_a_dynamic_batch(onnx_models, direction):
+    model = onnx.load_from_string(onnx_models[direction])
+    spec = direction_spec(direction, 2)
+    assert [i.name for i in model.graph.input] == spec.input_names
+    assert [o.name for o in model.graph.output] == spec.output_names
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    session = ort.InferenceSession(onnx_models[direction], providers=["CPUExecutionProvider"])
+    for batch in (1, 37, 2048):
+        outputs = session.run(None, {spec.input_names[0]: np.zeros((batch, 2), np.float32)})
+        assert [o.shape for o in outputs] == [(batch, *t.dims) for t in spec.outputs]
+
+
+def test_onnx_matches_pytorch_within_1e_4(trained_flow, onnx_models, moons):
+    _, z = parity_inputs(trained_flow, {"mean": [0.5, 0.25], "std": [0.9, 0.5]})
+    report = check_parity(trained_flow, onnx_models, moons["test"], z)
+    assert report.worst() <= 1e-4
+    assert report.round_trip_x <= 1e-4
+
+
+def test_parity_check_catches_a_graph_that_is_not_the_flow(trained_flow, onnx_models, moons):
+    other = copy.deepcopy(trained_flow)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1e-3)
+    _, z = parity_inputs(trained_flow, {"mean": [0.0, 0.0], "std": [1.0, 1.0]})
+    with pytest.raises(ExportParityError, match="differs from PyTorch"):
+        check_parity(other, onnx_models, moons["test"], z)
+
+
+def test_repository_layout_and_metadata(repository):
+    flows = read_all_metadata(repository)
+    assert set(flows) == {SMALL_CHUNKS, LARGE_CHUNKS}
+    meta = flows[SMALL_CHUNKS]
+    assert meta["family"] == "realnvp" and meta["event_shape"] == [2]
+    assert meta["models"] == {DENSITY: f"{SMALL_CHUNKS}-density", GENERATION: f"{SMALL_CHUNKS}-generation"}
+    assert meta["data"]["n"] == 1600 and len(meta["data"]["mean"]) == 2
+    assert np.isfinite(meta["metrics"]["test_log_likelihood"])
+    assert meta["exported_at"].endswith("+00:00")
+    for direction, model in meta["models"].items():
+        onnx_file = repository / model / "1" / "model.onnx"
+        assert meta["checksums"][direction] == "sha256:" + hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+        config = parse_config_text((repository / model / "config.pbtxt").read_text())
+        assert config.name == model and config.max_batch_size == SMALL_BATCH
+
+
+def test_cli_export_fails_with_a_clear_message_and_writes_nothing(checkpoint, tmp_path, monkeypatch, capsys):
+    def export_a_different_flow(flow, direction):
+        other = copy.deepcopy(flow)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.mul_(1.01)
+        return export_onnx(other, direction)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export_a_different_flow)
+    repo = tmp_path / "repo"
+    code = cli.main(["export", str(checkpoint), "--model-repository", str(repo)])
+    assert code == 1
+    assert "ONNX Runtime differs from PyTorch by more than 0.0001" in capsys.readouterr().err
+    assert not repo.exists() or not any(repo.iterdir())
+
+
+def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    code = cli.main(["export", str(checkpoint), "--model-repository", str(repo), "--name", "prod",
+                     "--backend", "onnxruntime", "--instance-kind", "gpu", "--gpus", "0,1", "--instances", "2"])
+    assert code == 0
+    config = parse_config_text((repo / "prod-generation" / "config.pbtxt").read_text())
+    assert config.backend == "onnxruntime"
+    assert list(config.instance_group[0].gpus) == [0, 1] and config.instance_group[0].count == 2
+    assert json.loads((repo / "prod.flowserve.json").read_text())["backend"] == "onnxruntime"
+
+
+def test_checkpoint_with_unknown_path_is_a_clear_cli_error(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+"""Generated Triton configs are valid against Triton's own schema and say what was asked."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from flowserve.export.repository import (
+    PYTHON_BACKEND,
+    ServingConfig,
+    build_model_config,
+    config_text,
+    parse_config_text,
+)
+from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec
+
+FLAVOURS = {
+    "python-cpu": ServingConfig(),
+    "python-gpu": ServingConfig(instance_kind="gpu", gpus=(0, 1), instance_count=2),
+    "onnxruntime-gpu": ServingConfig(backend="onnxruntime", instance_kind="gpu", gpus=(0,), max_batch_size=4096),
+    "onnxruntime-cpu": ServingConfig(backend="onnxruntime", max_queue_delay_us=0),
+}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_config_parses_with_tritons_schema(flavour, direction):
+    serving = FLAVOURS[flavour]
+    spec = direction_spec(direction, 2)
+    text = config_text(build_model_config(f"flow-{direction}", spec, serving))
+    config = text_format.Parse(text, mc.ModelConfig())  # rejects unknown fields
+
+    assert config.name == f"flow-{direction}"
+    assert config.backend == (PYTHON_BACKEND if serving.backend == "python" else "onnxruntime")
+    assert config.default_model_filename == "model.onnx"
+    assert config.max_batch_size == serving.max_batch_size
+    assert config.dynamic_batching.max_queue_delay_microseconds == serving.max_queue_delay_us
+    (group,) = config.instance_group
+    assert group.count == serving.instance_count
+    expected_kind = mc.ModelInstanceGroup.KIND_GPU if serving.instance_kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    assert group.kind == expected_kind
+    assert list(group.gpus) == list(serving.gpus)
+    assert [i.name for i in config.input] == spec.input_names
+    assert [o.name for o in config.output] == spec.output_names
+    assert all(t.data_type == mc.TYPE_FP32 for t in [*config.input, *config.output])
+    warmups = {w.batch_size for w in config.model_warmup}
+    assert warmups == {1, serving.max_batch_size}
+    assert all(set(w.inputs) == set(spec.input_names) for w in config.model_warmup)
+
+
+def test_per_row_scalars_are_exposed_with_a_reshape():
+    config = build_model_config("flow-generation", direction_spec(GENERATION, 3), ServingConfig())
+    x, log_prob = config.output
+    assert list(x.dims) == [3] and not x.HasField("reshape")
+    assert list(log_prob.dims) == [1] and log_prob.HasField("reshape") and list(log_prob.reshape.shape) == []
+
+
+def test_schema_check_rejects_a_misspelled_field():
+    text = config_text(build_model_config("flow-density", direction_spec(DENSITY, 2), ServingConfig()))
+    with pytest.raises(text_format.ParseError):
+        parse_config_text(text.replace("max_batch_size", "max_batchsize"))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"backend": "tensorrt"},
+    {"instance_kind": "tpu"},
+    {"gpus": (0,)},  # a gpus list on a CPU group
+    {"max_batch_size": 0},
+    {"instance_count": 0},
+    {"max_queue_delay_us": -1},
+])
+def test_serving_config_rejects_nonsense(kwargs):
+    with pytest.raises(ValueError):
+        ServingConfig(**kwargs)
