@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -221,13 +222,17 @@ def export_flow(
         "data": ckpt["data"],
         "metrics": ckpt["metrics"],
         "architecture": flow.config(),
-        "parity_max_abs_diff": asdict(report),
+        "parity_max_diff": asdict(report),
         "checksums": checksums,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "export_seconds": round(time.perf_counter() - started, 2),
         "flowserve_version": __version__,
     }
-    metadata_path(repository, name).write_text(json.dumps(metadata, indent=2) + "\n")
+    # Written last and atomically: a gateway reading the repository sees the old file or the new one.
+    target = metadata_path(repository, name)
+    staging = target.with_name(f".{target.name}.tmp")
+    staging.write_text(json.dumps(metadata, indent=2) + "\n")
+    os.replace(staging, target)
     steps.update()
     steps.close()
     log.info("exported %s to %s (parity worst %.2e)", name, repository, report.worst())

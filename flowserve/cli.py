@@ -127,9 +127,9 @@ def cmd_export(args) -> dict:
     )
     meta = export_flow(args.checkpoint, args.model_repository, name=args.name, version=args.version,
                        serving=serving, progress=sys.stderr.isatty() or args.verbose)
-    worst = max(meta["parity_max_abs_diff"].values())
+    worst = max(meta["parity_max_diff"].values())
     print(f"exported {meta['name']} v{meta['version']} ({meta['backend']} backend) to {args.model_repository}: "
-          f"models {', '.join(meta['models'].values())}; ONNX vs PyTorch max |diff| {worst:.2e}")
+          f"models {', '.join(meta['models'].values())}; ONNX Runtime vs PyTorch max difference {worst:.2e}")
     return meta
 
 
@@ -152,15 +152,13 @@ def cmd_serve(args) -> None:
         model_repository=args.model_repository, triton_url=triton_url, host=args.host, port=args.port,
         metrics_port=args.metrics_port, limits=limits,
     )
-    print(f"gateway: gRPC {args.host}:{args.port}, metrics http://{args.host}:{args.metrics_port}/metrics "
-          f"(Ctrl-C stops)", flush=True)
     try:
-        asyncio.run(run_gateway(config))
-    except KeyboardInterrupt:
-        pass
+        exit_code = asyncio.run(run_gateway(config, triton.is_running if triton else None))
     finally:
         if triton is not None:
             triton.stop()
+    if exit_code:
+        raise SystemExit(f"flowserve serve: Triton exited; see {triton.log_path}")
 
 
 def cmd_sample(args) -> None:
@@ -216,26 +214,22 @@ def cmd_demo(args) -> None:
     meta = cmd_export(build_parser().parse_args(
         ["export", str(checkpoint), "--model-repository", str(args.model_repository)]))
     print("== 3/4 start Triton and the gateway")
-    workdir = Path(tempfile.mkdtemp(prefix="flowserve-demo-"))
-    with TritonServer(args.model_repository, workdir) as triton:
-        print(f"Triton ready on {triton.grpc_url} (log {triton.log_path})")
+    with tempfile.TemporaryDirectory(prefix="flowserve-demo-") as workdir, \
+            TritonServer(args.model_repository, Path(workdir)) as triton:
+        print(f"Triton ready on {triton.grpc_url}")
         config = GatewayConfig(args.model_repository, triton.grpc_url, host="127.0.0.1", port=0,
                                metrics_port=free_port())
 
         async def run() -> None:
-            gateway = Gateway(config)
-            await gateway.start()
-            try:
+            async with Gateway(config) as gateway:
                 await asyncio.to_thread(_demo_calls, f"127.0.0.1:{gateway.port}", meta["name"],
-                                        config.metrics_port, two_moons(5, noise=0.05, seed=123))
-            finally:
-                await gateway.stop()
+                                        two_moons(5, noise=0.05, seed=123))
 
         asyncio.run(run())
     print("== done: gateway and Triton stopped")
 
 
-def _demo_calls(target: str, model: str, metrics_port: int, points: np.ndarray) -> None:
+def _demo_calls(target: str, model: str, points: np.ndarray) -> None:
     from flowserve.server.client import FlowClient
 
     print(f"== 4/4 call the gateway at {target}")
@@ -267,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"flowserve {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # parity, launch and input errors
+    except (OSError, ValueError, RuntimeError) as exc:  # files, ports, parity, launch and input errors
         print(f"flowserve {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0

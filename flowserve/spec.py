@@ -9,6 +9,7 @@ can use it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ DIRECTIONS = (DENSITY, GENERATION)
 
 METADATA_SUFFIX = ".flowserve.json"
 METADATA_SCHEMA_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 _FLOW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -108,11 +111,22 @@ def metadata_path(repository: Path, flow_name: str) -> Path:
 
 
 def read_all_metadata(repository: Path) -> dict[str, dict[str, Any]]:
-    """Read every flow's metadata file in ``repository``, keyed by flow name."""
+    """Read every flow's metadata file in ``repository``, keyed by flow name.
+
+    A file that cannot be read or does not follow the schema is skipped with a warning,
+    so one bad file does not hide the other flows.
+    """
     flows = {}
     for path in sorted(Path(repository).glob(f"*{METADATA_SUFFIX}")):
-        meta = json.loads(path.read_text())
-        if meta.get("schema") != METADATA_SCHEMA_VERSION:
-            raise ValueError(f"{path}: unsupported metadata schema {meta.get('schema')!r}")
+        try:
+            meta = json.loads(path.read_text())
+            if meta.get("schema") != METADATA_SCHEMA_VERSION:
+                raise ValueError(f"unsupported metadata schema {meta.get('schema')!r}")
+            missing = {"name", "family", "event_shape", "models"} - set(meta)
+            if missing:
+                raise ValueError(f"missing keys {sorted(missing)}")
+        except (OSError, ValueError) as exc:
+            log.warning("skipping flow metadata %s: %s", path, exc)
+            continue
         flows[meta["name"]] = meta
     return flows

@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,12 +20,12 @@ from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService, GatewayLimits, ModelCatalog
 from .servicer import FlowServicer
+from .tensors import MAX_MESSAGE_BYTES
 from .triton import TritonBackend
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowService"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -42,7 +43,7 @@ class GatewayConfig:
 
 
 class Gateway:
-    """The running gateway; ``start`` then ``wait_for_stop`` or ``stop``."""
+    """The gateway server; use as ``async with Gateway(config) as gateway:``."""
 
     def __init__(self, config: GatewayConfig, metrics: GatewayMetrics | None = None):
         self.config = config
@@ -62,7 +63,19 @@ class Gateway:
         self._health_task: asyncio.Task | None = None
         self.port = 0
 
+    async def __aenter__(self) -> "Gateway":
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
     async def start(self) -> None:
+        """Bind the ports, start health polling and serve."""
         pb_grpc.add_FlowServiceServicer_to_server(FlowServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -70,8 +83,6 @@ class Gateway:
             self.server,
         )
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.config.host}:{self.config.port}")
         self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         await self._update_health()
         self._health_task = asyncio.create_task(self._watch_health())
@@ -106,21 +117,31 @@ class Gateway:
         await self.server.stop(self.config.shutdown_grace_s)
         await self.backend.close()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            await self.metrics.stop_http(self._metrics_http)
+            self._metrics_http = None
         log.info("gateway stopped")
 
 
-async def run_gateway(config: GatewayConfig) -> None:
-    """Run the gateway until SIGINT or SIGTERM, then shut it down gracefully."""
-    gateway = Gateway(config)
-    await gateway.start()
+async def run_gateway(config: GatewayConfig, backend_alive: Callable[[], bool] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM (exit code 0) or until ``backend_alive()`` turns
+    false (exit code 1, e.g. the embedded Triton died), then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # kept until shutdown is over: a second signal waits too
         loop.add_signal_handler(sig, stop.set)
+    exit_code = 0
     try:
-        await stop.wait()
+        async with Gateway(config) as gateway:
+            print(f"gateway ready: gRPC {config.host}:{gateway.port}, "
+                  f"metrics http://{config.host}:{config.metrics_port}/metrics", flush=True)
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                if backend_alive is not None and not backend_alive():
+                    log.error("the embedded Triton exited; shutting the gateway down")
+                    exit_code = 1
+                    break
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await gateway.stop()
+    return exit_code

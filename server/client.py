@@ -8,7 +8,6 @@ import grpc
 import numpy as np
 
 from . import tensors
-from .app import MAX_MESSAGE_BYTES
 from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
 
@@ -28,8 +27,8 @@ class FlowClient:
         self.channel = grpc.insecure_channel(
             target,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", tensors.MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", tensors.MAX_MESSAGE_BYTES),
             ],
         )
         self.stub = pb_grpc.FlowServiceStub(self.channel)

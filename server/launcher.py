@@ -98,10 +98,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_PR_SET_PDEATHSIG = 1
+# Resolved here, in the parent: the child may only make async-signal-safe calls between
+# fork and exec, and loading a library is not one of them.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -160,7 +164,7 @@ class TritonServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_die_with_parent if _prctl is not None else None,
             )
         try:
             self._wait_ready(ready_timeout)
@@ -202,20 +206,23 @@ class TritonServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Triton and its stubs: SIGTERM to the process group, SIGKILL after ``timeout``."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("Triton did not stop within %.0f s; killing it", timeout)
+        if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        # Stubs that outlived tritonserver share its process group.
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("Triton did not stop within %.0f s; killing it", timeout)
+        # Also after a crash: stubs that outlived tritonserver share its process group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def is_running(self) -> bool:
+        """Whether the tritonserver process is alive."""
+        return self.process is not None and self.process.poll() is None
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -7,6 +7,7 @@ never become label values).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -28,16 +29,19 @@ class GpuMemoryCollector:
 
     def __init__(self, nvml=None):
         if nvml is None:
-            import pynvml as nvml
+            try:
+                import pynvml as nvml
+            except ImportError:
+                log.warning("nvidia-ml-py is not installed: GPU memory is not reported")
         self._nvml = nvml
         self._initialised = False
 
     def _ensure_init(self) -> bool:
-        if not self._initialised:
+        if not self._initialised and self._nvml is not None:
             try:
                 self._nvml.nvmlInit()
                 self._initialised = True
-            except self._nvml.NVMLError as exc:
+            except Exception as exc:  # NVMLError_LibraryNotFound without a driver
                 log.debug("NVML unavailable: %s", exc)
         return self._initialised
 
@@ -60,7 +64,7 @@ class GpuMemoryCollector:
                     memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
                     used.add_metric([str(index), name], float(memory.used))
                     total.add_metric([str(index), name], float(memory.total))
-            except self._nvml.NVMLError as exc:
+            except Exception as exc:  # a lost GPU must not fail the scrape
                 log.warning("NVML read failed: %s", exc)
                 ok, gpus = False, 0
                 used = GaugeMetricFamily(used.name, used.documentation, labels=["gpu", "name"])
@@ -99,3 +103,9 @@ class GatewayMetrics:
         """Expose ``/metrics`` on ``address:port``; returns the HTTP server."""
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         return server
+
+    @staticmethod
+    async def stop_http(server) -> None:
+        """Stop a server from ``serve_http`` without blocking the event loop."""
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()

@@ -10,6 +10,8 @@ from .domain import InvalidArgument
 from .proto import flowserve_pb2 as pb
 
 WIRE_DTYPE = np.dtype("<f4")
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest gRPC message the gateway and its client accept or send."""
 
 
 def encode(array: np.ndarray) -> pb.Tensor:

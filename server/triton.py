@@ -44,7 +44,7 @@ class TritonBackend:
     async def model_versions(self) -> dict[str, list[str]]:
         """Ready versions of every model Triton has in its repository."""
         try:
-            index = await self._client.get_model_repository_index(as_json=True)
+            index = await self._client.get_model_repository_index(as_json=True, client_timeout=5.0)
         except InferenceServerException as exc:
             raise _translate(exc, "the repository index") from exc
         versions: dict[str, list[str]] = {}

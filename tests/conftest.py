@@ -33,7 +33,7 @@ from flowserve.server.launcher import free_port
 SMALL_CHUNKS = "moons-small-chunks"
 LARGE_CHUNKS = "moons-large-chunks"
 SMALL_BATCH = 64
-MAX_ROWS_PER_REQUEST = 5000
+MAX_ROWS_PER_REQUEST = 100_000
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +90,7 @@ def wait_for_health(target: str, process: subprocess.Popen, want, timeout: float
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"flowserve serve exited with {process.returncode}:\n{process.stdout.read()}")
+                raise RuntimeError(f"flowserve serve exited with {process.returncode}; see serve.log in its workdir")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == want:
                     return
@@ -101,13 +101,18 @@ def wait_for_health(target: str, process: subprocess.Popen, want, timeout: float
 
 
 def start_serve(repository: Path, workdir: Path, *extra: str) -> tuple[subprocess.Popen, int, int]:
-    """Start ``flowserve serve`` on free ports; returns the process, gateway and metrics ports."""
+    """Start ``flowserve serve`` on free ports; returns the process, gateway and metrics ports.
+
+    Its output goes to ``workdir/serve.log`` (a pipe nobody drains would block it).
+    """
     port, metrics_port = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
         "--port", str(port), "--metrics-port", str(metrics_port), "--workdir", str(workdir), *extra,
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(workdir / "serve.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     return process, port, metrics_port
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,6 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowserve.server.client import FlowClient
+from flowserve.server.tensors import encode
 from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
@@ -117,30 +121,25 @@ def test_log_likelihood_matches_pytorch(live_server, trained_flow, moons):
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-4)
 
 
-def _tensor(array) -> pb.Tensor:
-    array = np.asarray(array, dtype="<f4")
-    return pb.Tensor(shape=list(array.shape), data=array.tobytes())
-
-
-GOOD_X = _tensor([[0.5, 0.25]])
+GOOD_X = encode([[0.5, 0.25]])
 BAD_REQUESTS = [
     ("Sample", pb.SampleRequest(model="nope", num_samples=3), grpc.StatusCode.NOT_FOUND, "'nope'"),
     ("LogLikelihood", pb.LogLikelihoodRequest(model="nope", x=GOOD_X), grpc.StatusCode.NOT_FOUND, "'nope'"),
     ("Sample", pb.SampleRequest(num_samples=3), grpc.StatusCode.INVALID_ARGUMENT, "model"),
-    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.ones((4, 3)))),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(np.ones((4, 3)))),
      grpc.StatusCode.INVALID_ARGUMENT, "x.shape"),
-    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.ones(4))),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(np.ones(4))),
      grpc.StatusCode.INVALID_ARGUMENT, "x.shape"),
-    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor([[0.0, np.nan]])),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode([[0.0, np.nan]])),
      grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
-    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor([[1.0, 2.0], [np.inf, 0.0]])),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode([[1.0, 2.0], [np.inf, 0.0]])),
      grpc.StatusCode.INVALID_ARGUMENT, "row 1"),
-    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.zeros((0, 2)))),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(np.zeros((0, 2)))),
      grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=pb.Tensor(shape=[2, 2], data=b"\0" * 12)),
      grpc.StatusCode.INVALID_ARGUMENT, "x.data"),
     ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS), grpc.StatusCode.INVALID_ARGUMENT, "x.shape"),
-    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(np.zeros((MAX_ROWS_PER_REQUEST + 1, 2)))),
+    ("LogLikelihood", pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(np.zeros((MAX_ROWS_PER_REQUEST + 1, 2)))),
      grpc.StatusCode.INVALID_ARGUMENT, "limit"),
     ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=0), grpc.StatusCode.INVALID_ARGUMENT, "num_samples"),
     ("Sample", pb.SampleRequest(model=SMALL_CHUNKS, num_samples=-5), grpc.StatusCode.INVALID_ARGUMENT, "num_samples"),
@@ -173,10 +172,18 @@ def test_oversized_message_gets_resource_exhausted(stub):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_passed_deadline_gets_deadline_exceeded(stub):
+def test_passed_deadline_gets_deadline_exceeded(live_server, stub):
+    before = metric_value(live_server.scrape(), "flowserve_requests_total", code="DEADLINE_EXCEEDED")
     with pytest.raises(grpc.RpcError) as info:
-        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST), timeout=0.01)
+        # 100k samples take well over 250 ms here; the gateway sees the request and runs out of time.
+        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST), timeout=0.2)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(50):  # the gateway records the expiry once its handler has been cancelled
+        if metric_value(live_server.scrape(), "flowserve_requests_total", code="DEADLINE_EXCEEDED") > before:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the expired request was not counted as DEADLINE_EXCEEDED")
 
 
 def test_bad_requests_do_not_disturb_good_ones(live_server, stub, trained_flow, moons):
@@ -188,7 +195,7 @@ def test_bad_requests_do_not_disturb_good_ones(live_server, stub, trained_flow, 
 
     def good(i: int) -> None:
         if i % 2:
-            response = stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(x)), timeout=60)
+            response = stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(x)), timeout=60)
             if not np.allclose(response.log_prob, expected_lp, rtol=0, atol=1e-4):
                 failures.append(f"LogLikelihood {i} drifted")
         else:
@@ -224,7 +231,7 @@ def test_triton_batches_concurrent_single_row_requests(live_server, stub, moons)
     def score(i: int) -> None:
         if i < 32:
             barrier.wait()
-        stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=_tensor(rows[i:i + 1])), timeout=60)
+        stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(rows[i:i + 1])), timeout=60)
 
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(score, range(len(rows))))
@@ -251,8 +258,10 @@ def test_metrics_are_scraped_and_count_outcomes(live_server, stub):
     assert metric_value(text, "flowserve_request_rows_sum", method="Sample", model=SMALL_CHUNKS) >= 7
     assert metric_value(text, "flowserve_requests_in_flight", method="Sample") == 0
     assert metric_value(text, "flowserve_triton_ready") == 1
-    assert metric_value(text, "flowserve_nvml_available") == 0  # no GPU on this machine
-    assert metric_value(text, "flowserve_gpus") == 0
+    gpus = metric_value(text, "flowserve_gpus")
+    if metric_value(text, "flowserve_nvml_available") == 0:  # as on CPU-only machines
+        assert gpus == 0
+    assert metric_value(text, "flowserve_gpu_memory_total_bytes") > 0 or gpus == 0
 
 
 def test_health_and_reflection(live_server):
@@ -346,3 +355,19 @@ def test_in_flight_budget_gets_resource_exhausted(live_server, repository):
             await backend.close()
 
     asyncio.run(scenario())
+
+
+def test_serve_exits_nonzero_when_its_triton_dies(repository, tmp_path):
+    private_repo = tmp_path / "repo"
+    shutil.copytree(repository, private_repo)
+    process, port, _ = start_serve(private_repo, tmp_path / "work")
+    try:
+        wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
+        (triton_pid,) = [int(p.split(":")[0]) for p in processes_mentioning(str(private_repo))
+                         if "bin/tritonserver" in p]
+        os.kill(triton_pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == 1
+    finally:
+        stop_serve(process)
+    assert processes_mentioning(str(private_repo)) == []
+    assert "Triton exited" in (tmp_path / "work" / "serve.log").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -102,3 +103,11 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
 def test_checkpoint_with_unknown_path_is_a_clear_cli_error(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "missing.pt")]) == 1
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_a_corrupt_metadata_file_does_not_hide_other_flows(repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    (repo / f"{SMALL_CHUNKS}.flowserve.json").write_text("{ half-written")
+    (repo / "old.flowserve.json").write_text(json.dumps({"schema": 0, "name": "old"}))
+    assert set(read_all_metadata(repo)) == {LARGE_CHUNKS}
