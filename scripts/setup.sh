@@ -9,8 +9,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
+pip_install --upgrade "pip>=25"
 # torch's CPU wheel first: left to itself, pip resolves a bare "torch" to a multi-GB CUDA build.
 pip_install torch==2.13.0
-pip_install -e ".[test]"
+pip_install -c constraints.txt -e ".[test]"
 .venv/bin/python -m pip check --disable-pip-version-check
 echo "setup: ready ($(.venv/bin/python -c 'import torch, onnxruntime, numpy; print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}")'))"

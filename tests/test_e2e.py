@@ -322,10 +322,16 @@ def test_gateway_without_triton_reports_unavailable(repository, tmp_path):
         assert stop_serve(process) == 0
 
 
-def test_serve_stops_cleanly_and_leaves_no_processes(repository, tmp_path):
+def serve_a_private_copy(repository, tmp_path):
+    """``flowserve serve`` over a copy of ``repository``, so its processes can be told apart."""
     private_repo = tmp_path / "repo"
     shutil.copytree(repository, private_repo)
     process, port, _ = start_serve(private_repo, tmp_path / "work")
+    return process, port, private_repo
+
+
+def test_serve_stops_cleanly_and_leaves_no_processes(repository, tmp_path):
+    process, port, private_repo = serve_a_private_copy(repository, tmp_path)
     try:
         wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
         assert any("tritonserver" in p for p in processes_mentioning(str(private_repo)))
@@ -358,9 +364,7 @@ def test_in_flight_budget_gets_resource_exhausted(live_server, repository):
 
 
 def test_serve_exits_nonzero_when_its_triton_dies(repository, tmp_path):
-    private_repo = tmp_path / "repo"
-    shutil.copytree(repository, private_repo)
-    process, port, _ = start_serve(private_repo, tmp_path / "work")
+    process, port, private_repo = serve_a_private_copy(repository, tmp_path)
     try:
         wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
         (triton_pid,) = [int(p.split(":")[0]) for p in processes_mentioning(str(private_repo))
