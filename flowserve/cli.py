@@ -138,6 +138,8 @@ def cmd_serve(args) -> None:
     from flowserve.server.launcher import TritonServer
     from flowserve.server.service import GatewayLimits
 
+    if not args.model_repository.is_dir():
+        raise FileNotFoundError(f"model repository {args.model_repository} does not exist; run flowserve export first")
     limits = GatewayLimits(args.max_rows_per_request, args.max_rows_in_flight)
     triton = None
     triton_url = args.triton_url

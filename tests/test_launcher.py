@@ -45,3 +45,10 @@ def test_triton_failing_to_load_reports_its_log(tmp_path):
     assert "tritonserver exited" in str(info.value)
     assert server.log_path.exists()
     assert processes_mentioning(str(repo)) == []
+
+
+def test_serve_without_a_repository_is_a_clear_cli_error(tmp_path, capsys):
+    from flowserve import cli
+
+    assert cli.main(["serve", "--model-repository", str(tmp_path / "nope"), "--triton-url", "127.0.0.1:1"]) == 1
+    assert "does not exist" in capsys.readouterr().err
