@@ -13,7 +13,8 @@ from tqdm.auto import trange
 from .flows import Flow, build_flow
 
 CHECKPOINT_FORMAT_VERSION = 1
-_CHECKPOINT_KEYS = ("config", "state_dict", "data", "metrics", "dataset")
+_CHECKPOINT_KEYS = ("config", "state_dict", "data", "metrics", "dataset", "heldout_sample")
+HELDOUT_SAMPLE_ROWS = 512
 _LOSS_DISPLAY_INTERVAL = 50
 
 
@@ -100,8 +101,13 @@ def save_checkpoint(
     data_summary: dict[str, Any],
     metrics: dict[str, Any],
     dataset: str,
+    heldout: np.ndarray,
 ) -> None:
-    """Save the flow's config and weights with training metadata; parents are created."""
+    """Save the flow's config and weights with training metadata; parents are created.
+
+    The first ``HELDOUT_SAMPLE_ROWS`` rows of ``heldout`` are kept: export checks ONNX
+    against PyTorch on them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
@@ -111,6 +117,7 @@ def save_checkpoint(
         "data": data_summary,
         "metrics": metrics,
         "dataset": dataset,
+        "heldout_sample": torch.as_tensor(np.asarray(heldout[:HELDOUT_SAMPLE_ROWS], dtype=np.float32)),
     }
     torch.save(checkpoint, path)
 

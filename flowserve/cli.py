@@ -109,7 +109,8 @@ def cmd_train(args) -> Path:
     metrics = train_flow(flow, train, test, config, progress=sys.stderr.isatty() or args.verbose)
     output = args.output or Path("checkpoints") / f"{args.family}-{args.dataset}.pt"
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(output, flow, data_summary=summarize(train), metrics=metrics, dataset=args.dataset)
+    save_checkpoint(output, flow, data_summary=summarize(train), metrics=metrics, dataset=args.dataset,
+                    heldout=test)
     print(f"trained {args.family} on {args.dataset}: train log-lik {metrics['train_log_likelihood']:.4f}, "
           f"held-out log-lik {metrics['test_log_likelihood']:.4f} -> {output}")
     return output
@@ -129,7 +130,7 @@ def cmd_export(args) -> dict:
                        serving=serving, progress=sys.stderr.isatty() or args.verbose)
     worst = max(meta["parity_max_diff"].values())
     print(f"exported {meta['name']} v{meta['version']} ({meta['backend']} backend) to {args.model_repository}: "
-          f"models {', '.join(meta['models'].values())}; ONNX Runtime vs PyTorch max difference {worst:.2e}")
+          f"models {', '.join(meta['models'].values())}; ONNX Runtime vs PyTorch max |diff| {worst:.2e}")
     return meta
 
 

@@ -77,8 +77,9 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         metrics = self.metrics
 
         async def wrapped(request, context: grpc.aio.ServicerContext):
-            name = getattr(request, "model", "")
-            model = name if name and self.is_known_model(name) else (UNKNOWN_MODEL if name else "")
+            # ListModels has no model; every other RPC is labelled with a served flow or "unknown".
+            name = getattr(request, "model", None)
+            model = "" if name is None else (name if self.is_known_model(name) else UNKNOWN_MODEL)
             code = grpc.StatusCode.OK
             started = time.perf_counter()
             budget = context.time_remaining()

@@ -194,10 +194,11 @@ class FlowService:
             raise InvalidArgument(
                 f"{field} is {rows}, above this gateway's limit of {self.limits.max_rows_per_request} rows per request"
             )
-        max_rows = (MAX_MESSAGE_BYTES - _MESSAGE_HEADROOM_BYTES) // (dim * WIRE_DTYPE.itemsize)
+        # A row costs its D values plus its log_prob on the wire.
+        max_rows = (MAX_MESSAGE_BYTES - _MESSAGE_HEADROOM_BYTES) // ((dim + 1) * WIRE_DTYPE.itemsize)
         if rows > max_rows:
             raise InvalidArgument(
-                f"{field} is {rows}: {rows} rows of {dim} float32 exceed the {MAX_MESSAGE_BYTES >> 20} MiB "
+                f"{field} is {rows}: at {dim} float32 values per row that exceeds the {MAX_MESSAGE_BYTES >> 20} MiB "
                 f"message limit; send at most {max_rows} rows per request"
             )
 

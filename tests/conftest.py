@@ -33,7 +33,7 @@ from flowserve.server.launcher import free_port
 SMALL_CHUNKS = "moons-small-chunks"
 LARGE_CHUNKS = "moons-large-chunks"
 SMALL_BATCH = 64
-MAX_ROWS_PER_REQUEST = 100_000
+MAX_ROWS_PER_REQUEST = 80_000  # not the default (100,000), so the flag is tested
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,8 @@ def checkpoint(tmp_path_factory, moons) -> Path:
     flow = build_flow({"family": "realnvp", "dim": 2})
     metrics = train_flow(flow, moons["train"], moons["test"], TrainConfig(steps=300, seed=0), progress=False)
     path = tmp_path_factory.mktemp("ckpt") / "realnvp-moons.pt"
-    save_checkpoint(path, flow, data_summary=summarize(moons["train"]), metrics=metrics, dataset="moons")
+    save_checkpoint(path, flow, data_summary=summarize(moons["train"]), metrics=metrics, dataset="moons",
+                    heldout=moons["test"])
     return path
 
 

@@ -96,11 +96,14 @@ def test_samples_match_pytorch_and_do_not_depend_on_chunking(live_server, traine
     np.testing.assert_allclose(small.log_prob, log_prob, rtol=0, atol=1e-4)
 
 
-def test_sample_without_seed_returns_the_seed_it_used(live_server, trained_flow):
+def test_sample_without_seed_returns_the_fresh_seed_it_used(live_server, trained_flow):
     with FlowClient(live_server.target) as client:
         first = client.sample(SMALL_CHUNKS, 10)
+        second = client.sample(SMALL_CHUNKS, 10)
         again = client.sample(SMALL_CHUNKS, 10, seed=first.seed)
+    assert first.seed != second.seed and not np.allclose(first.x, second.x)
     np.testing.assert_array_equal(first.x, again.x)
+    np.testing.assert_allclose(first.x, expected_samples(trained_flow, first.seed, 10)[0], rtol=0, atol=1e-4)
 
 
 def test_temperature_scales_the_base_noise(live_server, trained_flow):
@@ -175,8 +178,8 @@ def test_oversized_message_gets_resource_exhausted(stub):
 def test_passed_deadline_gets_deadline_exceeded(live_server, stub):
     before = metric_value(live_server.scrape(), "flowserve_requests_total", code="DEADLINE_EXCEEDED")
     with pytest.raises(grpc.RpcError) as info:
-        # 100k samples take well over 250 ms here; the gateway sees the request and runs out of time.
-        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST), timeout=0.2)
+        # 80k samples in chunks of 64 take well over 100 ms here: the gateway sees the request and runs out of time.
+        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST), timeout=0.1)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(50):  # the gateway records the expiry once its handler has been cancelled
         if metric_value(live_server.scrape(), "flowserve_requests_total", code="DEADLINE_EXCEEDED") > before:
@@ -244,18 +247,30 @@ def test_triton_batches_concurrent_single_row_requests(live_server, stub, moons)
 
 
 def test_metrics_are_scraped_and_count_outcomes(live_server, stub):
+    def counts(text: str) -> dict[str, float]:
+        return {
+            "ok": metric_value(text, "flowserve_requests_total", method="Sample", model=LARGE_CHUNKS, code="OK"),
+            "not_found": metric_value(text, "flowserve_requests_total", method="Sample", model="unknown",
+                                      code="NOT_FOUND"),
+            "invalid": metric_value(text, "flowserve_requests_total", method="Sample", model=LARGE_CHUNKS,
+                                    code="INVALID_ARGUMENT"),
+            "latency": metric_value(text, "flowserve_request_latency_seconds_count", method="Sample",
+                                    model=LARGE_CHUNKS),
+            "rows_count": metric_value(text, "flowserve_request_rows_count", method="Sample", model=LARGE_CHUNKS),
+            "rows_sum": metric_value(text, "flowserve_request_rows_sum", method="Sample", model=LARGE_CHUNKS),
+        }
+
+    before = counts(live_server.scrape())
     with pytest.raises(grpc.RpcError):
         stub.Sample(pb.SampleRequest(model="not-a-model", num_samples=1), timeout=10)
     with pytest.raises(grpc.RpcError):
-        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=0), timeout=10)
-    stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=7, seed=3), timeout=10)
+        stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=0), timeout=10)
+    stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=7, seed=3), timeout=10)
     text = live_server.scrape()
-    assert metric_value(text, "flowserve_requests_total", method="Sample", model=SMALL_CHUNKS, code="OK") >= 1
-    assert metric_value(text, "flowserve_requests_total", method="Sample", model="unknown", code="NOT_FOUND") >= 1
-    assert metric_value(text, "flowserve_requests_total", method="Sample", code="INVALID_ARGUMENT") >= 1
+    after = counts(text)
+    assert {k: after[k] - before[k] for k in after} == {
+        "ok": 1, "not_found": 1, "invalid": 1, "latency": 2, "rows_count": 1, "rows_sum": 7}
     assert not any(s.labels.get("model") == "not-a-model" for s in metric_samples(text))
-    assert metric_value(text, "flowserve_request_latency_seconds_count", method="Sample", model=SMALL_CHUNKS) >= 1
-    assert metric_value(text, "flowserve_request_rows_sum", method="Sample", model=SMALL_CHUNKS) >= 7
     assert metric_value(text, "flowserve_requests_in_flight", method="Sample") == 0
     assert metric_value(text, "flowserve_triton_ready") == 1
     gpus = metric_value(text, "flowserve_gpus")
@@ -375,3 +390,37 @@ def test_serve_exits_nonzero_when_its_triton_dies(repository, tmp_path):
         stop_serve(process)
     assert processes_mentioning(str(private_repo)) == []
     assert "Triton exited" in (tmp_path / "work" / "serve.log").read_text()
+
+
+def test_the_service_passes_the_remaining_time_to_triton(live_server, repository):
+    from flowserve.server.domain import DeadlineExceeded, SampleQuery
+    from flowserve.server.service import FlowService, GatewayLimits, ModelCatalog
+    from flowserve.server.triton import TritonBackend
+
+    async def scenario() -> None:
+        backend = TritonBackend(live_server.triton_grpc_url)
+        service = FlowService(backend, ModelCatalog(repository), GatewayLimits())
+        try:
+            with pytest.raises(DeadlineExceeded, match="deadline exceeded"):
+                await service.sample(SampleQuery(SMALL_CHUNKS, 50_000, seed=1), timeout=0.02)
+            # The same request with time to spare completes: the failure was the deadline's.
+            assert (await service.sample(SampleQuery(SMALL_CHUNKS, 50_000, seed=1), timeout=60)).samples.shape == (50_000, 2)
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_readme_demo_runs_end_to_end_and_leaves_no_processes(tmp_path):
+    repo = tmp_path / "model_repository"
+    out = subprocess.run(
+        [sys.executable, "-m", "flowserve.cli", "demo", "--steps", "200", "--model-repository", str(repo)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "model realnvp-moons: family realnvp, event shape [2], ready True" in out.stdout
+    assert "Sample: 1000 draws (seed 0)" in out.stdout
+    assert out.stdout.count("log p(x) = ") == 7
+    assert "== done: gateway and Triton stopped" in out.stdout
+    assert (tmp_path / "checkpoints" / "realnvp-moons.pt").exists()
+    assert processes_mentioning(str(repo)) == []

@@ -41,8 +41,8 @@ def test_graph_io_follows_the_spec_and_has_a_dynamic_batch(onnx_models, directio
 
 
 def test_onnx_matches_pytorch_within_1e_4(trained_flow, onnx_models, moons):
-    _, z = parity_inputs(trained_flow, {"mean": [0.5, 0.25], "std": [0.9, 0.5]})
-    report = check_parity(trained_flow, onnx_models, moons["test"], z)
+    x, z = parity_inputs(trained_flow, torch.from_numpy(moons["test"]))
+    report = check_parity(trained_flow, onnx_models, x, z)
     assert report.worst() <= 1e-4
     assert report.round_trip_x <= 1e-4
 
@@ -52,9 +52,9 @@ def test_parity_check_catches_a_graph_that_is_not_the_flow(trained_flow, onnx_mo
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1e-3)
-    _, z = parity_inputs(trained_flow, {"mean": [0.0, 0.0], "std": [1.0, 1.0]})
+    x, z = parity_inputs(trained_flow, torch.from_numpy(moons["test"]))
     with pytest.raises(ExportParityError, match="differs from PyTorch"):
-        check_parity(other, onnx_models, moons["test"], z)
+        check_parity(other, onnx_models, x, z)
 
 
 def test_repository_layout_and_metadata(repository):
@@ -71,6 +71,23 @@ def test_repository_layout_and_metadata(repository):
         assert meta["checksums"][direction] == "sha256:" + hashlib.sha256(onnx_file.read_bytes()).hexdigest()
         config = parse_config_text((repository / model / "config.pbtxt").read_text())
         assert config.name == model and config.max_batch_size == SMALL_BATCH
+
+
+def test_configs_match_the_exported_graphs(repository):
+    """The config's tensor names and per-row dims are the ONNX graph's, batch dim dropped."""
+    for meta in read_all_metadata(repository).values():
+        for model in meta["models"].values():
+            config = parse_config_text((repository / model / "config.pbtxt").read_text())
+            graph = onnx.load(repository / model / "1" / "model.onnx").graph
+
+            def per_row_dims(value_info):
+                return [d.dim_value for d in value_info.type.tensor_type.shape.dim[1:]]
+
+            for declared, actual in [*zip(config.input, graph.input), *zip(config.output, graph.output)]:
+                assert declared.name == actual.name
+                assert not actual.type.tensor_type.shape.dim[0].dim_value  # dynamic batch
+                model_dims = list(declared.reshape.shape) if declared.HasField("reshape") else list(declared.dims)
+                assert model_dims == per_row_dims(actual), declared.name
 
 
 def test_cli_export_fails_with_a_clear_message_and_writes_nothing(checkpoint, tmp_path, monkeypatch, capsys):
@@ -97,6 +114,8 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
     config = parse_config_text((repo / "prod-generation" / "config.pbtxt").read_text())
     assert config.backend == "onnxruntime"
     assert list(config.instance_group[0].gpus) == [0, 1] and config.instance_group[0].count == 2
+    assert config.parameters["intra_op_thread_count"].string_value == "1"  # the ORT backend's own key
+    assert "intra_op_num_threads" not in config.parameters
     assert json.loads((repo / "prod.flowserve.json").read_text())["backend"] == "onnxruntime"
 
 

@@ -153,10 +153,12 @@ def test_checkpoint_round_trip(config, tmp_path):
     path = tmp_path / "nested" / "flow.pt"
     summary = {"n": 10, "dim": config["dim"], "mean": [0.0] * config["dim"], "std": [1.0] * config["dim"]}
     metrics = {"train_log_likelihood": -1.5, "test_log_likelihood": -1.6}
-    save_checkpoint(path, flow, data_summary=summary, metrics=metrics, dataset="unit-test")
+    save_checkpoint(path, flow, data_summary=summary, metrics=metrics, dataset="unit-test",
+                    heldout=np.arange(3 * config["dim"], dtype=np.float32).reshape(3, -1))
 
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["format_version"] == 1 and raw["config"] == config and raw["dataset"] == "unit-test"
+    assert raw["heldout_sample"].shape == (3, config["dim"])
 
     loaded, checkpoint = load_checkpoint(path)
     assert not loaded.training
