@@ -88,7 +88,6 @@ class ModelCatalog:
         self.repository = Path(repository)
         self.min_reload_interval_s = min_reload_interval_s
         self._flows: dict[str, ServedFlow] = {}
-        self._loaded_at = -math.inf
         self.reload()
 
     def reload(self) -> None:

@@ -18,14 +18,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flowserve.export.data import summarize, train_test_split, two_moons
-from flowserve.export.flows import build_flow
+from flowserve import cli
+from flowserve.export.data import train_test_split, two_moons
 from flowserve.export.onnx_export import export_flow
 from flowserve.export.repository import ServingConfig
-from flowserve.export.train import TrainConfig, load_checkpoint, save_checkpoint, train_flow
+from flowserve.export.train import load_checkpoint
 from flowserve.server.launcher import free_port
 
 # Two flows with the same weights whose Triton models batch differently, so the gateway
@@ -38,18 +37,17 @@ MAX_ROWS_PER_REQUEST = 80_000  # not the default (100,000), so the flag is teste
 
 @pytest.fixture(scope="session")
 def moons() -> dict[str, np.ndarray]:
+    """The train/test split that ``flowserve train --num-points 2000 --seed 0`` uses."""
     train, test = train_test_split(two_moons(2000, seed=0), seed=0)
     return {"train": train, "test": test}
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, moons) -> Path:
-    torch.manual_seed(0)
-    flow = build_flow({"family": "realnvp", "dim": 2})
-    metrics = train_flow(flow, moons["train"], moons["test"], TrainConfig(steps=300, seed=0), progress=False)
+def checkpoint(tmp_path_factory) -> Path:
+    """A briefly trained RealNVP, made by the real ``flowserve train`` command."""
     path = tmp_path_factory.mktemp("ckpt") / "realnvp-moons.pt"
-    save_checkpoint(path, flow, data_summary=summarize(moons["train"]), metrics=metrics, dataset="moons",
-                    heldout=moons["test"])
+    code = cli.main(["train", "--num-points", "2000", "--seed", "0", "--steps", "300", "-o", str(path)])
+    assert code == 0
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import shutil
@@ -22,7 +23,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowserve.server.client import FlowClient
+from flowserve.server.domain import DeadlineExceeded, ResourceExhausted, SampleQuery
+from flowserve.server.service import FlowService, GatewayLimits, ModelCatalog
 from flowserve.server.tensors import encode
+from flowserve.server.triton import TritonBackend
 from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
@@ -357,23 +361,25 @@ def test_serve_stops_cleanly_and_leaves_no_processes(repository, tmp_path):
     assert processes_mentioning(str(private_repo)) == []
 
 
-def test_in_flight_budget_gets_resource_exhausted(live_server, repository):
-    from flowserve.server.domain import ResourceExhausted, SampleQuery
-    from flowserve.server.service import FlowService, GatewayLimits, ModelCatalog
-    from flowserve.server.triton import TritonBackend
+@contextlib.asynccontextmanager
+async def service_on_live_triton(live_server, repository, limits: GatewayLimits):
+    """The gateway's service layer, without gRPC in front, on the live Triton."""
+    backend = TritonBackend(live_server.triton_grpc_url)
+    try:
+        yield FlowService(backend, ModelCatalog(repository), limits)
+    finally:
+        await backend.close()
 
+
+def test_in_flight_budget_gets_resource_exhausted(live_server, repository):
     async def scenario() -> None:
-        backend = TritonBackend(live_server.triton_grpc_url)
-        service = FlowService(backend, ModelCatalog(repository), GatewayLimits(100, 150))
-        try:
+        async with service_on_live_triton(live_server, repository, GatewayLimits(100, 150)) as service:
             first = asyncio.create_task(service.sample(SampleQuery(SMALL_CHUNKS, 100, seed=1)))
             await asyncio.sleep(0)  # the first request now holds 100 of the 150 rows, waiting on Triton
             with pytest.raises(ResourceExhausted, match="100 rows in flight, limit 150"):
                 await service.sample(SampleQuery(SMALL_CHUNKS, 100, seed=2))
             assert (await first).samples.shape == (100, 2)
             assert (await service.sample(SampleQuery(SMALL_CHUNKS, 100, seed=2))).samples.shape == (100, 2)
-        finally:
-            await backend.close()
 
     asyncio.run(scenario())
 
@@ -393,20 +399,12 @@ def test_serve_exits_nonzero_when_its_triton_dies(repository, tmp_path):
 
 
 def test_the_service_passes_the_remaining_time_to_triton(live_server, repository):
-    from flowserve.server.domain import DeadlineExceeded, SampleQuery
-    from flowserve.server.service import FlowService, GatewayLimits, ModelCatalog
-    from flowserve.server.triton import TritonBackend
-
     async def scenario() -> None:
-        backend = TritonBackend(live_server.triton_grpc_url)
-        service = FlowService(backend, ModelCatalog(repository), GatewayLimits())
-        try:
+        async with service_on_live_triton(live_server, repository, GatewayLimits()) as service:
             with pytest.raises(DeadlineExceeded, match="deadline exceeded"):
                 await service.sample(SampleQuery(SMALL_CHUNKS, 50_000, seed=1), timeout=0.02)
             # The same request with time to spare completes: the failure was the deadline's.
             assert (await service.sample(SampleQuery(SMALL_CHUNKS, 50_000, seed=1), timeout=60)).samples.shape == (50_000, 2)
-        finally:
-            await backend.close()
 
     asyncio.run(scenario())
 
