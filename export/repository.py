@@ -1,12 +1,13 @@
 """Write Triton model configurations (``config.pbtxt``) from the flowserve spec.
 
-Two flavours share one builder:
+Three backends share one builder:
 
-* ``python``: the ``flowserve_onnx`` Python-based backend runs the ONNX file with ONNX
-  Runtime. It works with the Triton in the ``nvidia-pytriton`` wheel (CPU here, CUDA EP
-  on ``KIND_GPU``).
-* ``onnxruntime``: Triton's native ONNX Runtime backend, for GPU clusters running the
-  NGC Triton image.
+* ``python``: flowserve's Python-based backend ``flowserve_runner`` runs the ONNX file
+  with ONNX Runtime or the TorchScript file with torch. It works with the Triton in the
+  ``nvidia-pytriton`` wheel (CPU here, CUDA on ``KIND_GPU``).
+* ``onnxruntime`` (ONNX) and ``pytorch`` (TorchScript): Triton's native backends, for GPU
+  clusters running the NGC Triton image. The PyTorch backend names tensors
+  ``INPUT__<i>``/``OUTPUT__<i>``.
 
 Configs are built as ``model_config_pb2.ModelConfig`` messages, Triton's own schema, and
 printed in text format, so a field Triton does not know cannot be written.
@@ -22,10 +23,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from flowserve.spec import DirectionSpec, TensorSpec
 
-PYTHON_BACKEND = "flowserve_onnx"
-BACKENDS = {"python": PYTHON_BACKEND, "onnxruntime": "onnxruntime"}
+PYTHON_BACKEND = "flowserve_runner"
+BACKENDS = {"python": PYTHON_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
+NATIVE_BACKEND_FORMAT = {"onnxruntime": "onnx", "pytorch": "torchscript"}
 INSTANCE_KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
-MODEL_FILENAME = "model.onnx"
+MODEL_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class ServingConfig:
     """How Triton should serve a model: batching, instances and backend flavour."""
 
     backend: str = "python"
+    format: str = "onnx"
     max_batch_size: int = 1024
     max_queue_delay_us: int = 500
     instance_count: int = 1
@@ -43,6 +46,11 @@ class ServingConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+        if self.format not in MODEL_FILENAMES:
+            raise ValueError(f"format must be one of {sorted(MODEL_FILENAMES)}, got {self.format!r}")
+        if NATIVE_BACKEND_FORMAT.get(self.backend, self.format) != self.format:
+            raise ValueError(f"Triton's {self.backend} backend serves {NATIVE_BACKEND_FORMAT[self.backend]} "
+                             f"models, not {self.format}")
         if self.instance_kind not in INSTANCE_KINDS:
             raise ValueError(f"instance kind must be one of {sorted(INSTANCE_KINDS)}")
         if self.gpus and self.instance_kind != "gpu":
@@ -58,9 +66,11 @@ def _tensor_dims(tensor: TensorSpec) -> tuple[list[int], bool]:
 
 def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingConfig) -> mc.ModelConfig:
     """The ``ModelConfig`` of one direction of a flow."""
+    if serving.backend == "pytorch":
+        spec = spec.positional()
     config = mc.ModelConfig(name=model_name, max_batch_size=serving.max_batch_size)
     config.backend = BACKENDS[serving.backend]
-    config.default_model_filename = MODEL_FILENAME
+    config.default_model_filename = MODEL_FILENAMES[serving.format]
     for tensor in spec.inputs:
         dims, scalar = _tensor_dims(tensor)
         entry = config.input.add(name=tensor.name, data_type=tensor.config_dtype, dims=dims)
@@ -86,7 +96,8 @@ def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingCon
             warmup.inputs[tensor.name].CopyFrom(
                 mc.ModelWarmup.Input(data_type=tensor.config_dtype, dims=dims, random_data=True)
             )
-    thread_key = "intra_op_num_threads" if serving.backend == "python" else "intra_op_thread_count"
+    thread_key = {"python": "intra_op_num_threads", "onnxruntime": "intra_op_thread_count",
+                  "pytorch": "INTRA_OP_THREAD_COUNT"}[serving.backend]
     config.parameters[thread_key].string_value = str(serving.intra_op_threads)
     return config
 
@@ -103,12 +114,13 @@ def parse_config_text(text: str) -> mc.ModelConfig:
 
 def write_model(
     repository: Path, model_name: str, version: int, spec: DirectionSpec,
-    serving: ServingConfig, onnx_bytes: bytes,
+    serving: ServingConfig, graph: bytes,
 ) -> Path:
-    """Write ``<repository>/<model_name>/config.pbtxt`` and the version's ONNX file."""
+    """Write ``<repository>/<model_name>/config.pbtxt`` and the version's model file."""
     model_dir = Path(repository) / model_name
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
-    (version_dir / MODEL_FILENAME).write_bytes(onnx_bytes)
+    model_file = version_dir / MODEL_FILENAMES[serving.format]
+    model_file.write_bytes(graph)
     (model_dir / "config.pbtxt").write_text(config_text(build_model_config(model_name, spec, serving)))
-    return version_dir / MODEL_FILENAME
+    return model_file

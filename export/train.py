@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from .flows import Flow, build_flow
+from .flows import DensityModel, build_flow
 
-CHECKPOINT_FORMAT_VERSION = 1
-_CHECKPOINT_KEYS = ("config", "state_dict", "data", "metrics", "dataset", "heldout_sample")
+CHECKPOINT_FORMAT_VERSION = 2
+_CHECKPOINT_KEYS = ("config", "state_dict", "data", "metrics", "dataset", "heldout_sample", "heldout_context")
 HELDOUT_SAMPLE_ROWS = 512
 _LOSS_DISPLAY_INTERVAL = 50
 
@@ -30,32 +30,49 @@ class TrainConfig:
     cosine_lr: bool = True
 
 
-def _as_tensor(data: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(data, dtype=like.dtype, device=like.device)
+def _as_tensor(data, like: torch.Tensor) -> torch.Tensor | None:
+    return None if data is None else torch.as_tensor(data, dtype=like.dtype, device=like.device)
+
+
+def dequantize(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Discrete levels plus uniform noise in [0, 1): a continuous point inside each bin."""
+    noise = torch.rand(rows.shape, generator=generator, device=rows.device, dtype=rows.dtype)
+    return rows + noise
 
 
 @torch.no_grad()
-def mean_log_prob(flow: Flow, data: np.ndarray | torch.Tensor, batch_size: int = 8192) -> float:
-    """Mean log-density of the rows of ``data`` under ``flow`` (nats per example)."""
-    rows = _as_tensor(data, next(flow.parameters()))
-    total = sum(flow.log_prob(chunk).sum().item() for chunk in rows.split(batch_size))
+def mean_log_prob(
+    flow: DensityModel, rows, context=None, levels: int | None = None, seed: int = 0, batch_size: int = 4096,
+) -> float:
+    """Mean log-density of ``rows`` under ``flow`` (nats per example).
+
+    Discrete data (``levels`` set) is dequantized with uniform noise seeded by ``seed``,
+    which gives the usual lower bound on the discrete log-likelihood.
+    """
+    reference = next(flow.parameters())
+    rows, context = _as_tensor(rows, reference), _as_tensor(context, reference)
+    if levels is not None:
+        rows = dequantize(rows, torch.Generator(device=rows.device).manual_seed(seed))
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk_context = None if context is None else context[start:start + batch_size]
+        total += flow.log_prob(rows[start:start + batch_size], chunk_context).sum().item()
     return total / len(rows)
 
 
-def train_flow(
-    flow: Flow,
-    train: np.ndarray | torch.Tensor,
-    test: np.ndarray | torch.Tensor,
-    config: TrainConfig,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Fit ``flow`` to ``train`` by maximum likelihood with Adam; returns mean log-likelihoods.
+def train_flow(flow: DensityModel, dataset, config: TrainConfig, progress: bool = True) -> dict[str, float]:
+    """Fit ``flow`` to ``dataset.train`` by maximum likelihood with Adam; returns mean
+    log-likelihoods of the training and held-out splits.
 
-    Batches are drawn with a generator seeded by ``config.seed``, so the run is
-    deterministic given the flow's initial weights. Leaves the flow in eval mode.
-    Raises ``FloatingPointError`` if the loss becomes non-finite.
+    ``dataset`` is a :class:`flowserve.export.data.Dataset`: its contexts condition the
+    flow, and pixel data (``levels`` set) is dequantized afresh every batch. Batches are
+    drawn with a generator seeded by ``config.seed``, so the run is deterministic given
+    the flow's initial weights. Leaves the flow in eval mode. Raises ``FloatingPointError``
+    if the loss becomes non-finite.
     """
-    train_rows = _as_tensor(train, next(flow.parameters()))
+    reference = next(flow.parameters())
+    train_rows = _as_tensor(dataset.train, reference)
+    train_context = _as_tensor(dataset.train_context, reference)
     generator = torch.Generator(device=train_rows.device).manual_seed(config.seed)
     optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = (
@@ -71,7 +88,10 @@ def train_flow(
             index = torch.randint(
                 len(train_rows), (config.batch_size,), generator=generator, device=train_rows.device
             )
-            loss = -flow.log_prob(train_rows[index]).mean()
+            batch = train_rows[index]
+            if dataset.levels is not None:
+                batch = dequantize(batch, generator)
+            loss = flow.training_loss(batch, None if train_context is None else train_context[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -89,24 +109,25 @@ def train_flow(
     flow.eval()
 
     return {
-        "train_log_likelihood": mean_log_prob(flow, train),
-        "test_log_likelihood": mean_log_prob(flow, test),
+        "train_log_likelihood": mean_log_prob(flow, dataset.train, dataset.train_context, dataset.levels),
+        "test_log_likelihood": mean_log_prob(flow, dataset.test, dataset.test_context, dataset.levels),
     }
 
 
 def save_checkpoint(
     path: str | Path,
-    flow: Flow,
+    flow: DensityModel,
     *,
     data_summary: dict[str, Any],
     metrics: dict[str, Any],
     dataset: str,
     heldout: np.ndarray,
+    heldout_context: np.ndarray | None = None,
 ) -> None:
     """Save the flow's config and weights with training metadata; parents are created.
 
-    The first ``HELDOUT_SAMPLE_ROWS`` rows of ``heldout`` are kept: export checks ONNX
-    against PyTorch on them.
+    The first ``HELDOUT_SAMPLE_ROWS`` rows of ``heldout`` (and of its context) are kept:
+    export checks the exported graphs against PyTorch on them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +138,17 @@ def save_checkpoint(
         "data": data_summary,
         "metrics": metrics,
         "dataset": dataset,
-        "heldout_sample": torch.as_tensor(np.asarray(heldout[:HELDOUT_SAMPLE_ROWS], dtype=np.float32)),
+        "heldout_sample": _first_rows(heldout),
+        "heldout_context": None if heldout_context is None else _first_rows(heldout_context),
     }
     torch.save(checkpoint, path)
 
 
-def load_checkpoint(path: str | Path) -> tuple[Flow, dict[str, Any]]:
+def _first_rows(rows: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(rows[:HELDOUT_SAMPLE_ROWS], dtype=np.float32))
+
+
+def load_checkpoint(path: str | Path) -> tuple[DensityModel, dict[str, Any]]:
     """Rebuild the flow saved at ``path`` (on CPU, eval mode); returns it and the checkpoint."""
     path = Path(path)
     if not path.is_file():

@@ -1,31 +1,38 @@
 """Bijective transforms with log-determinants, the building blocks of every flow.
 
 A transform maps data ``x`` to latent ``z`` with ``forward`` and back with ``inverse``;
-both return the output and ``log|det J|`` of the map they computed, one value per row.
-Transforms hold no ``nn.Parameter`` of their own: a coupling is given its conditioner
-network, and an elementwise transform is built from a network's outputs.
+both return the output and ``log|det J|`` of the map they computed, one value per row,
+and both take an optional ``context`` [B, C] that they hand to their networks.
 
-Every operation here is elementwise, a sum over the last axis or a call to a given
-network, so a flow made of these transforms exports to ONNX with a dynamic batch.
+Tensors are ``[B, D]`` for vectors or ``[B, C, H, W]`` for images; axis 1 is the
+feature (channel) axis. Couplings and autoregressive transforms are given their networks
+(``nets.py``); the only parameters a transform owns are the elementwise or per-channel
+ones of the papers (NICE's scaling, Glow's actnorm and 1x1 convolution).
+
+Every operation exports to ONNX with a dynamic batch. The one sequential computation,
+inverting an autoregressive transform, is a loop: a ``while_loop`` when exported to
+ONNX, a scripted ``for`` loop in TorchScript, a plain loop in eager PyTorch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol
+import math
+from collections.abc import Iterable, Sequence
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch._higher_order_ops import while_loop
 
 
 class Transform(Protocol):
     """A bijection ``x -> z`` that also reports ``log|det dz/dx|`` per row."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z, log|det dz/dx|)`` with ``z`` shaped like ``x`` and the log-det shaped ``[B]``."""
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(z, log|det dz/dx|)``, the log-det shaped ``[B]``."""
         ...
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dz|)``, the exact inverse of :meth:`forward`."""
         ...
 
@@ -35,82 +42,396 @@ def soft_clamp(x: Tensor, bound: float) -> Tensor:
     return bound * torch.tanh(x / bound)
 
 
-class ElementwiseAffine:
-    """``z = x * exp(log_scale) + shift``, elementwise, with parameters given per element.
+def sum_per_row(x: Tensor) -> Tensor:
+    """Sum over every axis but the batch axis: ``[B, ...] -> [B]``."""
+    return x.flatten(1).sum(1)
 
-    Built from a network's outputs for one batch; ``shift`` and ``log_scale`` broadcast
-    against the input.
-    """
+
+def zeros_per_row(x: Tensor) -> Tensor:
+    """Zeros shaped ``[B]`` like the batch of ``x``."""
+    return torch.zeros_like(x.flatten(1)[:, 0])
+
+
+def _per_channel(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` [C] shaped to broadcast along axis 1 of ``like``."""
+    return values.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _spatial_size(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+class ElementwiseAffine:
+    """``z = x * exp(log_scale) + shift``, elementwise, with parameters given per element."""
 
     def __init__(self, shift: Tensor, log_scale: Tensor):
         self.shift = shift
         self.log_scale = log_scale
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x * exp(log_scale) + shift, sum(log_scale))``."""
-        return x * torch.exp(self.log_scale) + self.shift, self.log_scale.sum(-1)
+        return x * torch.exp(self.log_scale) + self.shift, sum_per_row(self.log_scale)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``((z - shift) * exp(-log_scale), -sum(log_scale))``."""
-        return (z - self.shift) * torch.exp(-self.log_scale), -self.log_scale.sum(-1)
+        return (z - self.shift) * torch.exp(-self.log_scale), -sum_per_row(self.log_scale)
 
 
-class AffineCoupling(nn.Module):
-    """Affine coupling layer (Dinh et al., 2017).
+class Coupling(nn.Module):
+    """Coupling layer: affine (Real NVP, Glow) or additive (NICE).
 
-    Features where ``mask == 1`` pass through unchanged and condition the rest:
-    ``conditioner(x * mask)`` must return ``2 * D`` values, read as ``(shift, raw_log_scale)``.
-    The log-scale is soft-clamped to ``(-log_scale_bound, log_scale_bound)``, and both are
-    zeroed where ``mask == 1``, so those features map to themselves exactly. A conditioner
-    whose last layer is zero makes the coupling the identity.
+    Where ``mask == 1`` features pass unchanged and condition the rest through
+    ``conditioner(x * mask, context)``, which returns ``2C`` channels along axis 1,
+    read as ``(shift, raw_log_scale)``, or ``C`` shift channels when ``affine`` is False.
+    The log-scale is soft-clamped to ``(-log_scale_bound, log_scale_bound)``. ``mask``
+    has the event's shape (``[D]`` or ``[C, H, W]``).
     """
 
-    def __init__(self, mask: Tensor, conditioner: nn.Module, log_scale_bound: float = 3.0):
+    def __init__(self, mask: Tensor, conditioner: nn.Module, affine: bool = True, log_scale_bound: float = 3.0):
         super().__init__()
-        if mask.dim() != 1:
-            raise ValueError(f"mask must be 1-D over the features, got shape {tuple(mask.shape)}")
         self.register_buffer("mask", mask.to(torch.get_default_dtype()))
         self.conditioner = conditioner
+        self.affine = affine
         self.log_scale_bound = log_scale_bound
 
-    def _affine(self, kept: Tensor) -> ElementwiseAffine:
-        """The elementwise affine map of the transformed features, given the kept ones."""
-        shift, raw_log_scale = self.conditioner(kept * self.mask).chunk(2, dim=-1)
+    def _elementwise(self, kept: Tensor, context: Tensor | None) -> ElementwiseAffine:
+        params = self.conditioner(kept * self.mask, context)
         transformed = 1.0 - self.mask
+        if not self.affine:
+            return ElementwiseAffine(params * transformed, torch.zeros_like(params))
+        shift, raw_log_scale = params.chunk(2, dim=1)
         log_scale = soft_clamp(raw_log_scale, self.log_scale_bound) * transformed
         return ElementwiseAffine(shift * transformed, log_scale)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z, log|det dz/dx|)``."""
-        return self._affine(x).forward(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._elementwise(x, context).forward(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, log|det dx/dz|)``; the kept features of ``z`` equal those of ``x``."""
-        return self._affine(z).inverse(z)
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._elementwise(z, context).inverse(z)
+
+
+def alternating_mask(shape: Sequence[int], parity: int) -> Tensor:
+    """Checkerboard over the last axes: ``[D]`` alternates features, ``[C, H, W]`` pixels."""
+    if len(shape) == 1:
+        return (torch.arange(shape[0]) % 2 == parity).float()
+    channels, height, width = shape
+    board = (torch.arange(height)[:, None] + torch.arange(width)[None, :]) % 2 == parity
+    return board.float().expand(channels, height, width).clone()
+
+
+def channel_mask(shape: Sequence[int], parity: int) -> Tensor:
+    """Keep the first half of the channels (``parity`` 0) or the second half (1)."""
+    channels = shape[0]
+    kept = (torch.arange(channels) < channels // 2) if parity == 0 else (torch.arange(channels) >= channels // 2)
+    return kept.float().view(channels, *([1] * (len(shape) - 1))).expand(*shape).clone()
+
+
+class DiagonalScaling(nn.Module):
+    """``z = x * exp(log_scale)`` with a learned log-scale per feature (NICE's last layer)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x * torch.exp(self.log_scale), self.log_scale.sum() + zeros_per_row(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z * torch.exp(-self.log_scale), -self.log_scale.sum() + zeros_per_row(z)
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine map ``z = (x + bias) * exp(log_scale)`` (Glow).
+
+    The first forward pass in training mode sets bias and scale from the batch, so the
+    outputs have zero mean and unit variance per channel (data-dependent init).
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.log_scale = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        per_channel = x.transpose(0, 1).flatten(1)
+        self.bias.copy_(-per_channel.mean(1))
+        self.log_scale.copy_(-torch.log(per_channel.std(1) + 1e-6))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        z = (x + _per_channel(self.bias, x)) * torch.exp(_per_channel(self.log_scale, x))
+        return z, self.log_scale.sum() * _spatial_size(x) + zeros_per_row(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = z * torch.exp(-_per_channel(self.log_scale, z)) - _per_channel(self.bias, z)
+        return x, -self.log_scale.sum() * _spatial_size(z) + zeros_per_row(z)
+
+
+class InvertibleLinearLU(nn.Module):
+    """Invertible linear map over axis 1 in the LU parametrisation (Glow's 1x1 convolution).
+
+    ``W = P L (U + diag(sign * exp(log_diag)))`` with ``P`` a fixed permutation, ``L``
+    unit lower- and ``U`` strictly upper-triangular. The log-det is ``sum(log_diag)`` per
+    position. :meth:`freeze` stores ``W``, ``W^-1`` and the log-det as buffers, which is
+    what the exported graphs compute with: ONNX has no matrix inverse.
+    """
+
+    def __init__(self, num_features: int, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        rotation, _ = torch.linalg.qr(torch.randn(num_features, num_features, generator=generator))
+        permutation, lower, upper = torch.linalg.lu(rotation)
+        diagonal = torch.diagonal(upper)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("sign", torch.sign(diagonal))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(num_features, num_features), -1))
+        self.lower = nn.Parameter(lower * self.lower_mask)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_diag = nn.Parameter(torch.log(diagonal.abs()))
+        self.frozen = False
+
+    def weight(self) -> Tensor:
+        """The current matrix ``W``."""
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_diag))
+        return self.permutation @ lower @ upper
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Precompute ``W``, ``W^-1`` and the log-det as buffers (for export and inference)."""
+        weight = self.weight()
+        self.register_buffer("frozen_weight", weight.clone(), persistent=False)
+        self.register_buffer("frozen_inverse", torch.linalg.inv(weight.double()).to(weight.dtype), persistent=False)
+        self.register_buffer("frozen_log_det", self.log_diag.sum().clone(), persistent=False)
+        self.frozen = True
+
+    def _apply_matrix(self, matrix: Tensor, x: Tensor) -> Tensor:
+        return (x.movedim(1, -1) @ matrix.T).movedim(-1, 1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        weight = self.frozen_weight if self.frozen else self.weight()
+        log_det = self.frozen_log_det if self.frozen else self.log_diag.sum()
+        return self._apply_matrix(weight, x), log_det * _spatial_size(x) + zeros_per_row(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        inverse = self.frozen_inverse if self.frozen else torch.linalg.inv(self.weight())
+        log_det = self.frozen_log_det if self.frozen else self.log_diag.sum()
+        return self._apply_matrix(inverse, z), -log_det * _spatial_size(z) + zeros_per_row(z)
+
+
+class Permutation(nn.Module):
+    """Reorders the features of a vector ``[B, D]``; volume-preserving."""
+
+    def __init__(self, order: Tensor):
+        super().__init__()
+        self.register_buffer("order", order.long())
+        self.register_buffer("inverse_order", torch.argsort(order).long())
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x[:, self.order], zeros_per_row(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z[:, self.inverse_order], zeros_per_row(z)
+
+
+class Squeeze(nn.Module):
+    """Space to depth: ``[B, C, H, W] -> [B, 4C, H/2, W/2]`` (Real NVP's multi-scale step)."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _, channels, height, width = x.shape
+        x = x.reshape(-1, channels, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return x.reshape(-1, channels * 4, height // 2, width // 2), zeros_per_row(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _, channels, height, width = z.shape
+        z = z.reshape(-1, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
+        return z.reshape(-1, channels // 4, height * 2, width * 2), zeros_per_row(z)
+
+
+class Flatten(nn.Module):
+    """``[B, *shape] -> [B, prod(shape)]`` and back; volume-preserving."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x.flatten(1), zeros_per_row(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z.reshape(-1, *self.shape), zeros_per_row(z)
+
+
+class FactorOut(nn.Module):
+    """Multi-scale split: ``inner`` transforms the first half of the channels further,
+    the other half leaves the flow here and is modelled by the base distribution.
+
+    Input ``[B, C, H, W]`` of ``shape``; output flat ``[B, C*H*W]``: ``inner``'s (flat)
+    output, then the factored-out half.
+    """
+
+    def __init__(self, inner: nn.Module, shape: Sequence[int]):
+        super().__init__()
+        channels, height, width = shape
+        self.inner = inner
+        self.kept_channels = channels // 2
+        self.factored_shape = (channels - self.kept_channels, height, width)
+        self.kept_size = self.kept_channels * height * width
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kept, factored = x[:, : self.kept_channels], x[:, self.kept_channels :]
+        z, ladj = self.inner(kept, context)
+        return torch.cat([z, factored.flatten(1)], dim=1), ladj
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kept, ladj = self.inner.inverse(z[:, : self.kept_size], context)
+        factored = z[:, self.kept_size :].reshape(-1, *self.factored_shape)
+        return torch.cat([kept, factored], dim=1), ladj
+
+
+class Standardize(nn.Module):
+    """``z = (x - mean) / std`` with statistics of the training data, stored as buffers."""
+
+    def __init__(self, mean: Tensor, std: Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return (x - self.mean) / self.std, -torch.log(self.std).sum() + zeros_per_row(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z * self.std + self.mean, torch.log(self.std).sum() + zeros_per_row(z)
+
+
+class PixelLogit(nn.Module):
+    """Dequantized pixels in ``[0, levels]`` to logit space (Real NVP's preprocessing).
+
+    ``p = alpha + (1 - 2 alpha) x / levels``, ``z = log p - log(1 - p)``. Densities are
+    in pixel units, so a pixel bin has width 1 and ``-log p(x) / (D ln 2)`` is bits/dim.
+    """
+
+    def __init__(self, levels: int, alpha: float = 0.05):
+        super().__init__()
+        self.levels = levels
+        self.alpha = alpha
+        self.log_slope = math.log((1.0 - 2.0 * alpha) / levels)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        p = self.alpha + (1.0 - 2.0 * self.alpha) * x / self.levels
+        z = torch.log(p) - torch.log1p(-p)
+        return z, sum_per_row(self.log_slope - torch.log(p) - torch.log1p(-p))
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        log_p, log_q = nn.functional.logsigmoid(z), nn.functional.logsigmoid(-z)
+        x = (torch.sigmoid(z) - self.alpha) / (1.0 - 2.0 * self.alpha) * self.levels
+        return x, sum_per_row(log_p + log_q - self.log_slope)
+
+
+class FixedPointInverse(nn.Module):
+    """Inverts the autoregressive map ``z = (x - shift(x)) * exp(-log_scale(x))``.
+
+    ``net(x, context)`` returns ``2D`` values, read as ``(shift, raw_log_scale)``, where
+    feature ``i`` depends only on features before ``i`` in the network's order (a MADE).
+    Iterating ``x <- z * exp(log_scale(x)) + shift(x)`` from ``x = 0`` makes one more
+    feature exact per step, so ``D`` steps invert exactly: one network pass per step, and
+    the loop stays a loop in both export formats.
+    """
+
+    def __init__(self, net: nn.Module, log_scale_bound: float = 3.0):
+        super().__init__()
+        self.net = net
+        self.log_scale_bound = log_scale_bound
+
+    def params(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(shift, log_scale)`` of every feature given ``x``."""
+        shift, raw_log_scale = self.net(x, context).chunk(2, dim=1)
+        return shift, soft_clamp(raw_log_scale, self.log_scale_bound)
+
+    def _step(self, z: Tensor, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        shift, log_scale = self.params(x, context)
+        return z * torch.exp(log_scale) + shift
+
+    @torch.jit.unused
+    def _exported_loop(self, z: Tensor, context: Optional[Tensor]) -> Tensor:
+        def unfinished(step, x):
+            return step < z.shape[1]
+
+        def body(step, x):
+            return step + 1, self._step(z, x, context)
+
+        _, x = while_loop(unfinished, body, (torch.zeros((), dtype=torch.int64), torch.zeros_like(z)))
+        return x
+
+    def forward(self, z: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dx/dz|)``."""
+        if torch.jit.is_scripting():
+            x = torch.zeros_like(z)
+            for _ in range(z.shape[1]):
+                x = self._step(z, x, context)
+        elif torch.compiler.is_compiling():
+            x = self._exported_loop(z, context)
+        else:
+            x = torch.zeros_like(z)
+            for _ in range(z.shape[1]):
+                x = self._step(z, x, context)
+        _, log_scale = self.params(x, context)
+        return x, log_scale.sum(1)
+
+
+class AutoregressiveAffine(nn.Module):
+    """Masked autoregressive affine transform (MAF's layer; IAF is its :class:`Inverse`).
+
+    ``forward`` (x -> z) is one pass of the net; ``inverse`` (z -> x) is ``D``
+    sequential passes (:class:`FixedPointInverse`).
+    """
+
+    def __init__(self, net: nn.Module, log_scale_bound: float = 3.0):
+        super().__init__()
+        self.sequential_inverse = FixedPointInverse(net, log_scale_bound)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        shift, log_scale = self.sequential_inverse.params(x, context)
+        return (x - shift) * torch.exp(-log_scale), -log_scale.sum(1)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.sequential_inverse(z, context)
+
+
+class Inverse(nn.Module):
+    """The inverse of a transform: its ``forward`` and ``inverse`` swapped."""
+
+    def __init__(self, transform: nn.Module):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse(x, context)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform(z, context)
 
 
 class ComposedTransform(nn.Module):
-    """Transforms applied in order (``forward``) or in reverse order (``inverse``).
-
-    The log-determinants of the steps add up.
-    """
+    """Transforms applied in order (``forward``) or in reverse order (``inverse``)."""
 
     def __init__(self, transforms: Iterable[nn.Module]):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z, log|det dz/dx|)`` of the whole chain."""
-        ladj = torch.zeros_like(x[..., 0])
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ladj = zeros_per_row(x)
         for transform in self.transforms:
-            x, step_ladj = transform(x)
+            x, step_ladj = transform(x, context)
             ladj = ladj + step_ladj
         return x, ladj
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, log|det dx/dz|)`` of the whole chain."""
-        ladj = torch.zeros_like(z[..., 0])
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ladj = zeros_per_row(z)
         for transform in reversed(self.transforms):
-            z, step_ladj = transform.inverse(z)
+            z, step_ladj = transform.inverse(z, context)
             ladj = ladj + step_ladj
         return z, ladj

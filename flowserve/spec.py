@@ -21,6 +21,13 @@ DIRECTIONS = (DENSITY, GENERATION)
 
 METADATA_SUFFIX = ".flowserve.json"
 METADATA_SCHEMA_VERSION = 1
+# Metadata keys besides the required ones (name, family, event_shape, models), with defaults:
+#   noise_dim      base-noise values per generated row; default prod(event_shape)
+#   context_shape  shape of one row's context; [] (the default) means no context input
+#   log_likelihood "exact" (default) or "lower_bound" (an importance-weighted bound, e.g. a VAE)
+#   backend        "pytorch" means Triton's PyTorch backend: tensors are named as in
+#                  DirectionSpec.positional() on the wire
+LOG_LIKELIHOOD_KINDS = ("exact", "lower_bound")
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +69,43 @@ class DirectionSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def positional(self) -> DirectionSpec:
+        """The same tensors named ``INPUT__<i>`` and ``OUTPUT__<i>``, as Triton's PyTorch
+        backend requires for TorchScript models."""
+        return DirectionSpec(
+            self.direction,
+            inputs=tuple(TensorSpec(f"INPUT__{i}", t.dims, t.dtype) for i, t in enumerate(self.inputs)),
+            outputs=tuple(TensorSpec(f"OUTPUT__{i}", t.dims, t.dtype) for i, t in enumerate(self.outputs)),
+        )
 
-def direction_spec(direction: str, event_dim: int) -> DirectionSpec:
+
+CONTEXT = "context"
+"""Name of the optional per-row conditioning input (e.g. a one-hot class label)."""
+
+
+def direction_spec(direction: str, event_dim: int, *, noise_dim: int | None = None,
+                   context_dim: int = 0) -> DirectionSpec:
     """Tensor spec of ``direction`` for a flow over ``event_dim``-dimensional events.
 
-    density:    x[B, D] -> log_prob[B]
-    generation: z[B, D] -> x[B, D], log_prob[B]   (log-density of the generated x)
+    density:    x[B, D] (, context[B, C]) -> log_prob[B]
+    generation: z[B, N] (, context[B, C]) -> x[B, D], log_prob[B]   (log-density of the generated x)
+
+    ``noise_dim`` N is the base noise per row, ``D`` unless the model draws more (a VAE
+    draws its latent and its decoder noise). ``context`` exists only when ``context_dim > 0``.
     """
+    if event_dim < 1 or context_dim < 0 or (noise_dim is not None and noise_dim < 1):
+        raise ValueError(f"invalid dims: event {event_dim}, noise {noise_dim}, context {context_dim}")
+    context = (TensorSpec(CONTEXT, (context_dim,)),) if context_dim else ()
     if direction == DENSITY:
         return DirectionSpec(
             DENSITY,
-            inputs=(TensorSpec("x", (event_dim,)),),
+            inputs=(TensorSpec("x", (event_dim,)), *context),
             outputs=(TensorSpec("log_prob", ()),),
         )
     if direction == GENERATION:
         return DirectionSpec(
             GENERATION,
-            inputs=(TensorSpec("z", (event_dim,)),),
+            inputs=(TensorSpec("z", (noise_dim or event_dim,)), *context),
             outputs=(TensorSpec("x", (event_dim,)), TensorSpec("log_prob", ())),
         )
     raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")

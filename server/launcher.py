@@ -4,7 +4,7 @@ The wheel carries Triton 2.51 with the Python backend only. To serve flowserve m
 needs, found and set up here:
 
 * a backend directory holding the Python backend (``libtriton_python.so``, its utils and
-  the stub built for this Python) and the ``flowserve_onnx`` runner;
+  the stub built for this Python) and the ``flowserve_runner`` runner;
 * ``LD_LIBRARY_PATH`` with the wheel's bundled libraries;
 * this environment's ``bin`` first on ``PATH``: the stub ignores ``PYTHONPATH`` and takes
   its interpreter, and so numpy and onnxruntime, from ``python3`` on ``PATH``.
@@ -69,7 +69,7 @@ class TritonInstallation:
         return found
 
     def build_backend_directory(self, target: Path) -> Path:
-        """Create ``target`` with the Python backend and the ``flowserve_onnx`` runner."""
+        """Create ``target`` with the Python backend and the ``flowserve_runner`` runner."""
         python_dir = target / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):

@@ -1,6 +1,9 @@
-"""Properties every flow family must have, checked on small configs of each.
+"""Properties every model family must have, checked on small configs of each.
 
-To cover a new family, add its small configs to ``FLOW_CONFIGS``.
+To cover a new family, add its small configs to ``FLOW_CONFIGS``. Exact flows must
+invert, report log-determinants equal to autograd's Jacobian, and (in 2-D) integrate to
+one; every model, the VAE included, must agree with itself between its two directions
+and with its exported ONNX and TorchScript graphs.
 """
 
 from __future__ import annotations
@@ -12,160 +15,273 @@ import numpy as np
 import pytest
 import torch
 
-from flowserve.export.data import summarize, train_test_split, two_moons
-from flowserve.export.flows import FLOW_FAMILIES, Flow, build_flow
-from flowserve.export.train import (
-    TrainConfig,
-    load_checkpoint,
-    mean_log_prob,
-    save_checkpoint,
-    train_flow,
+from flowserve.export.data import Dataset, train_test_split, two_moons
+from flowserve.export.exporter import (
+    EXPORTERS,
+    check_parity,
+    export_onnx,
+    export_torchscript,
+    graph_stats,
+    parity_inputs,
 )
+from flowserve.export.flows import FLOW_FAMILIES, Flow, build_flow
+from flowserve.export.train import TrainConfig, load_checkpoint, mean_log_prob, save_checkpoint, train_flow
+from flowserve.spec import DENSITY, GENERATION
 
+STANDARDIZE_3D = {"kind": "standardize", "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 1.0]}
+PIXELS = {"kind": "dequantize", "levels": 17}
 FLOW_CONFIGS: dict[str, dict] = {
-    "realnvp-2d": {"family": "realnvp", "dim": 2, "num_couplings": 4, "hidden_features": [32, 32]},
-    "realnvp-5d": {"family": "realnvp", "dim": 5, "num_couplings": 3, "hidden_features": [16]},
+    "nice-2d": {"family": "nice", "event_shape": [2], "num_couplings": 4, "hidden_features": [16, 16]},
+    "realnvp-2d": {"family": "realnvp", "event_shape": [2], "num_couplings": 4, "hidden_features": [32, 32]},
+    "realnvp-5d-context": {"family": "realnvp", "event_shape": [5], "context_dim": 3, "num_couplings": 3,
+                           "hidden_features": [16]},
+    "realnvp-image": {"family": "realnvp", "event_shape": [1, 4, 4], "preprocessing": PIXELS,
+                      "num_scales": 2, "hidden_channels": 8},
+    "glow-2d": {"family": "glow", "event_shape": [2], "steps_per_level": 3, "hidden_features": [16, 16]},
+    "glow-image-context": {"family": "glow", "event_shape": [1, 4, 4], "context_dim": 2, "preprocessing": PIXELS,
+                           "num_levels": 2, "steps_per_level": 2, "hidden_channels": 8},
+    "maf-2d": {"family": "maf", "event_shape": [2], "num_layers": 3, "hidden_features": [16, 16]},
+    "maf-3d-standardized": {"family": "maf", "event_shape": [3], "preprocessing": STANDARDIZE_3D,
+                            "num_layers": 2, "hidden_features": [16]},
+    "iaf-2d": {"family": "iaf", "event_shape": [2], "num_layers": 3, "hidden_features": [16, 16]},
+    "iaf-4d-context": {"family": "iaf", "event_shape": [4], "context_dim": 2, "num_layers": 2,
+                       "hidden_features": [16]},
+    "vae-2d": {"family": "vae", "event_shape": [2], "latent_dim": 2, "hidden_features": [16],
+               "prior_couplings": 2, "importance_samples": 16},
+    "vae-image-context": {"family": "vae", "event_shape": [1, 4, 4], "context_dim": 2, "preprocessing": PIXELS,
+                          "latent_dim": 3, "hidden_features": [16], "prior_couplings": 2, "importance_samples": 8},
 }
-TWO_D_CONFIGS = {name: config for name, config in FLOW_CONFIGS.items() if config["dim"] == 2}
 
-all_flows = pytest.mark.parametrize("config", FLOW_CONFIGS.values(), ids=FLOW_CONFIGS.keys())
-two_d_flows = pytest.mark.parametrize("config", TWO_D_CONFIGS.values(), ids=TWO_D_CONFIGS.keys())
+
+def _select(predicate) -> pytest.MarkDecorator:
+    chosen = {name: config for name, config in FLOW_CONFIGS.items() if predicate(config)}
+    return pytest.mark.parametrize("config", chosen.values(), ids=chosen.keys())
+
+
+all_models = _select(lambda config: True)
+exact_flows = _select(lambda config: config["family"] != "vae")
+two_d_flows = _select(lambda config: config["event_shape"] == [2] and config["family"] != "vae")
 
 
 def test_every_family_is_covered():
     assert {config["family"] for config in FLOW_CONFIGS.values()} == set(FLOW_FAMILIES)
 
 
-def perturbed_flow(config: dict, scale: float = 0.1, seed: int = 0) -> Flow:
-    """A flow whose parameters (zero last layers included) carry seeded random noise."""
+def perturbed_model(config: dict, scale: float = 0.1, seed: int = 0):
+    """A model whose parameters (zero last layers included) carry seeded random noise."""
     torch.manual_seed(seed)
-    flow = build_flow(config)
+    model = build_flow(config)
     with torch.no_grad():
-        for parameter in flow.parameters():
+        for parameter in model.parameters():
             parameter.add_(scale * torch.randn_like(parameter))
-    return flow.eval()
+    return model.eval()
 
 
 def standard_normal(rows: int, dim: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@all_flows
+def data_points(model, rows: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Points where the model is defined: inside the pixel range for pixel models, else
+    spread around the data's scale."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (rows, *model.event_shape)
+    preprocessing = model.preprocessing_config
+    if preprocessing["kind"] == "dequantize":
+        return preprocessing["levels"] * torch.rand(shape, generator=generator, dtype=dtype)
+    points = 1.5 * torch.randn(shape, generator=generator, dtype=dtype)
+    if preprocessing["kind"] == "standardize":
+        points = points * torch.tensor(preprocessing["std"], dtype=dtype) + torch.tensor(preprocessing["mean"], dtype=dtype)
+    return points
+
+
+def contexts(model, rows: int, seed: int, dtype=torch.float32) -> torch.Tensor | None:
+    if not model.context_dim:
+        return None
+    return torch.randn(rows, model.context_dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@_select(lambda config: config["family"] != "vae" and "preprocessing" not in config)
 def test_flow_transforms_every_feature(config):
-    flow = perturbed_flow(config)
-    x = standard_normal(256, config["dim"])
+    flow = perturbed_model(config)
+    x = data_points(flow, 256, seed=0)
     with torch.no_grad():
-        z, ladj = flow.to_latent(x)
-    assert torch.all((z - x).abs().mean(dim=0) > 0.05)
-    assert ladj.abs().mean() > 0.05
+        z, _ = flow.to_latent(x, contexts(flow, 256, seed=0))
+    assert z.shape == (256, flow.dim)
+    assert torch.all((z - x.flatten(1)).abs().mean(dim=0) > 0.05)
 
 
-@all_flows
+@exact_flows
 def test_round_trips(config):
-    flow = perturbed_flow(config)
-    x = 2.0 * standard_normal(512, config["dim"], seed=1)
-    z = standard_normal(512, config["dim"], seed=2)
+    flow = perturbed_model(config)
+    x = data_points(flow, 512, seed=1)
+    z = standard_normal(512, flow.dim, seed=2)
+    context = contexts(flow, 512, seed=3)
     with torch.no_grad():
-        x_latent, forward_ladj = flow.to_latent(x)
-        x_again, inverse_ladj = flow.from_latent(x_latent)
-        z_data, _ = flow.from_latent(z)
-        z_again, _ = flow.to_latent(z_data)
-    assert x_latent.shape == x.shape and forward_ladj.shape == (512,)
+        x_latent, forward_ladj = flow.to_latent(x, context)
+        x_again, inverse_ladj = flow.from_latent(x_latent, context)
+        z_data, _ = flow.from_latent(z, context)
+        z_again, _ = flow.to_latent(z_data, context)
+    assert x_latent.shape == (512, flow.dim) and forward_ladj.shape == (512,)
     torch.testing.assert_close(x_again, x, atol=1e-4, rtol=0)
     torch.testing.assert_close(z_again, z, atol=1e-4, rtol=0)
-    torch.testing.assert_close(inverse_ladj, -forward_ladj, atol=1e-4, rtol=0)
+    torch.testing.assert_close(inverse_ladj, -forward_ladj, atol=1e-4, rtol=1e-6)
 
 
-@all_flows
+@exact_flows
 def test_log_determinants_match_autograd_jacobian(config):
-    flow = perturbed_flow(config).double()
-    points = 1.5 * standard_normal(6, config["dim"], seed=3, dtype=torch.float64)
-    for direction in (flow.to_latent, flow.from_latent):
-        _, ladj = direction(points)
-        for row, point in enumerate(points):
-            jacobian = torch.autograd.functional.jacobian(lambda v: direction(v[None])[0][0], point)
+    flow = perturbed_model(config).double()
+    points = data_points(flow, 4, seed=3, dtype=torch.float64)
+    context = contexts(flow, 4, seed=4, dtype=torch.float64)
+    latents = standard_normal(4, flow.dim, seed=5, dtype=torch.float64)
+    cases = [(flow.to_latent, points), (flow.from_latent, latents)]
+    for direction, inputs in cases:
+        _, ladj = direction(inputs, context)
+        for row, point in enumerate(inputs):
+            row_context = None if context is None else context[row:row + 1]
+            jacobian = torch.autograd.functional.jacobian(
+                lambda v: direction(v[None], row_context)[0].flatten(), point
+            ).reshape(flow.dim, flow.dim)
             sign, log_abs_det = torch.linalg.slogdet(jacobian)
             assert sign != 0
             assert abs(log_abs_det.item() - ladj[row].item()) < 1e-3
 
 
-@all_flows
+@all_models
 def test_sample_with_log_prob_agrees_with_log_prob(config):
-    flow = perturbed_flow(config)
-    z = standard_normal(512, config["dim"], seed=4)
+    model = perturbed_model(config)
+    z = standard_normal(512, model.noise_dim, seed=4)
+    context = contexts(model, 512, seed=5)
     with torch.no_grad():
-        x, log_prob = flow.sample_with_log_prob(z)
-        x_again, log_prob_again = flow.sample_with_log_prob(z)
-        torch.testing.assert_close(flow.log_prob(x), log_prob, atol=1e-4, rtol=0)
+        x, log_prob = model.sample_with_log_prob(z, context)
+        x_again, log_prob_again = model.sample_with_log_prob(z, context)
+        torch.testing.assert_close(model.log_prob(x, context), log_prob, atol=1e-4, rtol=1e-6)
+    assert x.shape == (512, *model.event_shape) and log_prob.shape == (512,)
     assert torch.equal(x, x_again) and torch.equal(log_prob, log_prob_again)
-    assert log_prob.shape == (512,)
+    assert torch.isfinite(log_prob).all()
 
 
-@all_flows
-def test_sample_follows_generator(config):
-    flow = perturbed_flow(config)
+@all_models
+def test_sample_follows_generator_and_temperature(config):
+    model = perturbed_model(config)
+    context = contexts(model, 64, seed=6)
     with torch.no_grad():
-        first = flow.sample(64, generator=torch.Generator().manual_seed(5))
-        second = flow.sample(64, generator=torch.Generator().manual_seed(5))
-        other = flow.sample(64, generator=torch.Generator().manual_seed(6))
-    assert first.shape == (64, config["dim"])
+        first = model.sample(64, context, generator=torch.Generator().manual_seed(5))
+        second = model.sample(64, context, generator=torch.Generator().manual_seed(5))
+        other = model.sample(64, context, generator=torch.Generator().manual_seed(6))
+        cold = model.sample(64, context, generator=torch.Generator().manual_seed(5), temperature=0.1)
+    assert first.shape == (64, *model.event_shape)
     assert torch.equal(first, second) and not torch.equal(first, other)
+    assert cold.std(0).mean() < first.std(0).mean()
+
+
+HALF_WIDTH = 6.0
+
+
+def _grid_mass(model) -> tuple[float, torch.Tensor]:
+    """Riemann sum of the density over the square [-HALF_WIDTH, HALF_WIDTH]^2, and the
+    density's difference from N(0, I) on the grid."""
+    cells = 400
+    edges = torch.linspace(-HALF_WIDTH, HALF_WIDTH, cells + 1, dtype=torch.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    grid = torch.cartesian_prod(centres, centres)
+    with torch.no_grad():
+        density = model.double().log_prob(grid).exp()
+    standard_normal_density = torch.exp(-0.5 * (grid**2).sum(1)) / (2 * math.pi)
+    return density.sum().item() * (2 * HALF_WIDTH / cells) ** 2, density - standard_normal_density
+
+
+def _fraction_inside(model, rows: int = 20_000) -> float:
+    with torch.no_grad():
+        samples = model.sample(rows, generator=torch.Generator().manual_seed(12))
+    return (samples.abs() <= HALF_WIDTH).all(dim=1).double().mean().item()
 
 
 @two_d_flows
 def test_density_integrates_to_one(config):
-    flow = perturbed_flow(config, scale=0.2)
-    cells, half_width = 400, 6.0
-    edges = torch.linspace(-half_width, half_width, cells + 1, dtype=torch.float64)
-    centres = (edges[:-1] + edges[1:]) / 2
-    grid = torch.cartesian_prod(centres, centres)
-    cell_area = (2 * half_width / cells) ** 2
-    with torch.no_grad():
-        density = flow.double().log_prob(grid).exp()
-    total = density.sum().item() * cell_area
-    assert abs(total - 1.0) < 0.02
-    standard_normal_peak = 1 / (2 * math.pi)
-    assert abs(density.max().item() - standard_normal_peak) > 0.01  # really reshaped
+    """The density's mass on the square equals the share of samples that land in it,
+    and nearly all of them do: together, it integrates to 1."""
+    model = perturbed_model(config, scale=0.15)
+    inside = _fraction_inside(model)
+    total, change = _grid_mass(model)
+    assert inside > 0.9
+    assert abs(total - inside) < 0.02
+    assert change.abs().max() > 0.005  # the flow really reshaped the base density
 
 
-@all_flows
-def test_config_rebuilds_the_same_flow(config):
-    flow = perturbed_flow(config)
-    assert flow.config() == config
-    rebuilt = build_flow(json.loads(json.dumps(flow.config())))
-    rebuilt.load_state_dict(flow.state_dict(), strict=True)
+def test_vae_bound_integrates_to_at_most_one():
+    model = perturbed_model(FLOW_CONFIGS["vae-2d"], scale=0.2)
+    inside = _fraction_inside(model)
+    total, _ = _grid_mass(model)
+    assert 0.3 < total <= inside + 0.02
+
+
+@all_models
+def test_config_rebuilds_the_same_model(config):
+    model = perturbed_model(config)
+    assert {key: value for key, value in model.config().items() if key in config} == config
+    rebuilt = build_flow(json.loads(json.dumps(model.config())))
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
     rebuilt.eval()
-    x = standard_normal(128, config["dim"], seed=7)
+    x, context = data_points(model, 128, seed=7), contexts(model, 128, seed=7)
     with torch.no_grad():
-        assert torch.equal(rebuilt.log_prob(x), flow.log_prob(x))
+        assert torch.equal(rebuilt.log_prob(x, context), model.log_prob(x, context))
 
 
 def test_build_flow_rejects_unknown_family_and_bad_options():
     with pytest.raises(ValueError, match="unknown flow family 'glowworm'"):
-        build_flow({"family": "glowworm", "dim": 2})
+        build_flow({"family": "glowworm", "event_shape": [2]})
     with pytest.raises(ValueError, match="invalid config"):
         build_flow({**FLOW_CONFIGS["realnvp-2d"], "depth": 3})
+    with pytest.raises(ValueError, match="lacks event_shape"):
+        build_flow({"family": "maf"})
+    with pytest.raises(ValueError, match="std > 0"):
+        build_flow({**FLOW_CONFIGS["maf-3d-standardized"],
+                    "preprocessing": {**STANDARDIZE_3D, "std": [1.0, 0.0, 1.0]}})
 
 
-@all_flows
+@all_models
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_graphs_match_pytorch(config, fmt):
+    model = perturbed_model(config)
+    heldout = data_points(model, 64, seed=8)
+    graphs = {direction: EXPORTERS[fmt](model, direction) for direction in (DENSITY, GENERATION)}
+    report = check_parity(model, graphs, fmt, parity_inputs(model, heldout, contexts(model, 64, seed=9), rows=64))
+    assert max(report.values()) <= 1e-4
+    assert ("round_trip_x" in report) == isinstance(model, Flow)
+
+
+@pytest.mark.parametrize("family, direction", [("maf", GENERATION), ("iaf", DENSITY)])
+def test_sequential_direction_is_a_loop_not_unrolled(family, direction):
+    model = perturbed_model({"family": family, "event_shape": [64], "num_layers": 5, "hidden_features": [128]})
+    onnx_stats = graph_stats("onnx", export_onnx(model, direction))
+    assert onnx_stats["loops"] == 5 and onnx_stats["nodes"] < 300
+    torchscript_stats = graph_stats("torchscript", export_torchscript(model, direction))
+    assert torchscript_stats["loops"] == 5
+    one_pass = graph_stats("onnx", export_onnx(model, DENSITY if direction == GENERATION else GENERATION))
+    assert one_pass["loops"] == 0
+
+
+@all_models
 def test_checkpoint_round_trip(config, tmp_path):
-    flow = perturbed_flow(config)
+    model = perturbed_model(config)
     path = tmp_path / "nested" / "flow.pt"
-    summary = {"n": 10, "dim": config["dim"], "mean": [0.0] * config["dim"], "std": [1.0] * config["dim"]}
     metrics = {"train_log_likelihood": -1.5, "test_log_likelihood": -1.6}
-    save_checkpoint(path, flow, data_summary=summary, metrics=metrics, dataset="unit-test",
-                    heldout=np.arange(3 * config["dim"], dtype=np.float32).reshape(3, -1))
+    heldout = data_points(model, 3, seed=10).numpy()
+    context = contexts(model, 3, seed=10)
+    save_checkpoint(path, model, data_summary={"n": 3}, metrics=metrics, dataset="unit-test", heldout=heldout,
+                    heldout_context=None if context is None else context.numpy())
 
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert raw["format_version"] == 1 and raw["config"] == config and raw["dataset"] == "unit-test"
-    assert raw["heldout_sample"].shape == (3, config["dim"])
+    assert raw["format_version"] == 2 and raw["config"] == model.config() and raw["dataset"] == "unit-test"
+    assert raw["heldout_sample"].shape == heldout.shape
+    assert (raw["heldout_context"] is None) == (context is None)
 
     loaded, checkpoint = load_checkpoint(path)
-    assert not loaded.training
-    assert checkpoint["metrics"] == metrics and checkpoint["data"] == summary
-    x = standard_normal(128, config["dim"], seed=8)
+    assert not loaded.training and checkpoint["metrics"] == metrics
+    x, context = data_points(model, 128, seed=11), contexts(model, 128, seed=11)
     with torch.no_grad():
-        assert torch.equal(loaded.log_prob(x), flow.log_prob(x))
+        assert torch.equal(loaded.log_prob(x, context), model.log_prob(x, context))
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -178,49 +294,35 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(wrong_version)
 
 
-def test_data_helpers_are_deterministic():
-    data = two_moons(500, seed=3)
-    assert data.dtype == np.float32 and data.shape == (500, 2)
-    assert np.array_equal(data, two_moons(500, seed=3))
-    train, test = train_test_split(data, test_fraction=0.2, seed=1)
-    assert train.shape == (400, 2) and test.shape == (100, 2)
-    again_train, _ = train_test_split(data, test_fraction=0.2, seed=1)
-    assert np.array_equal(train, again_train)
-    rows = {tuple(row) for row in np.concatenate([train, test])}
-    assert rows == {tuple(row) for row in data}
-    summary = summarize(data)
-    assert summary["n"] == 500 and summary["dim"] == 2
-    np.testing.assert_allclose(summary["mean"], data.mean(axis=0), rtol=1e-6)
-    json.dumps(summary)
+def moons_dataset(rows: int) -> Dataset:
+    train, test = train_test_split(two_moons(rows, seed=0), seed=0)
+    return Dataset(name="moons", train=train, test=test, event_shape=(2,))
 
 
 def diagonal_gaussian_log_likelihood(train: np.ndarray, test: np.ndarray) -> float:
-    """Mean test log-likelihood of a diagonal Gaussian fitted to ``train``."""
     mean, std = train.mean(axis=0), train.std(axis=0)
     per_feature = -0.5 * ((test - mean) / std) ** 2 - np.log(std) - 0.5 * math.log(2 * math.pi)
     return float(per_feature.sum(axis=1).mean())
 
 
-@two_d_flows
-def test_short_training_beats_gaussian_baseline(config):
-    train, test = train_test_split(two_moons(2000, seed=0), seed=0)
+@pytest.mark.parametrize("name", ["realnvp-2d", "maf-2d", "vae-2d"])
+def test_short_training_beats_gaussian_baseline(name):
+    dataset = moons_dataset(2000)
     torch.manual_seed(0)
-    flow = build_flow(config)
-    before = mean_log_prob(flow, test)
-    metrics = train_flow(flow, train, test, TrainConfig(steps=600), progress=False)
-    baseline = diagonal_gaussian_log_likelihood(train, test)
-    assert metrics["test_log_likelihood"] == pytest.approx(mean_log_prob(flow, test))
+    model = build_flow(FLOW_CONFIGS[name])
+    before = mean_log_prob(model, dataset.test)
+    metrics = train_flow(model, dataset, TrainConfig(steps=600), progress=False)
+    assert metrics["test_log_likelihood"] == pytest.approx(mean_log_prob(model, dataset.test))
     assert metrics["test_log_likelihood"] > before + 0.5
-    assert metrics["test_log_likelihood"] > baseline + 0.25
+    assert metrics["test_log_likelihood"] > diagonal_gaussian_log_likelihood(dataset.train, dataset.test) + 0.25
 
 
-@two_d_flows
-def test_training_is_deterministic(config):
-    train, test = train_test_split(two_moons(400, seed=0), seed=0)
+def test_training_is_deterministic():
+    dataset = moons_dataset(400)
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        flow = build_flow(config)
-        train_flow(flow, train, test, TrainConfig(steps=20, batch_size=64), progress=False)
-        runs.append(flow.state_dict())
+        model = build_flow(FLOW_CONFIGS["glow-2d"])
+        train_flow(model, dataset, TrainConfig(steps=20, batch_size=64), progress=False)
+        runs.append(model.state_dict())
     assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])

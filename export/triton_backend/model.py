@@ -1,16 +1,18 @@
-"""flowserve's Triton runner: executes a model's ONNX file with ONNX Runtime.
+"""flowserve's Triton runner: executes a model's ONNX file with ONNX Runtime, or its
+TorchScript file with torch.
 
-Installed once as the Python-based backend ``flowserve_onnx`` (Triton looks for
-``<backend-directory>/flowserve_onnx/model.py``); every model whose config says
-``backend: "flowserve_onnx"`` shares this file. Its ONNX file is
-``<model>/<version>/model.onnx``.
+Installed once as the Python-based backend ``flowserve_runner`` (Triton looks for
+``<backend-directory>/flowserve_runner/model.py``); every model whose config says
+``backend: "flowserve_runner"`` shares this file. The model file is
+``<model>/<version>/<default_model_filename>``: ``model.onnx`` or ``model.pt``.
 
 Triton's dynamic batcher hands ``execute`` a list of requests. They are concatenated
-along the batch dimension, run as ONE ONNX Runtime call, and split back per request.
+along the batch dimension, run as ONE call, and split back per request.
 
-On a ``KIND_GPU`` instance the CUDA execution provider is used with the instance's
-device id; on ``KIND_CPU`` only the CPU provider is asked for. (onnxruntime-gpu lists
-CUDA as available even without a GPU, so the decision follows the instance kind.)
+On a ``KIND_GPU`` instance the model runs on the instance's GPU (ONNX Runtime's CUDA
+execution provider, or torch on ``cuda:<id>``); on ``KIND_CPU`` on the CPU only.
+(onnxruntime-gpu lists CUDA as available even without a GPU, so the decision follows
+the instance kind.)
 """
 
 import json
@@ -28,31 +30,65 @@ def _parameter(model_config, key, default):
     return default if value in (None, "") else value
 
 
+class OnnxSession:
+    """ONNX Runtime on the instance's device."""
+
+    def __init__(self, path, threads, device_id):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device_id is not None:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.device = self.session.get_providers()[0]
+
+    def run(self, output_names, feeds, input_names):
+        return self.session.run(output_names, feeds)
+
+
+class TorchScriptSession:
+    """A TorchScript module on the instance's device; inputs positional, in config order."""
+
+    def __init__(self, path, threads, device_id):
+        import torch
+
+        self.torch = torch
+        torch.set_num_threads(threads)
+        self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
+        self.module = torch.jit.load(path, map_location=self.device).eval()
+
+    def run(self, output_names, feeds, input_names):
+        with self.torch.inference_mode():
+            outputs = self.module(*(self.torch.from_numpy(feeds[name]).to(self.device) for name in input_names))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return [output.cpu().numpy() for output in outputs]
+
+
+SESSIONS = {".onnx": OnnxSession, ".pt": TorchScriptSession}
+
+
 class TritonPythonModel:
-    """One ONNX Runtime session per Triton model instance."""
+    """One ONNX Runtime or TorchScript session per Triton model instance."""
 
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
         filename = model_config.get("default_model_filename") or DEFAULT_MODEL_FILENAME
         path = os.path.join(args["model_repository"], args["model_version"], filename)
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_parameter(model_config, "intra_op_num_threads", "1"))
-        options.inter_op_num_threads = 1
-
-        if args["model_instance_kind"] == "GPU":
-            device_id = int(args["model_instance_device_id"])
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(path, options, providers=providers)
+        threads = int(_parameter(model_config, "intra_op_num_threads", "1"))
+        gpu = args["model_instance_kind"] == "GPU"
+        device_id = int(args["model_instance_device_id"]) if gpu else None
+        session_type = SESSIONS.get(os.path.splitext(filename)[1])
+        if session_type is None:
+            raise pb_utils.TritonModelException(f"flowserve_runner: cannot run {filename}; expected .onnx or .pt")
+        self.session = session_type(path, threads, device_id)
         self.input_names = [t["name"] for t in model_config["input"]]
         self.output_names = [t["name"] for t in model_config["output"]]
         self.output_dtypes = {
             t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in model_config["output"]
         }
         pb_utils.Logger.log_info(
-            f"flowserve_onnx: loaded {path} on {self.session.get_providers()[0]} "
+            f"flowserve_runner: loaded {path} on {self.session.device} "
             f"(instance kind {args['model_instance_kind']})"
         )
 
@@ -65,9 +101,9 @@ class TritonPythonModel:
                 if row_counts is None:
                     row_counts = [a.shape[0] for a in arrays]
                 feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-            results = self.session.run(self.output_names, feeds)
+            results = self.session.run(self.output_names, feeds, self.input_names)
         except Exception as exc:  # one failed batch fails its requests, not the server
-            error = pb_utils.TritonError(f"flowserve_onnx: {type(exc).__name__}: {exc}")
+            error = pb_utils.TritonError(f"flowserve_runner: {type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
 
         splits = np.cumsum(row_counts)[:-1]
