@@ -19,6 +19,14 @@ class Samples:
     seed: int
 
 
+@dataclass(frozen=True)
+class Scores:
+    """LogLikelihood's answer: log p(x | context) per row, and bits/dim when asked for."""
+
+    log_prob: np.ndarray
+    bits_per_dim: np.ndarray | None
+
+
 class FlowClient:
     """Calls ``flowserve.v1.FlowService`` at ``target`` (``host:port``)."""
 
@@ -47,18 +55,31 @@ class FlowClient:
 
     def sample(
         self, model: str, num_samples: int, seed: int | None = None,
-        temperature: float | None = None, return_log_prob: bool = True,
+        temperature: float | None = None, return_log_prob: bool = True, context: np.ndarray | None = None,
     ) -> Samples:
+        """Draw samples; ``context`` is [*context_shape] (one for all) or [num_samples, *context_shape]."""
         request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
         if seed is not None:
             request.seed = seed
         if temperature is not None:
             request.temperature = temperature
+        if context is not None:
+            request.context.CopyFrom(tensors.encode(context))
         response = self.stub.Sample(request, timeout=self.timeout)
         log_prob = np.asarray(response.log_prob, dtype=np.float32) if return_log_prob else None
         return Samples(tensors.decode(response.samples, "samples"), log_prob, response.seed)
 
-    def log_likelihood(self, model: str, x: np.ndarray) -> np.ndarray:
-        request = pb.LogLikelihoodRequest(model=model, x=tensors.encode(x))
+    def log_likelihood(self, model: str, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        """log p(x | context) of each row of ``x``; see :meth:`score` for bits/dim."""
+        return self.score(model, x, context).log_prob
+
+    def score(
+        self, model: str, x: np.ndarray, context: np.ndarray | None = None, return_bits_per_dim: bool = False,
+    ) -> Scores:
+        """LogLikelihood of each row of ``x``; ``context`` is [N, *context_shape] or [*context_shape]."""
+        request = pb.LogLikelihoodRequest(model=model, x=tensors.encode(x), return_bits_per_dim=return_bits_per_dim)
+        if context is not None:
+            request.context.CopyFrom(tensors.encode(context))
         response = self.stub.LogLikelihood(request, timeout=self.timeout)
-        return np.asarray(response.log_prob, dtype=np.float32)
+        bits_per_dim = np.asarray(response.bits_per_dim, dtype=np.float32) if return_bits_per_dim else None
+        return Scores(np.asarray(response.log_prob, dtype=np.float32), bits_per_dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 
 from flowserve.spec import DENSITY, GENERATION
 
@@ -13,6 +14,17 @@ from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService
 
 DIRECTION_ENUM = {DENSITY: pb.DIRECTION_DENSITY, GENERATION: pb.DIRECTION_GENERATION}
+LOG_LIKELIHOOD_KIND_ENUM = {
+    "exact": pb.LOG_LIKELIHOOD_KIND_EXACT,
+    "lower_bound": pb.LOG_LIKELIHOOD_KIND_LOWER_BOUND,
+}
+
+
+def _context(request: pb.SampleRequest | pb.LogLikelihoodRequest) -> np.ndarray | None:
+    """The request's context array, or None when the field is unset."""
+    if not request.HasField("context"):
+        return None
+    return tensors.decode(request.context, "context", "[*context_shape] or [N, *context_shape]")
 
 
 class FlowServicer(pb_grpc.FlowServiceServicer):
@@ -32,6 +44,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
                 directions=[DIRECTION_ENUM[d] for d in m.directions],
                 ready=m.ready,
                 metadata=m.metadata,
+                context_shape=list(m.context_shape),
+                log_likelihood_kind=LOG_LIKELIHOOD_KIND_ENUM[m.log_likelihood],
             )
             for m in models
         ])
@@ -43,6 +57,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             seed=request.seed if request.HasField("seed") else None,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
             return_log_prob=request.return_log_prob,
+            context=_context(request),
         )
         result = await self.service.sample(query, timeout=context.time_remaining())
         return pb.SampleResponse(
@@ -52,6 +67,14 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         )
 
     async def LogLikelihood(self, request: pb.LogLikelihoodRequest, context: grpc.aio.ServicerContext):
-        query = LogLikelihoodQuery(model=request.model, x=tensors.decode(request.x, "x"))
-        log_prob = await self.service.log_likelihood(query, timeout=context.time_remaining())
-        return pb.LogLikelihoodResponse(log_prob=log_prob.tolist())
+        query = LogLikelihoodQuery(
+            model=request.model,
+            x=tensors.decode(request.x, "x"),
+            context=_context(request),
+            return_bits_per_dim=request.return_bits_per_dim,
+        )
+        result = await self.service.log_likelihood(query, timeout=context.time_remaining())
+        return pb.LogLikelihoodResponse(
+            log_prob=result.log_prob.tolist(),
+            bits_per_dim=[] if result.bits_per_dim is None else result.bits_per_dim.tolist(),
+        )

@@ -20,11 +20,14 @@ def encode(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=list(array.shape), data=array.tobytes())
 
 
-def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
-    """The array a Tensor carries; raises InvalidArgument naming ``field`` if malformed."""
+def decode(tensor: pb.Tensor, field: str, expected_shape: str = "[N, *event_shape]") -> np.ndarray:
+    """The array a Tensor carries; raises InvalidArgument naming ``field`` if malformed.
+
+    ``expected_shape`` describes the shape to send, for the message when the shape is missing.
+    """
     shape = list(tensor.shape)
     if not shape:
-        raise InvalidArgument(f"{field}.shape is missing: send [N, *event_shape]")
+        raise InvalidArgument(f"{field}.shape is missing: send {expected_shape}")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape {shape} has a negative dimension")
     expected = math.prod(shape) * WIRE_DTYPE.itemsize

@@ -29,7 +29,7 @@ class TritonBackend:
     def __init__(self, url: str):
         self.url = url
         self._client = triton_aio.InferenceServerClient(url)
-        self._max_batch_sizes: dict[str, int] = {}
+        self._configs: dict[str, dict] = {}
 
     async def close(self) -> None:
         await self._client.close()
@@ -53,32 +53,45 @@ class TritonBackend:
                 versions.setdefault(entry["name"], []).append(entry.get("version", ""))
         return versions
 
-    async def max_batch_size(self, model: str) -> int:
-        """``max_batch_size`` from the model's config on Triton, cached per model."""
-        if model not in self._max_batch_sizes:
+    async def _config(self, model: str) -> dict:
+        """The model's config on Triton, cached per model."""
+        if model not in self._configs:
             try:
-                config = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
+                response = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
             except InferenceServerException as exc:
                 raise _translate(exc, model) from exc
-            self._max_batch_sizes[model] = int(config["config"].get("max_batch_size", 0)) or 1
-        return self._max_batch_sizes[model]
+            self._configs[model] = response["config"]
+        return self._configs[model]
+
+    async def max_batch_size(self, model: str) -> int:
+        """``max_batch_size`` from the model's config on Triton."""
+        return int((await self._config(model)).get("max_batch_size", 0)) or 1
+
+    async def _wire_names(self, model: str, spec: DirectionSpec) -> DirectionSpec:
+        """The spec as Triton names its tensors: the spec's own names, or ``INPUT__<i>`` /
+        ``OUTPUT__<i>`` when the model's config uses those (Triton's PyTorch backend)."""
+        config = await self._config(model)
+        if [t["name"] for t in config.get("input", [])] == spec.positional().input_names:
+            return spec.positional()
+        return spec
 
     async def infer(
         self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
     ) -> dict[str, np.ndarray]:
-        """Run one batch through ``model``; outputs are reshaped to [rows, *dims]."""
+        """Run one batch through ``model``; outputs, keyed by the spec's names, are reshaped to [rows, *dims]."""
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded(f"deadline exceeded before {model!r} was called")
+        wire = await self._wire_names(model, spec)
         requested = []
-        for tensor in spec.inputs:
+        for tensor, wire_tensor in zip(spec.inputs, wire.inputs):
             array = inputs[tensor.name]
-            infer_input = triton_aio.InferInput(tensor.name, list(array.shape), tensor.triton_dtype)
+            infer_input = triton_aio.InferInput(wire_tensor.name, list(array.shape), tensor.triton_dtype)
             infer_input.set_data_from_numpy(array)
             requested.append(infer_input)
-        outputs = [triton_aio.InferRequestedOutput(t.name) for t in spec.outputs]
+        outputs = [triton_aio.InferRequestedOutput(t.name) for t in wire.outputs]
         try:
             result = await self._client.infer(model, requested, outputs=outputs, client_timeout=timeout)
         except InferenceServerException as exc:
             raise _translate(exc, model) from exc
         rows = next(iter(inputs.values())).shape[0]
-        return {t.name: result.as_numpy(t.name).reshape(rows, *t.dims) for t in spec.outputs}
+        return {t.name: result.as_numpy(w.name).reshape(rows, *t.dims) for t, w in zip(spec.outputs, wire.outputs)}

@@ -12,9 +12,18 @@ class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIRECTION_UNSPECIFIED: _ClassVar[Direction]
     DIRECTION_DENSITY: _ClassVar[Direction]
     DIRECTION_GENERATION: _ClassVar[Direction]
+
+class LogLikelihoodKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOG_LIKELIHOOD_KIND_UNSPECIFIED: _ClassVar[LogLikelihoodKind]
+    LOG_LIKELIHOOD_KIND_EXACT: _ClassVar[LogLikelihoodKind]
+    LOG_LIKELIHOOD_KIND_LOWER_BOUND: _ClassVar[LogLikelihoodKind]
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_DENSITY: Direction
 DIRECTION_GENERATION: Direction
+LOG_LIKELIHOOD_KIND_UNSPECIFIED: LogLikelihoodKind
+LOG_LIKELIHOOD_KIND_EXACT: LogLikelihoodKind
+LOG_LIKELIHOOD_KIND_LOWER_BOUND: LogLikelihoodKind
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -29,7 +38,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "event_shape", "versions", "directions", "ready", "metadata")
+    __slots__ = ("name", "family", "event_shape", "versions", "directions", "ready", "metadata", "context_shape", "log_likelihood_kind")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +53,8 @@ class ModelInfo(_message.Message):
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     event_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -51,7 +62,9 @@ class ModelInfo(_message.Message):
     directions: _containers.RepeatedScalarFieldContainer[Direction]
     ready: bool
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., event_shape: _Optional[_Iterable[int]] = ..., versions: _Optional[_Iterable[str]] = ..., directions: _Optional[_Iterable[_Union[Direction, str]]] = ..., ready: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    context_shape: _containers.RepeatedScalarFieldContainer[int]
+    log_likelihood_kind: LogLikelihoodKind
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., event_shape: _Optional[_Iterable[int]] = ..., versions: _Optional[_Iterable[str]] = ..., directions: _Optional[_Iterable[_Union[Direction, str]]] = ..., ready: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ..., context_shape: _Optional[_Iterable[int]] = ..., log_likelihood_kind: _Optional[_Union[LogLikelihoodKind, str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -60,18 +73,20 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "num_samples", "seed", "temperature", "return_log_prob")
+    __slots__ = ("model", "num_samples", "seed", "temperature", "return_log_prob", "context")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_samples: int
     seed: int
     temperature: float
     return_log_prob: bool
-    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_log_prob: _Optional[bool] = ...) -> None: ...
+    context: Tensor
+    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_log_prob: _Optional[bool] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("samples", "log_prob", "seed")
@@ -84,15 +99,21 @@ class SampleResponse(_message.Message):
     def __init__(self, samples: _Optional[_Union[Tensor, _Mapping]] = ..., log_prob: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class LogLikelihoodRequest(_message.Message):
-    __slots__ = ("model", "x")
+    __slots__ = ("model", "x", "context", "return_bits_per_dim")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_BITS_PER_DIM_FIELD_NUMBER: _ClassVar[int]
     model: str
     x: Tensor
-    def __init__(self, model: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    context: Tensor
+    return_bits_per_dim: bool
+    def __init__(self, model: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., return_bits_per_dim: _Optional[bool] = ...) -> None: ...
 
 class LogLikelihoodResponse(_message.Message):
-    __slots__ = ("log_prob",)
+    __slots__ = ("log_prob", "bits_per_dim")
     LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_DIM_FIELD_NUMBER: _ClassVar[int]
     log_prob: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, log_prob: _Optional[_Iterable[float]] = ...) -> None: ...
+    bits_per_dim: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, log_prob: _Optional[_Iterable[float]] = ..., bits_per_dim: _Optional[_Iterable[float]] = ...) -> None: ...

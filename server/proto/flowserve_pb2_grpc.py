@@ -71,7 +71,8 @@ class FlowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LogLikelihood(self, request, context):
-        """Exact log-density log p(x) of each row of x.
+        """Log-density log p(x) of each row of x: exact, or a lower bound where
+        ModelInfo.log_likelihood_kind says so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
