@@ -107,7 +107,7 @@ def export_onnx(model: DensityModel, direction: str) -> bytes:
     Sequential inverses become ONNX ``Loop`` nodes (see ``FixedPointInverse``).
     """
     spec = model_spec(model, direction)
-    graph = GRAPHS[direction](model.prepare_for_export())
+    graph = GRAPHS[direction](model.prepare_for_export()).eval()
     batch = torch.export.Dim("batch")
     # The exporter prints progress lines, warns that torchvision is absent and raises a
     # FutureWarning of its own; none of it concerns flows.
@@ -138,7 +138,7 @@ def _script_sequential_loops(module: nn.Module) -> None:
 
 def export_torchscript(model: DensityModel, direction: str) -> bytes:
     """One direction as a TorchScript module (``model.pt``); inputs and outputs in spec order."""
-    graph = GRAPHS[direction](copy.deepcopy(model).prepare_for_export())
+    graph = GRAPHS[direction](copy.deepcopy(model).prepare_for_export()).eval()
     _script_sequential_loops(graph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

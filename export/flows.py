@@ -416,6 +416,32 @@ FLOW_FAMILIES: dict[str, type[DensityModel]] = {
 }
 
 
+def default_flow_config(family: str, dataset) -> dict[str, Any]:
+    """A sensible config of ``family`` for ``dataset`` (a ``data.Dataset``).
+
+    Pixel data is dequantized to logits; continuous data is standardised with the
+    training split's statistics, which thereby become part of the exported graphs.
+    Widths grow with the dimension; images get the multi-scale convolutional
+    architectures (Real NVP, Glow), the other families see them flattened.
+    """
+    if family not in FLOW_FAMILIES:
+        raise ValueError(f"unknown flow family {family!r}; known families: {sorted(FLOW_FAMILIES)}")
+    if dataset.levels is not None:
+        preprocessing = {"kind": "dequantize", "levels": int(dataset.levels)}
+    else:
+        flat = dataset.train.reshape(len(dataset.train), -1).astype("float64")
+        preprocessing = {"kind": "standardize", "mean": flat.mean(0).tolist(),
+                         "std": [max(float(s), 1e-6) for s in flat.std(0)]}
+    width = max(64, 2 * dataset.dim)
+    options: dict[str, Any] = {"hidden_features": [width, width]}
+    if family == "vae":
+        options["latent_dim"] = 2 if dataset.dim <= 4 else min(16, dataset.dim // 2)
+    if family in ("realnvp", "glow") and len(dataset.event_shape) == 3:
+        options["hidden_channels"] = 64
+    return {"family": family, "event_shape": list(dataset.event_shape), "context_dim": dataset.context_dim,
+            "preprocessing": preprocessing, **options}
+
+
 def build_flow(config: dict[str, Any]) -> DensityModel:
     """Build the model that ``config`` (as returned by ``config()``) describes."""
     options = dict(config)

@@ -326,9 +326,11 @@ class PixelLogit(nn.Module):
         return z, sum_per_row(self.log_slope - torch.log(p) - torch.log1p(-p))
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        log_p, log_q = nn.functional.logsigmoid(z), nn.functional.logsigmoid(-z)
         x = (torch.sigmoid(z) - self.alpha) / (1.0 - 2.0 * self.alpha) * self.levels
-        return x, sum_per_row(log_p + log_q - self.log_slope)
+        # log p + log(1 - p) for p = sigmoid(z), written with exp(-|z|) only: ONNX Runtime's
+        # Sigmoid is accurate in absolute terms, so log(sigmoid(z)) loses digits where p is tiny.
+        log_p_q = -z.abs() - 2.0 * torch.log1p(torch.exp(-z.abs()))
+        return x, sum_per_row(log_p_q - self.log_slope)
 
 
 class FixedPointInverse(nn.Module):

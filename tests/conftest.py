@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowserve import cli
 from flowserve.export.data import train_test_split, two_moons
-from flowserve.export.onnx_export import export_flow
+from flowserve.export.exporter import export_flow
 from flowserve.export.repository import ServingConfig
 from flowserve.export.train import load_checkpoint
 from flowserve.server.launcher import free_port

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from flowserve import cli
-from flowserve.export import onnx_export
-from flowserve.export.onnx_export import ExportParityError, check_parity, export_onnx, parity_inputs
+from flowserve.export import exporter
+from flowserve.export.exporter import ExportParityError, check_parity, export_onnx, parity_inputs
 from flowserve.export.repository import parse_config_text
 from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec, read_all_metadata
 
@@ -41,10 +41,9 @@ def test_graph_io_follows_the_spec_and_has_a_dynamic_batch(onnx_models, directio
 
 
 def test_onnx_matches_pytorch_within_1e_4(trained_flow, onnx_models, moons):
-    x, z = parity_inputs(trained_flow, torch.from_numpy(moons["test"]))
-    report = check_parity(trained_flow, onnx_models, x, z)
-    assert report.worst() <= 1e-4
-    assert report.round_trip_x <= 1e-4
+    report = check_parity(trained_flow, onnx_models, "onnx", parity_inputs(trained_flow, torch.from_numpy(moons["test"])))
+    assert set(report) == {"density_log_prob", "generation_x", "generation_log_prob", "round_trip_x"}
+    assert max(report.values()) <= 1e-4
 
 
 def test_parity_check_catches_a_graph_that_is_not_the_flow(trained_flow, onnx_models, moons):
@@ -52,9 +51,9 @@ def test_parity_check_catches_a_graph_that_is_not_the_flow(trained_flow, onnx_mo
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1e-3)
-    x, z = parity_inputs(trained_flow, torch.from_numpy(moons["test"]))
-    with pytest.raises(ExportParityError, match="differs from PyTorch"):
-        check_parity(other, onnx_models, x, z)
+    inputs = parity_inputs(trained_flow, torch.from_numpy(moons["test"]))
+    with pytest.raises(ExportParityError, match="onnx differs from PyTorch"):
+        check_parity(other, onnx_models, "onnx", inputs)
 
 
 def test_repository_layout_and_metadata(repository):
@@ -98,11 +97,11 @@ def test_cli_export_fails_with_a_clear_message_and_writes_nothing(checkpoint, tm
                 p.mul_(1.01)
         return export_onnx(other, direction)
 
-    monkeypatch.setattr(onnx_export, "export_onnx", export_a_different_flow)
+    monkeypatch.setitem(exporter.EXPORTERS, "onnx", export_a_different_flow)
     repo = tmp_path / "repo"
     code = cli.main(["export", str(checkpoint), "--model-repository", str(repo)])
     assert code == 1
-    assert "ONNX Runtime differs from PyTorch by more than 0.0001" in capsys.readouterr().err
+    assert "onnx differs from PyTorch by more than 0.0001" in capsys.readouterr().err
     assert not repo.exists() or not any(repo.iterdir())
 
 
@@ -117,6 +116,30 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
     assert config.parameters["intra_op_thread_count"].string_value == "1"  # the ORT backend's own key
     assert "intra_op_num_threads" not in config.parameters
     assert json.loads((repo / "prod.flowserve.json").read_text())["backend"] == "onnxruntime"
+
+
+def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    code = cli.main(["export", str(checkpoint), "--model-repository", str(repo), "--name", "ts",
+                     "--format", "torchscript", "--backend", "pytorch"])
+    assert code == 0, capsys.readouterr().err
+    config = parse_config_text((repo / "ts-generation" / "config.pbtxt").read_text())
+    assert config.backend == "pytorch" and config.default_model_filename == "model.pt"
+    assert [t.name for t in config.input] == ["INPUT__0"]
+    assert [t.name for t in config.output] == ["OUTPUT__0", "OUTPUT__1"]
+    module = torch.jit.load(repo / "ts-generation" / "1" / "model.pt")
+    x, log_prob = module(torch.zeros(3, 2))
+    assert x.shape == (3, 2) and log_prob.shape == (3,)
+    meta = json.loads((repo / "ts.flowserve.json").read_text())
+    assert meta["format"] == "torchscript" and meta["backend"] == "pytorch"
+    assert max(meta["parity_max_diff"].values()) <= 1e-4
+
+
+def test_cli_export_rejects_a_format_the_backend_cannot_serve(checkpoint, tmp_path, capsys):
+    code = cli.main(["export", str(checkpoint), "--model-repository", str(tmp_path / "repo"),
+                     "--format", "onnx", "--backend", "pytorch"])
+    assert code == 1
+    assert "pytorch backend serves torchscript models, not onnx" in capsys.readouterr().err
 
 
 def test_checkpoint_with_unknown_path_is_a_clear_cli_error(tmp_path, capsys):

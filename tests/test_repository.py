@@ -20,20 +20,25 @@ FLAVOURS = {
     "python-gpu": ServingConfig(instance_kind="gpu", gpus=(0, 1), instance_count=2),
     "onnxruntime-gpu": ServingConfig(backend="onnxruntime", instance_kind="gpu", gpus=(0,), max_batch_size=4096),
     "onnxruntime-cpu": ServingConfig(backend="onnxruntime", max_queue_delay_us=0),
+    "python-torchscript": ServingConfig(format="torchscript"),
+    "pytorch-gpu": ServingConfig(backend="pytorch", format="torchscript", instance_kind="gpu", gpus=(0,)),
 }
+BACKEND_NAMES = {"python": PYTHON_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_config_parses_with_tritons_schema(flavour, direction):
     serving = FLAVOURS[flavour]
-    spec = direction_spec(direction, 2)
+    spec = direction_spec(direction, 2, context_dim=3)
     text = config_text(build_model_config(f"flow-{direction}", spec, serving))
     config = text_format.Parse(text, mc.ModelConfig())  # rejects unknown fields
+    if serving.backend == "pytorch":
+        spec = spec.positional()
 
     assert config.name == f"flow-{direction}"
-    assert config.backend == (PYTHON_BACKEND if serving.backend == "python" else "onnxruntime")
-    assert config.default_model_filename == "model.onnx"
+    assert config.backend == BACKEND_NAMES[serving.backend]
+    assert config.default_model_filename == ("model.pt" if serving.format == "torchscript" else "model.onnx")
     assert config.max_batch_size == serving.max_batch_size
     assert config.dynamic_batching.max_queue_delay_microseconds == serving.max_queue_delay_us
     (group,) = config.instance_group
@@ -43,10 +48,17 @@ def test_config_parses_with_tritons_schema(flavour, direction):
     assert list(group.gpus) == list(serving.gpus)
     assert [i.name for i in config.input] == spec.input_names
     assert [o.name for o in config.output] == spec.output_names
+    assert [list(i.dims) for i in config.input] == [[2], [3]]
     assert all(t.data_type == mc.TYPE_FP32 for t in [*config.input, *config.output])
     warmups = {w.batch_size for w in config.model_warmup}
     assert warmups == {1, serving.max_batch_size}
     assert all(set(w.inputs) == set(spec.input_names) for w in config.model_warmup)
+
+
+def test_positional_names_for_the_pytorch_backend():
+    spec = direction_spec(GENERATION, 4, noise_dim=6, context_dim=2).positional()
+    assert spec.input_names == ["INPUT__0", "INPUT__1"] and spec.output_names == ["OUTPUT__0", "OUTPUT__1"]
+    assert [t.dims for t in spec.inputs] == [(6,), (2,)] and [t.dims for t in spec.outputs] == [(4,), ()]
 
 
 def test_per_row_scalars_are_exposed_with_a_reshape():
@@ -64,6 +76,9 @@ def test_schema_check_rejects_a_misspelled_field():
 
 @pytest.mark.parametrize("kwargs", [
     {"backend": "tensorrt"},
+    {"format": "savedmodel"},
+    {"backend": "onnxruntime", "format": "torchscript"},
+    {"backend": "pytorch"},  # TorchScript only
     {"instance_kind": "tpu"},
     {"gpus": (0,)},  # a gpus list on a CPU group
     {"max_batch_size": 0},
