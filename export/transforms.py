@@ -370,11 +370,7 @@ class FixedPointInverse(nn.Module):
 
     def forward(self, z: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dz|)``."""
-        if torch.jit.is_scripting():
-            x = torch.zeros_like(z)
-            for _ in range(z.shape[1]):
-                x = self._step(z, x, context)
-        elif torch.compiler.is_compiling():
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling():
             x = self._exported_loop(z, context)
         else:
             x = torch.zeros_like(z)
