@@ -107,7 +107,7 @@ def export_onnx(model: DensityModel, direction: str) -> bytes:
     Sequential inverses become ONNX ``Loop`` nodes (see ``FixedPointInverse``).
     """
     spec = model_spec(model, direction)
-    graph = GRAPHS[direction](model.prepare_for_export()).eval()
+    graph = GRAPHS[direction](copy.deepcopy(model).prepare_for_export()).eval()
     batch = torch.export.Dim("batch")
     # The exporter prints progress lines, warns that torchvision is absent and raises a
     # FutureWarning of its own; none of it concerns flows.
@@ -323,6 +323,7 @@ def export_flow(
         "noise_dim": model.noise_dim,
         "context_shape": [model.context_dim] if model.context_dim else [],
         "log_likelihood": model.log_likelihood,
+        **({"support": list(model.support)} if model.support else {}),
         "models": models,
         "version": version,
         "format": serving.format,

@@ -47,6 +47,12 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * LOG_2PI
 
 
+def with_preprocessing(config: dict[str, Any], event_shape: Sequence[int], rest: list[nn.Module]) -> ComposedTransform:
+    """The preprocessing that ``config`` describes, followed by the transforms ``rest``."""
+    first = build_preprocessing(config, event_shape)
+    return ComposedTransform(([first] if first is not None else []) + rest)
+
+
 def build_preprocessing(config: dict[str, Any] | None, event_shape: Sequence[int]) -> nn.Module | None:
     """The data-side transform a preprocessing config describes (None for ``none``)."""
     kind = (config or {"kind": "none"}).get("kind")
@@ -86,6 +92,13 @@ class DensityModel(nn.Module):
     def noise_dim(self) -> int:
         """Base-noise values per generated row."""
         return self.dim
+
+    @property
+    def support(self) -> tuple[float, float] | None:
+        """The range data values must lie in (``[0, levels]`` for pixels), or None for any."""
+        if self.preprocessing_config["kind"] == "dequantize":
+            return (0.0, float(self.preprocessing_config["levels"]))
+        return None
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Log-density of ``x`` [B, *event_shape] (or its lower bound), shaped ``[B]``."""
@@ -142,8 +155,7 @@ class Flow(DensityModel):
 
     def __init__(self, event_shape, body: list[nn.Module], context_dim: int = 0, preprocessing: dict | None = None):
         super().__init__(event_shape, context_dim, preprocessing)
-        data_side = build_preprocessing(self.preprocessing_config, self.event_shape)
-        self.transform = ComposedTransform(([data_side] if data_side is not None else []) + body)
+        self.transform = with_preprocessing(self.preprocessing_config, self.event_shape, body)
 
     def to_latent(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data to latent: ``(z [B, D], log|det dz/dx|)``."""
@@ -248,8 +260,8 @@ class Glow(Flow):
     """Glow (Kingma & Dhariwal, 2018): steps of actnorm, an invertible 1x1 convolution
     (LU-parametrised) and an affine coupling on half the channels.
 
-    Images [C, H, W]: ``num_levels`` levels of squeeze, ``steps_per_level`` steps and a
-    factor-out. Vectors: ``steps_per_level`` steps over the features.
+    Images [C, H, W]: ``num_levels`` levels of squeeze and ``steps_per_level`` steps, with a
+    factor-out of half the channels between levels. Vectors: ``steps_per_level`` steps.
     """
 
     family = "glow"
@@ -281,6 +293,8 @@ class Glow(Flow):
 
     def _level(self, shape, levels_left, context_dim) -> nn.Module:
         channels, height, width = shape
+        if height % 2 or width % 2:
+            raise ValueError(f"Glow squeezes 2x2 blocks: a level's height and width must be even, got {list(shape)}")
         squeezed = (4 * channels, height // 2, width // 2)
         steps = self._steps(squeezed, context_dim)
         if levels_left == 1 or squeezed[1] % 2 or squeezed[2] % 2:
@@ -353,9 +367,7 @@ class VAE(DensityModel):
             raise ValueError(f"VAE needs latent_dim >= 2, got {latent_dim}")
         self.latent_dim, self.hidden_features = latent_dim, _widths(hidden_features)
         self.prior_couplings, self.importance_samples = prior_couplings, importance_samples
-        data_side = build_preprocessing(self.preprocessing_config, self.event_shape)
-        self.data_side = ComposedTransform(([data_side] if data_side is not None else [])
-                                           + [Flatten(self.event_shape)])
+        self.data_side = with_preprocessing(self.preprocessing_config, self.event_shape, [Flatten(self.event_shape)])
         self.encoder = MLP(self.dim, 2 * latent_dim, self.hidden_features, context_features=context_dim)
         self.decoder = MLP(latent_dim, self.dim, self.hidden_features, context_features=context_dim)
         self.decoder_log_scale = nn.Parameter(torch.zeros(self.dim))
@@ -430,8 +442,11 @@ def default_flow_config(family: str, dataset) -> dict[str, Any]:
         preprocessing = {"kind": "dequantize", "levels": int(dataset.levels)}
     else:
         flat = dataset.train.reshape(len(dataset.train), -1).astype("float64")
-        preprocessing = {"kind": "standardize", "mean": flat.mean(0).tolist(),
-                         "std": [max(float(s), 1e-6) for s in flat.std(0)]}
+        std = flat.std(0)
+        if not (std > 0).all():
+            raise ValueError(f"feature {int((std > 0).argmin())} of {dataset.name!r} is constant in the training "
+                             "split: a density over it is degenerate; drop the column")
+        preprocessing = {"kind": "standardize", "mean": flat.mean(0).tolist(), "std": std.tolist()}
     width = max(64, 2 * dataset.dim)
     options: dict[str, Any] = {"hidden_features": [width, width]}
     if family == "vae":

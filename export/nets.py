@@ -59,9 +59,9 @@ class MADE(nn.Module):
     """Masked autoencoder for distribution estimation (Germain et al., 2015).
 
     Returns ``outputs_per_feature`` blocks of ``features`` values, block after block;
-    output ``i`` of every block depends only on inputs that come before ``i`` in
-    ``order`` (a permutation of ``0..D-1``) and on the context, which feeds every unit of
-    the first hidden layer.
+    output ``i`` of every block depends only on inputs ``0..i-1`` and on the context,
+    which feeds every unit of the first hidden layer. (Flows reorder features with
+    permutations between MADE layers.)
     """
 
     def __init__(
@@ -70,13 +70,12 @@ class MADE(nn.Module):
         hidden_features: Sequence[int] = (64, 64),
         outputs_per_feature: int = 2,
         context_features: int = 0,
-        order: Tensor | None = None,
         activation: type[nn.Module] = nn.Tanh,
     ):
         super().__init__()
         if features < 2:
             raise ValueError(f"MADE needs at least 2 features, got {features}")
-        degree_in = torch.arange(features) if order is None else order.long()
+        degree_in = torch.arange(features)
         degrees = [degree_in]
         for width in hidden_features:
             # Hidden degrees cycle over 0..D-2: a unit of degree k sees inputs of degree <= k.

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from flowserve.spec import bits_per_dim
+
 from .data import Dataset, load_dataset
 
 QUALITY_DATASETS = ("moons", "breast-cancer", "digits")
@@ -38,11 +40,6 @@ _MIN_VARIANCE = 1e-12
 
 # ---------------------------------------------------------------------------------------
 # The baseline.
-
-
-def bits_per_dim(log_likelihood: float, dim: int) -> float:
-    """``-log_likelihood / (dim ln 2)``: nats per example to bits per dimension."""
-    return -log_likelihood / (dim * math.log(2.0))
 
 
 def dequantize(rows: np.ndarray, seed: int) -> np.ndarray:
@@ -125,7 +122,7 @@ def data_kind(dataset: Dataset) -> str:
 
 # Steps per (family, kind of data), measured with ``flowserve quality`` on the 2-core
 # development machine (one torch thread): the whole default run (3 data sets x 6
-# families) takes about 11 minutes; docs/quality.md lists each run's time. On the
+# families) took 8.9 minutes on 2 cores; docs/quality.md lists each run's time. On the
 # 455-row tabular set the coupling flows overfit quickly (Real NVP held out: 42 nats
 # after 800 steps, 31 after 2000), so they stop early. IAF needs one network pass per
 # dimension to evaluate a density, which makes each training step 30-60x dearer on

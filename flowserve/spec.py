@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,9 @@ METADATA_SCHEMA_VERSION = 1
 #   noise_dim      base-noise values per generated row; default prod(event_shape)
 #   context_shape  shape of one row's context; [] (the default) means no context input
 #   log_likelihood "exact" (default) or "lower_bound" (an importance-weighted bound, e.g. a VAE)
-#   backend        "pytorch" means Triton's PyTorch backend: tensors are named as in
-#                  DirectionSpec.positional() on the wire
+#   support        [low, high]: the range every data value must lie in (pixel models); absent: any value
+# Triton models served by the PyTorch backend name their tensors as DirectionSpec.positional();
+# the gateway reads each model's config from Triton to know which names to send.
 LOG_LIKELIHOOD_KINDS = ("exact", "lower_bound")
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,11 @@ class DirectionSpec:
             inputs=tuple(TensorSpec(f"INPUT__{i}", t.dims, t.dtype) for i, t in enumerate(self.inputs)),
             outputs=tuple(TensorSpec(f"OUTPUT__{i}", t.dims, t.dtype) for i, t in enumerate(self.outputs)),
         )
+
+
+def bits_per_dim(log_likelihood, dim: int):
+    """Nats per example to bits per dimension: ``-log_likelihood / (dim ln 2)``."""
+    return -log_likelihood / (dim * math.log(2.0))
 
 
 CONTEXT = "context"

@@ -26,6 +26,7 @@ from flowserve.spec import (
     GENERATION,
     LOG_LIKELIHOOD_KINDS,
     DirectionSpec,
+    bits_per_dim,
     direction_spec,
     read_all_metadata,
 )
@@ -75,6 +76,7 @@ class ServedFlow:
     noise_dim: int
     context_shape: tuple[int, ...] = ()
     log_likelihood: str = "exact"
+    support: tuple[float, float] | None = None
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> "ServedFlow":
@@ -88,15 +90,25 @@ class ServedFlow:
         kind = meta.get("log_likelihood", "exact")
         if kind not in LOG_LIKELIHOOD_KINDS:
             raise ValueError(f"log_likelihood must be one of {LOG_LIKELIHOOD_KINDS}, got {kind!r}")
+        models = meta["models"]
+        if not isinstance(models, dict) or not all(isinstance(models.get(d), str) for d in DIRECTIONS):
+            raise ValueError(f"models must map {list(DIRECTIONS)} to Triton model names, got {models!r}")
+        support = meta.get("support")
+        if support is not None and not (
+            isinstance(support, list) and len(support) == 2
+            and all(isinstance(v, (int, float)) for v in support) and support[0] < support[1]
+        ):
+            raise ValueError(f"support must be [low, high] with low < high, got {support!r}")
         return cls(
             name=meta["name"],
             family=meta["family"],
             event_shape=event_shape,
-            models=dict(meta["models"]),
+            models=dict(models),
             metadata=meta,
             noise_dim=noise_dim,
             context_shape=_shape(meta.get("context_shape", []), "context_shape"),
             log_likelihood=kind,
+            support=None if support is None else (float(support[0]), float(support[1])),
         )
 
     @property
@@ -146,6 +158,7 @@ class ModelCatalog:
         self.repository = Path(repository)
         self.min_reload_interval_s = min_reload_interval_s
         self._flows: dict[str, ServedFlow] = {}
+        self.version = 0  # bumped whenever a reload finds different flows
         self.reload()
 
     def reload(self) -> None:
@@ -157,6 +170,8 @@ class ModelCatalog:
                 flows[name] = ServedFlow.from_metadata(meta)
             except ValueError as exc:
                 log.warning("not serving flow %r: bad metadata: %s", name, exc)
+        if flows != self._flows:
+            self.version += 1
         self._flows = flows
 
     def names(self) -> list[str]:
@@ -185,6 +200,7 @@ class FlowService:
         self.catalog = catalog
         self.limits = limits
         self._rows_in_flight = 0
+        self._catalog_version = catalog.version
 
     async def list_models(self) -> list[ModelInfo]:
         """Every flow, with the versions Triton has ready (none while Triton is down)."""
@@ -245,14 +261,20 @@ class FlowService:
         finite = np.isfinite(x).reshape(rows, -1).all(axis=1)
         if not finite.all():
             raise InvalidArgument(f"x has non-finite values (NaN or inf) in row {int(np.argmin(finite))}")
+        if flow.support is not None:
+            low, high = flow.support
+            inside = ((x >= low) & (x <= high)).reshape(rows, -1).all(axis=1)
+            if not inside.all():
+                raise InvalidArgument(
+                    f"x has values outside [{low:g}, {high:g}], the support of model {flow.name!r} "
+                    f"(pixel values), in row {int(np.argmin(inside))}"
+                )
         context = _context_rows(flow, query.context, rows, "x.shape[0]")
         with self._reserve(rows):
             inputs = _inputs(flow.spec(DENSITY), x.reshape(rows, flow.dim), context)
             log_prob = (await self._run(flow, DENSITY, inputs, timeout))["log_prob"]
-        bits_per_dim = None
-        if query.return_bits_per_dim:
-            bits_per_dim = (-log_prob.astype(np.float64) / (flow.dim * math.log(2))).astype(np.float32)
-        return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits_per_dim)
+        bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
+        return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
 
     def _check_rows(self, field: str, rows: int, flow: ServedFlow) -> None:
         if rows < 1:
@@ -288,6 +310,9 @@ class FlowService:
     ) -> dict[str, np.ndarray]:
         """Run the rows of ``inputs`` (every input of the direction's spec, by name, with the
         same number of rows) through one direction in chunks of Triton's max_batch_size, concurrently."""
+        if self._catalog_version != self.catalog.version:  # re-exported flows: Triton configs may differ
+            self.backend.forget_configs()
+            self._catalog_version = self.catalog.version
         model = flow.models[direction]
         spec = flow.spec(direction)
         rows = inputs[spec.input_names[0]].shape[0]

@@ -53,6 +53,10 @@ class TritonBackend:
                 versions.setdefault(entry["name"], []).append(entry.get("version", ""))
         return versions
 
+    def forget_configs(self) -> None:
+        """Drop the cached model configs; the next call of each model fetches its config again."""
+        self._configs.clear()
+
     async def _config(self, model: str) -> dict:
         """The model's config on Triton, cached per model."""
         if model not in self._configs:

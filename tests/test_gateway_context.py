@@ -78,9 +78,13 @@ class RecordingBackend:
     def __init__(self, max_batch_size: int = CHUNK):
         self.chunk = max_batch_size
         self.calls: list[tuple[str, object, dict[str, np.ndarray]]] = []
+        self.forgotten = 0
 
     async def max_batch_size(self, model: str) -> int:
         return self.chunk
+
+    def forget_configs(self) -> None:
+        self.forgotten += 1
 
     async def model_versions(self) -> dict[str, list[str]]:
         return {triton_model_name(n, d): ["1"] for n in (CONDITIONAL, UNCONDITIONAL) for d in DIRECTIONS}
@@ -131,7 +135,7 @@ def test_catalog_reads_noise_dim_context_shape_and_kind_with_their_defaults(cond
 
 @pytest.mark.parametrize(("key", "value"), [
     ("noise_dim", 0), ("noise_dim", "5"), ("context_shape", [0]), ("context_shape", 3),
-    ("log_likelihood", "approximate"),
+    ("log_likelihood", "approximate"), ("models", 7), ("models", {"density": "m"}), ("support", [1, 0]),
 ])
 def test_catalog_skips_a_flow_whose_optional_key_is_malformed(conditional_repository, caplog, key, value):
     write_metadata(conditional_repository, "broken", **{key: value})
@@ -376,3 +380,28 @@ def test_triton_tensor_names_follow_the_models_config(config_names, wire_inputs,
     outputs = asyncio.run(backend.infer("m", spec, inputs, timeout=None))
     assert backend._client.calls == [(wire_inputs, wire_outputs)]
     assert outputs["x"].shape == (4, 2) and outputs["log_prob"].shape == (4,)
+
+
+def test_a_changed_catalog_makes_the_backend_refetch_model_configs(conditional_repository, service, backend):
+    """A flow re-exported under the same name may have a new batch size or tensor names."""
+    query = LogLikelihoodQuery(UNCONDITIONAL, np.zeros((2, *EVENT_SHAPE), np.float32))
+    asyncio.run(service.log_likelihood(query))
+    service.catalog.reload()  # nothing changed
+    asyncio.run(service.log_likelihood(query))
+    assert backend.forgotten == 0
+    write_metadata(conditional_repository, UNCONDITIONAL, noise_dim=EVENT_DIM + 1)
+    service.catalog.reload()
+    asyncio.run(service.log_likelihood(query))
+    asyncio.run(service.log_likelihood(query))
+    assert backend.forgotten == 1
+
+
+def test_pixel_values_outside_the_support_are_rejected(conditional_repository, service, backend):
+    write_metadata(conditional_repository, UNCONDITIONAL, support=[0, 17])
+    service.catalog.reload()
+    x = np.full((3, *EVENT_SHAPE), 5.0, np.float32)
+    x[2, 0, 1, 1] = -1.0
+    with pytest.raises(InvalidArgument, match=r"x has values outside \[0, 17\].*in row 2"):
+        asyncio.run(service.log_likelihood(LogLikelihoodQuery(UNCONDITIONAL, x)))
+    x[2, 0, 1, 1] = 17.0
+    asyncio.run(service.log_likelihood(LogLikelihoodQuery(UNCONDITIONAL, x)))

@@ -264,3 +264,24 @@ def test_plot_rejects_tabular_flows(tmp_path, capsys):
                      str(checkpoint)]) == 0
     assert cli.main(["plot", str(checkpoint), "-o", str(tmp_path / "x.png")]) == 1
     assert "cannot plot a flow with event shape [30]" in capsys.readouterr().err
+
+
+def test_published_quality_report_shows_every_family_beating_the_baseline():
+    """docs/quality.md is the README's `flowserve quality` run, rendered from its own JSON,
+    and every family beats the Gaussian baseline on every data set."""
+    from pathlib import Path
+
+    from flowserve.export.flows import FLOW_FAMILIES
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    report = json.loads((docs / "quality.json").read_text())
+    assert report["command"] == "flowserve quality"
+    assert report["settings"]["steps_scale"] == 1.0
+    assert set(report["settings"]["families"]) == set(FLOW_FAMILIES)
+    assert report["settings"]["datasets"] == list(quality.QUALITY_DATASETS)
+    runs = {(row["family"], row["dataset"]): row for row in report["results"]}
+    assert set(runs) == {(f, d) for f in FLOW_FAMILIES for d in quality.QUALITY_DATASETS}
+    for (family, dataset), row in runs.items():
+        baseline = report["datasets"][dataset]["baseline"]["test_log_likelihood"]
+        assert row["error"] is None and row["test_log_likelihood"] > baseline, (family, dataset)
+    assert (docs / "quality.md").read_text() == format_report({**report, "json_name": "quality.json"})
