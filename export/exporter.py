@@ -48,6 +48,16 @@ _EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
 @contextlib.contextmanager
+def _torchscript_allowed():
+    """torch 2.13 deprecates torch.jit; Triton's PyTorch backend still loads TorchScript, which
+    is what ``--format torchscript`` is for, so its warning is not repeated on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"`torch\.jit\.")
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _quiet(logger_name: str):
     logger = logging.getLogger(logger_name)
     level = logger.level
@@ -113,6 +123,8 @@ def export_onnx(model: DensityModel, direction: str) -> bytes:
     # FutureWarning of its own; none of it concerns flows.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet(_EXPORTER_LOGGER):
         warnings.simplefilter("ignore", FutureWarning)
+        # Inputs that share the batch dimension make the exporter say it keeps one name for it.
+        warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
         program = torch.onnx.export(
             graph,
             _example_inputs(model, direction),
@@ -139,12 +151,11 @@ def _script_sequential_loops(module: nn.Module) -> None:
 def export_torchscript(model: DensityModel, direction: str) -> bytes:
     """One direction as a TorchScript module (``model.pt``); inputs and outputs in spec order."""
     graph = GRAPHS[direction](copy.deepcopy(model).prepare_for_export()).eval()
-    _script_sequential_loops(graph)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(graph, _example_inputs(model, direction), check_trace=False)
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
+    with _torchscript_allowed():
+        _script_sequential_loops(graph)
+        traced = torch.jit.trace(graph, _example_inputs(model, direction), check_trace=False)
+        torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
 
@@ -157,7 +168,8 @@ def load_exported(fmt: str, data: bytes):
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         return lambda *arrays: session.run(None, dict(zip(names, arrays)))
-    module = torch.jit.load(io.BytesIO(data))
+    with _torchscript_allowed():
+        module = torch.jit.load(io.BytesIO(data))
 
     def run(*arrays):
         with torch.no_grad():
@@ -270,7 +282,9 @@ def graph_stats(fmt: str, data: bytes) -> dict[str, int]:
                 for block in node.blocks():
                     yield from script_nodes(block.nodes())
 
-        kinds = [node.kind() for node in script_nodes(torch.jit.load(io.BytesIO(data)).inlined_graph.nodes())]
+        with _torchscript_allowed():
+            module = torch.jit.load(io.BytesIO(data))
+        kinds = [node.kind() for node in script_nodes(module.inlined_graph.nodes())]
     loop_kind = "Loop" if fmt == "onnx" else "prim::Loop"
     return {"bytes": len(data), "nodes": len(kinds), "loops": kinds.count(loop_kind)}
 

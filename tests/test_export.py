@@ -118,6 +118,7 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
     assert json.loads((repo / "prod.flowserve.json").read_text())["backend"] == "onnxruntime"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path, capsys):
     repo = tmp_path / "repo"
     code = cli.main(["export", str(checkpoint), "--model-repository", str(repo), "--name", "ts",
