@@ -208,8 +208,8 @@ class RealNVP(Flow):
     """Real NVP (Dinh et al., 2017): affine couplings.
 
     Vectors: ``num_couplings`` couplings with alternating masks and tanh MLPs (bounded
-    conditioners keep the tails sane: on two moons they scored log p(4, 4) = -289 where
-    ReLU gave -1.4e8). Images [C, H, W]: the multi-scale architecture, ``num_scales``
+    conditioners keep the tails sane: with ReLU ones, unstandardised two moons scored
+    log p(4, 4) = -1.4e8). Images [C, H, W]: the multi-scale architecture, ``num_scales``
     scales of three checkerboard couplings, a squeeze, three channel couplings and a
     factor-out of half the channels; the last scale has four checkerboard couplings.
     """

@@ -122,7 +122,7 @@ def data_kind(dataset: Dataset) -> str:
 
 # Steps per (family, kind of data), measured with ``flowserve quality`` on the 2-core
 # development machine (one torch thread): the whole default run (3 data sets x 6
-# families) took 8.9 minutes on 2 cores; docs/quality.md lists each run's time. On the
+# families) took 9 to 10 minutes on 2 cores; docs/quality.md lists each run's time. On the
 # 455-row tabular set the coupling flows overfit quickly (Real NVP held out: 42 nats
 # after 800 steps, 31 after 2000), so they stop early. IAF needs one network pass per
 # dimension to evaluate a density, which makes each training step 30-60x dearer on

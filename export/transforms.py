@@ -18,23 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch._higher_order_ops import while_loop
-
-
-class Transform(Protocol):
-    """A bijection ``x -> z`` that also reports ``log|det dz/dx|`` per row."""
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(z, log|det dz/dx|)``, the log-det shaped ``[B]``."""
-        ...
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(x, log|det dx/dz|)``, the exact inverse of :meth:`forward`."""
-        ...
 
 
 def soft_clamp(x: Tensor, bound: float) -> Tensor:

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quality = commands.add_parser(
         "quality", help="train every flow family on moons, breast-cancer and digits; write a table of "
-                        "held-out log-likelihoods beside a diagonal-Gaussian baseline (long: about 9 minutes on 2 cores)")
+                        "held-out log-likelihoods beside a diagonal-Gaussian baseline (long: about 10 minutes on 2 cores)")
     quality.add_argument("--output", type=Path, default=None,
                          help="Markdown report (default docs/quality.md); the JSON goes beside it")
     quality.add_argument("--families", default=None, help="comma-separated families (default: all)")
