@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from flowserve.spec import DirectionSpec
@@ -28,7 +29,13 @@ class TritonBackend:
 
     def __init__(self, url: str):
         self.url = url
-        self._client = triton_aio.InferenceServerClient(url)
+        # Round robin over every address the name resolves to: with a headless Service
+        # ("dns:///triton:8001") requests spread over all Triton pods, not one connection.
+        self._client = triton_aio.InferenceServerClient(url, channel_args=[
+            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.lb_policy_name", "round_robin"),
+        ])
         self._configs: dict[str, dict] = {}
 
     async def close(self) -> None:
