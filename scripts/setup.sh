@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Create .venv and install flowserve with everything its demo and tests need.
+# Create .venv and install flowserve with everything its demo needs; with --test, also what
+# the tests need: the test extras, the deployment linters (checkov, tally) in their own
+# environment, and Prometheus with promtool (the Debian package; installed as root).
 # Idempotent: a second run only checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  "") test_tools=false ;;
+  --test) test_tools=true ;;
+  *) echo "usage: scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$PYTHON" --version)"
@@ -14,8 +21,29 @@ pip_install --upgrade "pip>=25"
 # Machines of this workplace have the CPU wheel on local disk; elsewhere set TORCH_INDEX_URL to
 # PyTorch's CPU wheel index.
 pip_install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-pip_install -c constraints.txt -e ".[test]"
+if $test_tools; then
+  pip_install -c constraints.txt -e ".[test]"
+else
+  pip_install -c constraints.txt -e .
+fi
 .venv/bin/python -m pip check --disable-pip-version-check
+if $test_tools; then
+  # checkov needs numpy 2, so the linters live in an environment of their own.
+  if [ ! -x .venv/tools/lint/bin/python ]; then
+    "$PYTHON" -m venv .venv/tools/lint
+  fi
+  .venv/tools/lint/bin/python -m pip install -qq --disable-pip-version-check -r deploy/lint-requirements.txt
+  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "setup: the tests need Prometheus and promtool: run as root, or apt-get install prometheus" >&2
+      exit 1
+    fi
+    echo "setup: installing Prometheus and promtool (Debian package prometheus)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  fi
+fi
 # Triton's Python stub links against libpython3.X, which some Python installs lack.
 stub_libs="$(.venv/bin/python - <<'PY'
 import subprocess

@@ -1,12 +1,16 @@
-"""The Kubernetes manifests build with kustomize and pass the platform checks.
+"""The Kubernetes manifests and images pass the checks a platform team would run.
 
 ``kubectl kustomize`` (kubectl is preinstalled on the machines) builds each overlay offline;
-``kubernetes-validate --strict`` checks the result against the Kubernetes schemas, and
-yamllint checks the sources.
+``kubernetes-validate --strict`` checks the result against the Kubernetes schemas, checkov
+against security policy, and yamllint the sources. The Dockerfiles go through tally (which
+implements hadolint's rules) and checkov. The linters live in ``.venv/tools/lint``, made by
+``scripts/setup.sh --test``.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ["gpu", "cpu"]
 BIN = Path(sys.executable).parent
+LINT_BIN = ROOT / ".venv" / "tools" / "lint" / "bin"
+DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 
 
 def build(overlay: str) -> str:
@@ -133,3 +139,105 @@ def test_scaling_and_availability_objects(built):
     sources = [rule["from"][0] for rule in policy["spec"]["ingress"]]
     assert sources[0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "flowserve-gateway"}
     assert sources[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+
+
+def checkov(*args: str) -> dict:
+    """Run checkov offline; returns its JSON report."""
+    command = [str(LINT_BIN / "checkov"), *args, "--compact", "--skip-download", "--output", "json"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.stdout.startswith(("{", "[")), result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    return report[0] if isinstance(report, list) else report
+
+
+def test_checkov_fails_nothing_and_every_skip_has_a_reason(built):
+    _, _, path = built
+    report = checkov("--file", str(path), "--framework", "kubernetes")
+    assert report["summary"]["failed"] == 0, [
+        (c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+    assert report["summary"]["passed"] > 100
+    for skipped in report["results"]["skipped_checks"]:
+        assert len(skipped["check_result"]["suppress_comment"]) > 20, skipped["check_id"]
+
+
+def test_checkov_catches_privilege_escalation(built, tmp_path):
+    _, _, path = built
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(path.read_text().replace("allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true", 1))
+    report = checkov("--file", str(broken), "--framework", "kubernetes")
+    assert "CKV_K8S_20" in {c["check_id"] for c in report["results"]["failed_checks"]}
+
+
+def tally(*paths: Path) -> subprocess.CompletedProcess:
+    command = [str(LINT_BIN / "tally"), "lint", "--fail-level", "style", "--slow-checks", "off",
+               "--no-color", "--context", str(ROOT), *map(str, paths)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def test_dockerfiles_pass_tally_and_checkov():
+    assert [p.name for p in DOCKERFILES] == ["gateway.Dockerfile", "triton.Dockerfile"]
+    result = tally(*DOCKERFILES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = checkov("--directory", str(DEPLOY / "docker"), "--framework", "dockerfile")
+    assert report["summary"]["failed"] == 0 and report["summary"]["passed"] > 50
+
+
+def test_dockerfile_linters_catch_a_latest_tag_and_a_root_user(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install requests\nCMD python\n")
+    result = tally(bad)
+    assert result.returncode != 0 and "DL3007" in result.stdout  # the "latest" tag
+    report = checkov("--file", str(bad), "--framework", "dockerfile")
+    assert {"CKV_DOCKER_3", "CKV_DOCKER_7"} <= {c["check_id"] for c in report["results"]["failed_checks"]}
+
+
+def copied_sources(dockerfile: Path) -> list[str]:
+    """Sources of the COPY instructions that read the build context."""
+    sources = []
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from=") for w in words):
+            sources += [w for w in words[1:-1] if not w.startswith("--")]
+    return sources
+
+
+def test_images_copy_only_what_the_dockerignore_admits():
+    admitted = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.startswith("!")]
+    for dockerfile in DOCKERFILES:
+        for source in copied_sources(dockerfile):
+            assert (ROOT / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
+            assert any(source == a or source.startswith(a + "/") for a in admitted), source
+
+
+def test_triton_image_installs_the_runner_where_triton_looks_for_it():
+    from flowserve.export.repository import PYTHON_BACKEND
+
+    text = (DEPLOY / "docker" / "triton.Dockerfile").read_text()
+    assert f"COPY export/triton_backend/model.py /opt/tritonserver/backends/{PYTHON_BACKEND}/model.py" in text
+
+
+def test_overlays_use_the_images_the_dockerfiles_build(built):
+    overlay, docs, _ = built
+    tags = {re.search(r"-t (\S+) \.", p.read_text()).group(1) for p in DOCKERFILES}
+    images = {c["image"] for d in docs if d["kind"] == "Deployment"
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    assert "ghcr.io/flowserve/gateway:0.1.0" in images & tags
+    if overlay == "cpu":
+        assert "ghcr.io/flowserve/triton:0.1.0" in images & tags
+
+
+def test_pod_monitors_scrape_named_metrics_ports(built):
+    _, docs, _ = built
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
+    assert set(monitors) == {"triton", "flowserve-gateway"}
+    for name, monitor in monitors.items():
+        pod = find(docs, "Deployment", name)["spec"]["template"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+        assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+        assert "metrics" in ports
+    assert find(docs, "PrometheusRule", "flowserve")["metadata"]["namespace"] == "flowserve"
+    dashboard = find(docs, "ConfigMap", "flowserve-grafana-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["grafana-dashboard.json"])["uid"] == "flowserve"

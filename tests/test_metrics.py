@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pynvml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from fake_nvml.pynvml import GIB, GPU_NAME, FakeNvml
 
 from flowserve.server.metrics import GatewayMetrics
 
@@ -19,41 +19,13 @@ def scrape(metrics: GatewayMetrics) -> dict[tuple[str, tuple], float]:
     }
 
 
-class FakeNvml:
-    """Two GPUs, like an H100 node with a job on GPU 1."""
-
-    NVMLError = pynvml.NVMLError
-
-    def __init__(self, fail_reads: bool = False):
-        self.fail_reads = fail_reads
-        self.memory = {0: (1 * 2**30, 80 * 2**30), 1: (60 * 2**30, 80 * 2**30)}
-
-    def nvmlInit(self):
-        pass
-
-    def nvmlDeviceGetCount(self):
-        return len(self.memory)
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        return index
-
-    def nvmlDeviceGetName(self, handle):
-        return b"NVIDIA H100 80GB HBM3"
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        if self.fail_reads:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
-        used, total = self.memory[handle]
-        return SimpleNamespace(used=used, total=total, free=total - used)
-
-
 def test_gpu_memory_per_gpu():
     values = scrape(GatewayMetrics(nvml=FakeNvml()))
-    name = ("name", "NVIDIA H100 80GB HBM3")
+    name = ("name", GPU_NAME)
     assert values[("flowserve_nvml_available", ())] == 1
     assert values[("flowserve_gpus", ())] == 2
-    assert values[("flowserve_gpu_memory_used_bytes", (("gpu", "1"), name))] == 60 * 2**30
-    assert values[("flowserve_gpu_memory_total_bytes", (("gpu", "0"), name))] == 80 * 2**30
+    assert values[("flowserve_gpu_memory_used_bytes", (("gpu", "1"), name))] == 60 * GIB
+    assert values[("flowserve_gpu_memory_total_bytes", (("gpu", "0"), name))] == 80 * GIB
 
 
 class MissingNvml(FakeNvml):

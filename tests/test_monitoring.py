@@ -1,0 +1,93 @@
+"""Monitoring as code: the rules pass promtool, their unit tests fire and stay quiet, the
+prometheus-adapter rule is the recording rule, and every dashboard query is valid PromQL.
+
+The same files meet a live Prometheus in tests/test_prometheus_e2e.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from monitoring_files import (
+    RULE_TESTS, dashboard, dashboard_queries, normalise, render_adapter_query, rule_groups,
+    rules_by_name, write_rule_file,
+)
+
+QUEUE_TIME_RULE = "namespace_pod:triton_queue_time_per_request:seconds"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    binary = shutil.which("promtool")
+    assert binary, "promtool is not on PATH: run scripts/setup.sh --test"
+    return subprocess.run([binary, *args], capture_output=True, text=True)
+
+
+def test_rules_pass_promtool_check(tmp_path):
+    result = promtool("check", "rules", str(write_rule_file(tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules_by_name())} rules found" in result.stdout
+
+
+def test_rule_unit_tests_pass(tmp_path):
+    write_rule_file(tmp_path)
+    result = promtool("test", "rules", str(tmp_path / RULE_TESTS.name))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_case_that_fires_and_one_that_stays_quiet():
+    alerts = {name for name, rule in rules_by_name().items() if "alert" in rule}
+    assert alerts == {"FlowserveGpuMemoryHigh", "FlowserveTritonQueueTimeHigh", "FlowserveErrorRateHigh",
+                      "FlowserveTritonDown", "FlowserveNvmlUnavailable"}
+    cases = [case for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+             for case in test.get("alert_rule_test", [])]
+    assert {c["alertname"] for c in cases if c.get("exp_alerts")} == alerts
+    assert {c["alertname"] for c in cases if not c.get("exp_alerts")} == alerts
+
+
+@pytest.mark.parametrize("alert, old, new", [
+    ("FlowserveGpuMemoryHigh", "> 0.9", "> 0.95"),
+    ("FlowserveTritonQueueTimeHigh", "> 0.05", "> 0.2"),
+    ("FlowserveErrorRateHigh", "> 0.05", "> 0.1"),
+    ("FlowserveTritonDown", "max by (namespace)", "min by (namespace)"),
+    ("FlowserveNvmlUnavailable", 'resource="nvidia_com_gpu"', 'resource="cpu"'),
+])
+def test_unit_tests_catch_a_changed_alert(tmp_path, alert, old, new):
+    """The unit tests have teeth: changing one alert's condition makes them fail."""
+    groups = rule_groups()
+    (rule,) = [r for g in groups for r in g["rules"] if r.get("alert") == alert]
+    assert old in rule["expr"]
+    rule["expr"] = rule["expr"].replace(old, new)
+    write_rule_file(tmp_path, yaml.safe_dump({"spec": {"groups": groups}}))
+    result = promtool("test", "rules", str(tmp_path / RULE_TESTS.name))
+    assert result.returncode != 0
+    assert alert in result.stdout + result.stderr
+
+
+def test_adapter_query_is_the_recording_rule_and_feeds_the_hpa():
+    """prometheus-adapter serves the HPA the same ratio of rates that the rules record."""
+    rendered = render_adapter_query("namespace, pod", "")
+    recorded = rules_by_name()[QUEUE_TIME_RULE]["expr"]
+    assert normalise(rendered.replace("{}", "")) == normalise(recorded)
+
+
+def test_dashboard_has_the_panels_operators_need():
+    titles = set(dashboard_queries("ml"))
+    assert {"Throughput", "Gateway latency percentiles", "Triton queue time per request", "Triton batch size",
+            "GPU memory per GPU", "Errors by code"} <= titles
+    latency = dashboard_queries("ml")["Gateway latency percentiles"]
+    assert [q.split(",")[0] for q in latency] == [f"histogram_quantile({q}" for q in ("0.5", "0.9", "0.99")]
+    assert len({panel["id"] for panel in dashboard()["panels"]}) == len(dashboard()["panels"])
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path):
+    """promtool parses each query as a recording rule's expression."""
+    queries = [q for qs in dashboard_queries("ml").values() for q in qs]
+    rules = [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
