@@ -99,7 +99,8 @@ def wait_for_health(target: str, process: subprocess.Popen, want, timeout: float
     raise TimeoutError(f"gateway at {target} did not report {want} within {timeout} s")
 
 
-def start_serve(repository: Path, workdir: Path, *extra: str) -> tuple[subprocess.Popen, int, int]:
+def start_serve(repository: Path, workdir: Path, *extra: str,
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int, int]:
     """Start ``flowserve serve`` on free ports; returns the process, gateway and metrics ports.
 
     Its output goes to ``workdir/serve.log`` (a pipe nobody drains would block it).
@@ -111,7 +112,7 @@ def start_serve(repository: Path, workdir: Path, *extra: str) -> tuple[subproces
         "--port", str(port), "--metrics-port", str(metrics_port), "--workdir", str(workdir), *extra,
     ]
     with open(workdir / "serve.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     return process, port, metrics_port
 
 

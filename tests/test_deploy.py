@@ -134,7 +134,8 @@ def test_scaling_and_availability_objects(built):
     hpa = find(docs, "HorizontalPodAutoscaler", "triton")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "triton_queue_time_per_request_seconds"
-    assert {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"} == {"triton", "flowserve-gateway"}
+    budgets = {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert budgets == {"triton", "flowserve-gateway"}
     policy = find(docs, "NetworkPolicy", "triton")
     sources = [rule["from"][0] for rule in policy["spec"]["ingress"]]
     assert sources[0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "flowserve-gateway"}
