@@ -102,6 +102,8 @@ def test_triton_flags_probes_and_volumes(built):
     assert {"--model-control-mode=none", "--exit-on-error=true"} <= set(args)
     assert any(a.startswith("--pinned-memory-pool-byte-size=") for a in args)
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    rollout = find(docs, "Deployment", "triton")["spec"]["strategy"]["rollingUpdate"]
+    assert rollout["maxUnavailable"] == 0 and rollout["maxSurge"] >= 1
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert [p["name"] for p in triton["ports"]] == ["http", "grpc", "metrics"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -242,3 +244,15 @@ def test_pod_monitors_scrape_named_metrics_ports(built):
     dashboard = find(docs, "ConfigMap", "flowserve-grafana-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["grafana-dashboard.json"])["uid"] == "flowserve"
+
+
+def test_model_loader_passes_the_same_checks():
+    loader = DEPLOY / "model-loader.yaml"
+    result = validate(loader)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = checkov("--file", str(loader), "--framework", "kubernetes")
+    assert report["summary"]["failed"] == 0 and report["summary"]["passed"] > 50
+    pod = next(yaml.safe_load_all(loader.read_text()))
+    (mount,) = pod["spec"]["containers"][0]["volumeMounts"]
+    assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "flowserve-models"
+    assert mount["mountPath"] == "/models" and not mount.get("readOnly")
