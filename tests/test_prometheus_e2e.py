@@ -143,10 +143,10 @@ def prometheus(live_server, gpu_gateway, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def traffic(prometheus, gpu_gateway, moons) -> int:
-    """Two rounds of RPCs through the GPU gateway, some good and one bad each; returns the
-    number of good ones. A series is born with its first request, and rate() sees only
-    increases after that, so the second round starts once Prometheus has the first."""
+def traffic(prometheus, gpu_gateway, moons) -> None:
+    """Two rounds of RPCs through the GPU gateway, some good and one bad each. A series is
+    born with its first request, and rate() sees only increases after that, so the second
+    round starts once Prometheus has scraped the first."""
     good = 0
     with FlowClient(gpu_gateway[0]) as client:
         for _ in range(2):
@@ -159,7 +159,6 @@ def traffic(prometheus, gpu_gateway, moons) -> int:
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             good += SAMPLE_CALLS + SCORE_CALLS
             prometheus.wait_for(GOOD_REQUESTS, lambda r, good=good: sum(r.values()) == good)
-    return good
 
 
 def labels(**items) -> tuple:
