@@ -14,17 +14,19 @@ RULE_TESTS = MONITORING / "tests" / "rules.test.yaml"
 ADAPTER_VALUES = MONITORING / "prometheus-adapter-values.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 RULE_FILE_NAME = "flowserve-rules.yaml"  # what rules.test.yaml loads
+QUEUE_TIME_RULE = "namespace_pod:triton_queue_time_per_request:seconds"  # the HPA's signal
 
 
-def rule_groups(text: str | None = None) -> list[dict]:
+def rule_groups() -> list[dict]:
     """The PrometheusRule's ``spec.groups``: a plain Prometheus rule file's groups."""
-    return yaml.safe_load(RULES.read_text() if text is None else text)["spec"]["groups"]
+    return yaml.safe_load(RULES.read_text())["spec"]["groups"]
 
 
-def write_rule_file(directory: Path, text: str | None = None) -> Path:
-    """Write the rules as a Prometheus rule file, with the unit tests beside it."""
+def write_rule_file(directory: Path, groups: list[dict] | None = None) -> Path:
+    """Write ``groups`` (default: the PrometheusRule's) as a Prometheus rule file, with the
+    unit tests beside it."""
     path = directory / RULE_FILE_NAME
-    path.write_text(yaml.safe_dump({"groups": rule_groups(text)}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"groups": rule_groups() if groups is None else groups}, sort_keys=False))
     (directory / RULE_TESTS.name).write_text(RULE_TESTS.read_text())
     return path
 

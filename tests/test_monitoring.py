@@ -13,11 +13,9 @@ import pytest
 import yaml
 
 from monitoring_files import (
-    RULE_TESTS, dashboard, dashboard_queries, normalise, render_adapter_query, rule_groups,
-    rules_by_name, write_rule_file,
+    QUEUE_TIME_RULE, RULE_TESTS, dashboard, dashboard_queries, normalise, render_adapter_query,
+    rule_groups, rules_by_name, write_rule_file,
 )
-
-QUEUE_TIME_RULE = "namespace_pod:triton_queue_time_per_request:seconds"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -61,7 +59,7 @@ def test_unit_tests_catch_a_changed_alert(tmp_path, alert, old, new):
     (rule,) = [r for g in groups for r in g["rules"] if r.get("alert") == alert]
     assert old in rule["expr"]
     rule["expr"] = rule["expr"].replace(old, new)
-    write_rule_file(tmp_path, yaml.safe_dump({"spec": {"groups": groups}}))
+    write_rule_file(tmp_path, groups)
     result = promtool("test", "rules", str(tmp_path / RULE_TESTS.name))
     assert result.returncode != 0
     assert alert in result.stdout + result.stderr

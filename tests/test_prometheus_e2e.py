@@ -28,7 +28,9 @@ from grpc_health.v1 import health_pb2
 from fake_nvml.pynvml import FakeNvml
 from flowserve.server.client import FlowClient
 from flowserve.server.launcher import free_port
-from monitoring_files import dashboard_queries, render_adapter_query, rules_by_name, write_rule_file
+from monitoring_files import (
+    QUEUE_TIME_RULE, dashboard_queries, render_adapter_query, rules_by_name, write_rule_file,
+)
 
 from conftest import SMALL_CHUNKS, start_serve, stop_serve, wait_for_health
 
@@ -203,12 +205,11 @@ def test_prometheus_scrapes_triton_inference_counts(prometheus, traffic, live_se
 
 
 def test_hpa_signal_from_the_adapter_query_equals_the_recording_rule(prometheus, traffic):
-    recorded = prometheus.wait_for('namespace_pod:triton_queue_time_per_request:seconds{pod="triton-0"}',
-                                   lambda r: len(r) == 1)
+    recorded = prometheus.wait_for(f'{QUEUE_TIME_RULE}{{pod="triton-0"}}', lambda r: len(r) == 1)
     assert all(math.isfinite(v) and v >= 0 for v in recorded.values())
     at = time.time()
     served = prometheus.query(render_adapter_query("namespace, pod", f'namespace="{NAMESPACE}",pod="triton-0"'), at)
-    direct = prometheus.query(rules_by_name()["namespace_pod:triton_queue_time_per_request:seconds"]["expr"], at)
+    direct = prometheus.query(rules_by_name()[QUEUE_TIME_RULE]["expr"], at)
     assert served == direct and set(served) == {labels(pod="triton-0")}
 
 
