@@ -1,1 +1,7 @@
-"""Flow library, training, ONNX export and Triton repository writer."""
+"""The torch side of flowserve (the ``export`` extra): the flow library (``flows``), data
+sets (``data``), training and checkpoints (``training``), export to a Triton repository
+(``exporter``), the quality report (``quality``) and plots (``plots``).
+
+Nothing here is imported by the gateway; this package imports the contract
+(:mod:`flowserve.spec`, :mod:`flowserve.metadata`) and nothing else of flowserve.
+"""

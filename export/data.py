@@ -1,6 +1,8 @@
 """Data sets for training flows: 2-D toys, a tabular set, 8x8 digits, and user files.
 
 Everything here is generated or shipped with scikit-learn, so nothing is downloaded.
+scikit-learn is imported when a set is generated, so the registry's names (the CLI's
+choices) cost nothing to import.
 :func:`load_dataset` is the entry point: it returns a :class:`Dataset` with a seeded
 train/held-out split, for a built-in name (see :data:`DATASETS`) or for a user's ``.npy``
 or ``.csv`` file holding an ``[N, D]`` array.
@@ -16,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits, make_circles, make_moons
 
 DEFAULT_TOY_POINTS = 4000
 """Rows drawn for a generated (toy) data set when ``num_points`` is not given."""
@@ -81,12 +82,16 @@ class Dataset:
 
 def two_moons(n: int, noise: float = 0.05, seed: int = 0) -> np.ndarray:
     """``n`` points of the two-moons data set, float32 ``[n, 2]``, not standardised."""
+    from sklearn.datasets import make_moons
+
     points, _ = make_moons(n_samples=n, noise=noise, random_state=seed)
     return points.astype(np.float32)
 
 
 def circles(n: int, noise: float = 0.05, factor: float = 0.5, seed: int = 0) -> np.ndarray:
     """``n`` points on two noisy concentric circles (radii 1 and ``factor``), float32 ``[n, 2]``."""
+    from sklearn.datasets import make_circles
+
     points, _ = make_circles(n_samples=n, noise=noise, factor=factor, random_state=seed)
     return points.astype(np.float32)
 
@@ -122,12 +127,16 @@ def breast_cancer() -> np.ndarray:
     model can drive the likelihood up without bound on it; ``load_wine`` has 178 rows.
     The features are not standardised here: flows carry that in their preprocessing.
     """
+    from sklearn.datasets import load_breast_cancer
+
     return load_breast_cancer().data.astype(np.float32)
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 8x8 digit images as raw pixel values 0..16, float32 ``[N, 1, 8, 8]``, and
     their labels 0..9 (int64 ``[N]``)."""
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     return bunch.images.astype(np.float32)[:, None, :, :], bunch.target.astype(np.int64)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -24,13 +23,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _levels(config: dict[str, Any]) -> int | None:
-    preprocessing = config.get("preprocessing") or {}
-    if preprocessing.get("kind") == "dequantize":
-        return int(preprocessing["levels"])
-    return None
 
 
 def _class_contexts(context_dim: int, rows_per_class: int):
@@ -162,22 +154,19 @@ def plot_checkpoint(checkpoint: str | Path, output: str | Path, num_samples: int
     2-D flows (event shape ``(2,)``) get :func:`plot_2d`, image flows (event shape with
     2 or 3 axes) :func:`plot_images`; other shapes raise ``ValueError``.
     """
-    from .train import load_checkpoint
+    from .training import load_checkpoint
 
     flow, ckpt = load_checkpoint(checkpoint)
-    config = ckpt["config"]
-    event_shape = tuple(config.get("event_shape") or getattr(flow, "event_shape", ()))
-    context_dim = int(config.get("context_dim", 0) or 0)
+    event_shape = flow.event_shape
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    title = f"{config.get('family', flow.family)} on {ckpt.get('dataset', '?')}"
+    title = f"{flow.family} on {ckpt.dataset}"
     if event_shape == (2,):
-        heldout = ckpt.get("heldout_sample")
-        heldout = None if heldout is None else np.asarray(heldout, dtype=np.float32).reshape(-1, 2)
-        return plot_2d(flow, output, context_dim=context_dim, heldout=heldout,
+        heldout = np.asarray(ckpt.heldout_sample, dtype=np.float32).reshape(-1, 2)
+        return plot_2d(flow, output, context_dim=flow.context_dim, heldout=heldout,
                        num_samples=num_samples or 2000, seed=seed, title=title)
     if len(event_shape) in (2, 3):
-        return plot_images(flow, output, context_dim=context_dim, levels=_levels(config),
+        return plot_images(flow, output, context_dim=flow.context_dim, levels=None if flow.support is None else int(flow.support[1]),
                            num_samples=num_samples or 64, seed=seed, title=title)
     raise ValueError(
         f"{checkpoint}: cannot plot a flow with event shape {list(event_shape)}; "

@@ -6,7 +6,7 @@ by default, through ``flowserve quality``) and the same numbers as JSON beside i
 
 Units: log-likelihoods are nats per example, in the data's own units. Pixel data (data
 sets with ``levels``) are dequantized with uniform noise in pixel units, ``x + u`` with
-``u ~ U[0, 1)``, for the flows (by :func:`flowserve.export.train.train_flow`) and for the
+``u ~ U[0, 1)``, for the flows (by :func:`flowserve.export.training.train_flow`) and for the
 baseline alike, so the numbers compare. Bits per dimension are ``-log_lik / (D ln 2)``.
 """
 
@@ -166,8 +166,8 @@ def train_and_score(
     (steps scaled by ``steps_scale``) and return one result row (log-likelihoods, time)."""
     import torch
 
-    from .flows import build_flow, default_flow_config
-    from .train import TrainConfig, train_flow
+    from .flows.registry import build_flow, default_flow_config
+    from .training import TrainConfig, train_flow
 
     config = default_flow_config(family, dataset)
     config.update(recipe.options)

@@ -8,30 +8,17 @@ can use it.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 DENSITY = "density"
 GENERATION = "generation"
 DIRECTIONS = (DENSITY, GENERATION)
 
-METADATA_SUFFIX = ".flowserve.json"
-METADATA_SCHEMA_VERSION = 1
-# Metadata keys besides the required ones (name, family, event_shape, models), with defaults:
-#   noise_dim      base-noise values per generated row; default prod(event_shape)
-#   context_shape  shape of one row's context; [] (the default) means no context input
-#   log_likelihood "exact" (default) or "lower_bound" (an importance-weighted bound, e.g. a VAE)
-#   support        [low, high]: the range every data value must lie in (pixel models); absent: any value
-# Triton models served by the PyTorch backend name their tensors as DirectionSpec.positional();
-# the gateway reads each model's config from Triton to know which names to send.
-LOG_LIKELIHOOD_KINDS = ("exact", "lower_bound")
-
-log = logging.getLogger(__name__)
+RUNNER_BACKEND = "flowserve_runner"
+"""Name of flowserve's Python-based Triton backend: the configs the exporter writes name it,
+and the launcher (or the Triton image) installs the runner under it."""
 
 _FLOW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -73,7 +60,8 @@ class DirectionSpec:
 
     def positional(self) -> DirectionSpec:
         """The same tensors named ``INPUT__<i>`` and ``OUTPUT__<i>``, as Triton's PyTorch
-        backend requires for TorchScript models."""
+        backend requires for TorchScript models; the gateway reads each model's config from
+        Triton to know which names to send."""
         return DirectionSpec(
             self.direction,
             inputs=tuple(TensorSpec(f"INPUT__{i}", t.dims, t.dtype) for i, t in enumerate(self.inputs)),
@@ -133,34 +121,3 @@ def triton_model_name(flow_name: str, direction: str) -> str:
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
     return f"{validate_flow_name(flow_name)}-{direction}"
-
-
-def metadata_path(repository: Path, flow_name: str) -> Path:
-    """Where the flow's metadata file lives: beside its Triton models, at the top level.
-
-    Triton only treats directories of the repository as models, so a top-level file is
-    invisible to it.
-    """
-    return Path(repository) / f"{validate_flow_name(flow_name)}{METADATA_SUFFIX}"
-
-
-def read_all_metadata(repository: Path) -> dict[str, dict[str, Any]]:
-    """Read every flow's metadata file in ``repository``, keyed by flow name.
-
-    A file that cannot be read or does not follow the schema is skipped with a warning,
-    so one bad file does not hide the other flows.
-    """
-    flows = {}
-    for path in sorted(Path(repository).glob(f"*{METADATA_SUFFIX}")):
-        try:
-            meta = json.loads(path.read_text())
-            if meta.get("schema") != METADATA_SCHEMA_VERSION:
-                raise ValueError(f"unsupported metadata schema {meta.get('schema')!r}")
-            missing = {"name", "family", "event_shape", "models"} - set(meta)
-            if missing:
-                raise ValueError(f"missing keys {sorted(missing)}")
-        except (OSError, ValueError) as exc:
-            log.warning("skipping flow metadata %s: %s", path, exc)
-            continue
-        flows[meta["name"]] = meta
-    return flows

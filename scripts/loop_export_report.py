@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from flowserve.export.exporter import EXPORTERS, graph_stats, load_exported
-from flowserve.export.flows import build_flow
+from flowserve.export.exporter.formats import EXPORTERS, graph_stats, load_exported
+from flowserve.export.flows.registry import build_flow
 from flowserve.spec import DENSITY, GENERATION
 
 

@@ -21,10 +21,12 @@ pip_install --upgrade "pip>=25"
 # Machines of this workplace have the CPU wheel on local disk; elsewhere set TORCH_INDEX_URL to
 # PyTorch's CPU wheel index.
 pip_install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+# The demo trains and exports, so both commands install the export extra (torch, onnx,
+# scikit-learn, matplotlib) beside the serving side; the tests also need the test extra.
 if $test_tools; then
-  pip_install -c constraints.txt -e ".[test]"
+  pip_install -c constraints.txt -e ".[export,test]"
 else
-  pip_install -c constraints.txt -e .
+  pip_install -c constraints.txt -e ".[export]"
 fi
 .venv/bin/python -m pip check --disable-pip-version-check
 if $test_tools; then

@@ -14,11 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .backend import Backend
+from .catalog import ModelCatalog
 from .interceptor import ErrorAndMetricsInterceptor
 from .metrics import GatewayMetrics
 from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
-from .service import FlowService, GatewayLimits, ModelCatalog
+from .service import FlowService, GatewayLimits
 from .servicer import FlowServicer
 from .tensors import MAX_MESSAGE_BYTES
 from .triton import TritonBackend
@@ -43,12 +45,16 @@ class GatewayConfig:
 
 
 class Gateway:
-    """The gateway server; use as ``async with Gateway(config) as gateway:``."""
+    """The gateway server; use as ``async with Gateway(config, backend) as gateway:``.
 
-    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics | None = None):
+    It serves the flows of ``config.model_repository`` on ``backend`` and closes the
+    backend when it stops.
+    """
+
+    def __init__(self, config: GatewayConfig, backend: Backend, metrics: GatewayMetrics | None = None):
         self.config = config
         self.metrics = metrics or GatewayMetrics()
-        self.backend = TritonBackend(config.triton_url)
+        self.backend = backend
         self.catalog = ModelCatalog(config.model_repository)
         self.service = FlowService(self.backend, self.catalog, config.limits)
         self.health = health.aio.HealthServicer()
@@ -131,7 +137,7 @@ async def run_gateway(config: GatewayConfig, backend_alive: Callable[[], bool] |
         loop.add_signal_handler(sig, stop.set)
     exit_code = 0
     try:
-        async with Gateway(config) as gateway:
+        async with Gateway(config, TritonBackend(config.triton_url)) as gateway:
             print(f"gateway ready: gRPC {config.host}:{gateway.port}, "
                   f"metrics http://{config.host}:{config.metrics_port}/metrics", flush=True)
             while not stop.is_set():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from flowserve.export.repository import PYTHON_BACKEND
+from flowserve.spec import RUNNER_BACKEND
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ class TritonInstallation:
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
             shutil.copy2(self.python_backend / name, python_dir / name)
         shutil.copy2(self.stub, python_dir / "triton_python_backend_stub")
-        runner_dir = target / PYTHON_BACKEND
+        runner_dir = target / RUNNER_BACKEND
         runner_dir.mkdir(exist_ok=True)
-        runner = resources.files("flowserve.export") / "triton_backend" / "model.py"
+        runner = resources.files("flowserve.server") / "runner" / "model.py"
         (runner_dir / "model.py").write_text(runner.read_text())
         return target
 

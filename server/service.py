@@ -8,42 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import secrets
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from flowserve.spec import (
-    CONTEXT,
-    DENSITY,
-    DIRECTIONS,
-    GENERATION,
-    LOG_LIKELIHOOD_KINDS,
-    DirectionSpec,
-    bits_per_dim,
-    direction_spec,
-    read_all_metadata,
-)
+from flowserve.metadata import FlowMetadata
+from flowserve.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, DirectionSpec, bits_per_dim
 
+from .backend import Backend
+from .catalog import ModelCatalog
 from .domain import (
+    DeadlineExceeded,
     FlowServeError,
     InvalidArgument,
     LogLikelihoodQuery,
     LogLikelihoodResult,
     ModelInfo,
-    ModelNotFound,
     ResourceExhausted,
     SampleQuery,
     SampleResult,
 )
 from .tensors import MAX_MESSAGE_BYTES, WIRE_DTYPE
-from .triton import TritonBackend
 
 log = logging.getLogger(__name__)
 
@@ -64,138 +52,14 @@ class GatewayLimits:
             raise ValueError("need 1 <= max_rows_per_request <= max_rows_in_flight")
 
 
-@dataclass(frozen=True)
-class ServedFlow:
-    """A flow of the catalog: its shapes, likelihood kind and the Triton model of each direction."""
-
-    name: str
-    family: str
-    event_shape: tuple[int, ...]
-    models: dict[str, str]
-    metadata: dict[str, Any]
-    noise_dim: int
-    context_shape: tuple[int, ...] = ()
-    log_likelihood: str = "exact"
-    support: tuple[float, float] | None = None
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> "ServedFlow":
-        """The flow a metadata file describes; raises ValueError on a malformed shape, noise_dim or kind."""
-        event_shape = _shape(meta["event_shape"], "event_shape")
-        if not event_shape:
-            raise ValueError("event_shape is empty")
-        noise_dim = meta.get("noise_dim", math.prod(event_shape))
-        if type(noise_dim) is not int or noise_dim < 1:
-            raise ValueError(f"noise_dim must be a positive integer, got {noise_dim!r}")
-        kind = meta.get("log_likelihood", "exact")
-        if kind not in LOG_LIKELIHOOD_KINDS:
-            raise ValueError(f"log_likelihood must be one of {LOG_LIKELIHOOD_KINDS}, got {kind!r}")
-        models = meta["models"]
-        if not isinstance(models, dict) or not all(isinstance(models.get(d), str) for d in DIRECTIONS):
-            raise ValueError(f"models must map {list(DIRECTIONS)} to Triton model names, got {models!r}")
-        support = meta.get("support")
-        if support is not None and not (
-            isinstance(support, list) and len(support) == 2
-            and all(isinstance(v, (int, float)) for v in support) and support[0] < support[1]
-        ):
-            raise ValueError(f"support must be [low, high] with low < high, got {support!r}")
-        return cls(
-            name=meta["name"],
-            family=meta["family"],
-            event_shape=event_shape,
-            models=dict(models),
-            metadata=meta,
-            noise_dim=noise_dim,
-            context_shape=_shape(meta.get("context_shape", []), "context_shape"),
-            log_likelihood=kind,
-            support=None if support is None else (float(support[0]), float(support[1])),
-        )
-
-    @property
-    def dim(self) -> int:
-        """Values per event row as Triton sees it: prod(event_shape)."""
-        return math.prod(self.event_shape)
-
-    @property
-    def context_dim(self) -> int:
-        """Values per context row as Triton sees it; 0 when the flow takes no context."""
-        return math.prod(self.context_shape) if self.context_shape else 0
-
-    def spec(self, direction: str) -> DirectionSpec:
-        """Triton tensors of ``direction`` of this flow."""
-        return direction_spec(direction, self.dim, noise_dim=self.noise_dim, context_dim=self.context_dim)
-
-
-def _shape(value: Any, key: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or any(type(d) is not int or d < 1 for d in value):
-        raise ValueError(f"{key} must be a list of positive integers, got {value!r}")
-    return tuple(value)
-
-
 def _dims(shape: tuple[int, ...]) -> str:
     return ", ".join(map(str, shape))
-
-
-def _flatten(meta: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in meta.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return flat
-
-
-class ModelCatalog:
-    """Flows described by the metadata files of a model repository.
-
-    Unknown names trigger a re-read, at most once per ``min_reload_interval_s``, so a
-    newly exported flow is found without a restart and a flood of bad names costs no
-    disk reads.
-    """
-
-    def __init__(self, repository: Path, min_reload_interval_s: float = 1.0):
-        self.repository = Path(repository)
-        self.min_reload_interval_s = min_reload_interval_s
-        self._flows: dict[str, ServedFlow] = {}
-        self.version = 0  # bumped whenever a reload finds different flows
-        self.reload()
-
-    def reload(self) -> None:
-        """Re-read the repository's metadata files."""
-        self._loaded_at = time.monotonic()
-        flows = {}
-        for name, meta in read_all_metadata(self.repository).items():
-            try:
-                flows[name] = ServedFlow.from_metadata(meta)
-            except ValueError as exc:
-                log.warning("not serving flow %r: bad metadata: %s", name, exc)
-        if flows != self._flows:
-            self.version += 1
-        self._flows = flows
-
-    def names(self) -> list[str]:
-        return sorted(self._flows)
-
-    def get(self, name: str) -> ServedFlow:
-        """The flow called ``name``; raises InvalidArgument if empty, ModelNotFound if unknown."""
-        if not name:
-            raise InvalidArgument("model must name a flow; ListModels lists them")
-        if name not in self._flows and time.monotonic() - self._loaded_at >= self.min_reload_interval_s:
-            self.reload()
-        try:
-            return self._flows[name]
-        except KeyError:
-            raise ModelNotFound(f"model {name!r} is not served; served models: {self.names()}") from None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._flows
 
 
 class FlowService:
     """Sample and LogLikelihood for every flow of the catalog, run on Triton."""
 
-    def __init__(self, backend: TritonBackend, catalog: ModelCatalog, limits: GatewayLimits):
+    def __init__(self, backend: Backend, catalog: ModelCatalog, limits: GatewayLimits):
         self.backend = backend
         self.catalog = catalog
         self.limits = limits
@@ -223,7 +87,7 @@ class FlowService:
                 ready=all(per_direction),
                 context_shape=flow.context_shape,
                 log_likelihood=flow.log_likelihood,
-                metadata=_flatten({k: v for k, v in flow.metadata.items() if k not in ("name", "models")}),
+                metadata=flow.listing(),
             ))
         return infos
 
@@ -276,7 +140,7 @@ class FlowService:
         bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
         return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
 
-    def _check_rows(self, field: str, rows: int, flow: ServedFlow) -> None:
+    def _check_rows(self, field: str, rows: int, flow: FlowMetadata) -> None:
         if rows < 1:
             raise InvalidArgument(f"{field} must be >= 1, got {rows}")
         if rows > self.limits.max_rows_per_request:
@@ -306,7 +170,7 @@ class FlowService:
             self._rows_in_flight -= rows
 
     async def _run(
-        self, flow: ServedFlow, direction: str, inputs: dict[str, np.ndarray], timeout: float | None
+        self, flow: FlowMetadata, direction: str, inputs: dict[str, np.ndarray], timeout: float | None
     ) -> dict[str, np.ndarray]:
         """Run the rows of ``inputs`` (every input of the direction's spec, by name, with the
         same number of rows) through one direction in chunks of Triton's max_batch_size, concurrently."""
@@ -324,6 +188,8 @@ class FlowService:
         async def run_chunk(start: int) -> dict[str, np.ndarray]:
             async with slots:
                 remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"deadline exceeded before {model!r} was called")
                 sliced = {t.name: np.ascontiguousarray(inputs[t.name][start:start + chunk], dtype=t.dtype)
                           for t in spec.inputs}
                 return await self.backend.infer(model, spec, sliced, remaining)
@@ -340,7 +206,7 @@ class FlowService:
         return {name: np.concatenate([r[name] for r in results]) for name in spec.output_names}
 
 
-def _context_rows(flow: ServedFlow, context: np.ndarray | None, rows: int, rows_field: str) -> np.ndarray | None:
+def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, rows_field: str) -> np.ndarray | None:
     """``context`` as [rows, context_dim], one context broadcast to every row; None for a flow
     without context. Raises InvalidArgument naming ``context`` for anything else."""
     shape = flow.context_shape

@@ -9,23 +9,42 @@ from tritonclient.utils import InferenceServerException
 
 from flowserve.spec import DirectionSpec
 
-from .domain import BackendError, BackendUnavailable, DeadlineExceeded
+from .domain import BackendError, BackendUnavailable, DeadlineExceeded, FlowServeError
 
-_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
+# Triton's answers by gRPC status code (tritonclient puts ``str(grpc.StatusCode.X)`` in
+# ``status()``). NOT_FOUND: the model is not loaded on Triton although its flow is in the
+# catalog, which is the server's state, not the client's fault.
+_ERROR_OF_STATUS = {
+    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
+    "StatusCode.UNAVAILABLE": BackendUnavailable,
+    "StatusCode.CANCELLED": BackendUnavailable,
+    "StatusCode.NOT_FOUND": BackendUnavailable,
+}
+# Fallback for errors tritonclient raises itself, without a gRPC status: its message text.
+_ERROR_OF_MESSAGE = {
+    "Deadline Exceeded": DeadlineExceeded,
+    "is not ready": BackendUnavailable,
+    "unknown model": BackendUnavailable,
+}
 
 
-def _translate(exc: InferenceServerException, model: str) -> Exception:
-    status = str(exc.status() or "")
+def translate_error(exc: InferenceServerException, model: str) -> FlowServeError:
+    """The domain error of a tritonclient error: by gRPC status code, or, for errors that
+    carry no status, by the message text; anything else is a ``BackendError``."""
     message = exc.message() or str(exc)
-    if status == "StatusCode.DEADLINE_EXCEEDED" or "Deadline Exceeded" in message:
+    if exc.status():
+        error = _ERROR_OF_STATUS.get(exc.status(), BackendError)
+    else:
+        error = next((e for text, e in _ERROR_OF_MESSAGE.items() if text in message), BackendError)
+    if error is DeadlineExceeded:
         return DeadlineExceeded(f"deadline exceeded while {model!r} was running on Triton")
-    if status in _UNAVAILABLE or "is not ready" in message or "unknown model" in message:
+    if error is BackendUnavailable:
         return BackendUnavailable(f"Triton cannot serve {model!r}: {message}")
     return BackendError(f"Triton failed on {model!r}: {message}")
 
 
 class TritonBackend:
-    """The gateway's connection to one Triton server."""
+    """The gateway's connection to one Triton server (a :class:`~flowserve.server.backend.Backend`)."""
 
     def __init__(self, url: str):
         self.url = url
@@ -53,7 +72,7 @@ class TritonBackend:
         try:
             index = await self._client.get_model_repository_index(as_json=True, client_timeout=5.0)
         except InferenceServerException as exc:
-            raise _translate(exc, "the repository index") from exc
+            raise translate_error(exc, "the repository index") from exc
         versions: dict[str, list[str]] = {}
         for entry in index.get("models", []):
             if entry.get("state") == "READY":
@@ -70,7 +89,7 @@ class TritonBackend:
             try:
                 response = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
             except InferenceServerException as exc:
-                raise _translate(exc, model) from exc
+                raise translate_error(exc, model) from exc
             self._configs[model] = response["config"]
         return self._configs[model]
 
@@ -90,8 +109,6 @@ class TritonBackend:
         self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
     ) -> dict[str, np.ndarray]:
         """Run one batch through ``model``; outputs, keyed by the spec's names, are reshaped to [rows, *dims]."""
-        if timeout is not None and timeout <= 0:
-            raise DeadlineExceeded(f"deadline exceeded before {model!r} was called")
         wire = await self._wire_names(model, spec)
         requested = []
         for tensor, wire_tensor in zip(spec.inputs, wire.inputs):
@@ -103,6 +120,6 @@ class TritonBackend:
         try:
             result = await self._client.infer(model, requested, outputs=outputs, client_timeout=timeout)
         except InferenceServerException as exc:
-            raise _translate(exc, model) from exc
+            raise translate_error(exc, model) from exc
         rows = next(iter(inputs.values())).shape[0]
         return {t.name: result.as_numpy(w.name).reshape(rows, *t.dims) for t, w in zip(spec.outputs, wire.outputs)}

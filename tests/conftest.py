@@ -1,4 +1,5 @@
-"""Shared fixtures: a briefly trained RealNVP, a model repository, and a live server.
+"""Shared fixtures: a briefly trained RealNVP, a model repository, a live server, and an
+in-memory stand-in for Triton.
 
 The live server is the real thing: ``flowserve serve`` in a subprocess, which starts the
 ``tritonserver`` from the nvidia-pytriton wheel and the asyncio gateway on free ports.
@@ -6,12 +7,14 @@ The live server is the real thing: ``flowserve serve`` in a subprocess, which st
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowserve import cli
 from flowserve.export.data import train_test_split, two_moons
-from flowserve.export.exporter import export_flow
-from flowserve.export.repository import ServingConfig
-from flowserve.export.train import load_checkpoint
+from flowserve.export.exporter.pipeline import export_flow
+from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.export.training import load_checkpoint
 from flowserve.server.launcher import free_port
+from flowserve.spec import DirectionSpec
 
 # Two flows with the same weights whose Triton models batch differently, so the gateway
 # splits the same request into chunks of different sizes.
@@ -99,20 +103,23 @@ def wait_for_health(target: str, process: subprocess.Popen, want, timeout: float
     raise TimeoutError(f"gateway at {target} did not report {want} within {timeout} s")
 
 
-def start_serve(repository: Path, workdir: Path, *extra: str,
-                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int, int]:
-    """Start ``flowserve serve`` on free ports; returns the process, gateway and metrics ports.
+def start_serve(repository: Path, workdir: Path, *extra: str, env: dict[str, str] | None = None,
+                python: Path = Path(sys.executable)) -> tuple[subprocess.Popen, int, int]:
+    """Start ``flowserve serve`` with ``python`` on free ports; returns the process, gateway
+    and metrics ports.
 
     Its output goes to ``workdir/serve.log`` (a pipe nobody drains would block it).
     """
     port, metrics_port = free_port(), free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
+        str(python), "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
         "--port", str(port), "--metrics-port", str(metrics_port), "--workdir", str(workdir), *extra,
     ]
     with open(workdir / "serve.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Run in ``workdir``: ``python -m`` puts the working directory first on sys.path, and
+        # the checkout's flowserve/ folder must not shadow the installed package.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     return process, port, metrics_port
 
 
@@ -167,3 +174,61 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline:
             found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+class InMemoryBackend:
+    """A :class:`flowserve.server.backend.Backend` standing in for Triton.
+
+    Each call answers ``answer(spec, inputs)`` and is recorded as ``(model, spec, inputs)``
+    with its timeout in ``timeouts``. Calls sleep ``delay`` seconds (a callable gets the
+    call's index), wait for ``gate`` if one is set, and raise ``failure`` if it is set.
+    """
+
+    def __init__(self, answer: Callable[[DirectionSpec, dict[str, np.ndarray]], dict[str, np.ndarray]],
+                 max_batch_size: int = 4, versions: dict[str, list[str]] | None = None):
+        self.answer = answer
+        self.chunk = max_batch_size
+        self.versions = versions or {}
+        self.calls: list[tuple[str, DirectionSpec, dict[str, np.ndarray]]] = []
+        self.timeouts: list[float | None] = []
+        self.forgotten = 0
+        self.delay: float | Callable[[int], float] = 0.0
+        self.gate: asyncio.Event | None = None
+        self.failure: Exception | None = None
+        self.running = self.most_running = self.finished = 0
+
+    async def is_ready(self) -> bool:
+        return True
+
+    async def model_versions(self) -> dict[str, list[str]]:
+        return self.versions
+
+    async def max_batch_size(self, model: str) -> int:
+        return self.chunk
+
+    def forget_configs(self) -> None:
+        self.forgotten += 1
+
+    async def infer(self, model, spec, inputs, timeout):
+        index = len(self.calls)
+        self.calls.append((model, spec, {name: array.copy() for name, array in inputs.items()}))
+        self.timeouts.append(timeout)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await asyncio.sleep(self.delay(index) if callable(self.delay) else self.delay)
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.failure is not None:
+                raise self.failure
+            return self.answer(spec, inputs)
+        finally:
+            self.running -= 1
+            self.finished += 1
+
+    async def close(self) -> None:
+        pass
+
+    def chunks(self, name: str) -> list[np.ndarray]:
+        """Every call's input ``name``, in call order."""
+        return [inputs[name] for _, _, inputs in self.calls]

@@ -250,8 +250,8 @@ def test_other_suffix_is_not_user_data(tmp_path):
 
 def test_train_command_on_user_csv(tmp_path, capsys):
     from flowserve import cli
-    from flowserve.export.flows import FLOW_FAMILIES
-    from flowserve.export.train import load_checkpoint
+    from flowserve.export.flows.registry import FAMILY_NAMES
+    from flowserve.export.training import load_checkpoint
 
     rows = _array(rows=60, cols=3, seed=1) * np.array([1.0, 10.0, 100.0], np.float32) + 5.0
     path = tmp_path / "readings.csv"
@@ -262,17 +262,17 @@ def test_train_command_on_user_csv(tmp_path, capsys):
     assert "trained maf on readings" in capsys.readouterr().out
     flow, saved = load_checkpoint(checkpoint)
     expected = load_dataset(path, seed=2)
-    assert saved["dataset"] == "readings" and saved["data"]["n"] == len(expected.train) == 48
-    assert np.array_equal(saved["heldout_sample"].numpy(), expected.test)
-    assert saved["heldout_context"] is None
-    preprocessing = saved["config"]["preprocessing"]
+    assert saved.dataset == "readings" and saved.data["n"] == len(expected.train) == 48
+    assert np.array_equal(saved.heldout_sample.numpy(), expected.test)
+    assert saved.heldout_context is None
+    preprocessing = saved.config["preprocessing"]
     assert preprocessing["kind"] == "standardize"
     np.testing.assert_allclose(preprocessing["mean"], expected.train.mean(0), rtol=1e-5)
     assert tuple(flow.event_shape) == (3,)
 
     parser = cli.build_parser()
     assert parser.parse_args(["train"]).family == "realnvp"
-    for family in FLOW_FAMILIES:
+    for family in FAMILY_NAMES:
         assert parser.parse_args(["train", "--family", family]).family == family
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["train", "--dataset", "moons", "--data", str(path)])

@@ -153,6 +153,7 @@ def checkov(*args: str) -> dict:
     return report[0] if isinstance(report, list) else report
 
 
+@pytest.mark.e2e
 def test_checkov_fails_nothing_and_every_skip_has_a_reason(built):
     _, _, path = built
     report = checkov("--file", str(path), "--framework", "kubernetes")
@@ -163,6 +164,7 @@ def test_checkov_fails_nothing_and_every_skip_has_a_reason(built):
         assert len(skipped["check_result"]["suppress_comment"]) > 20, skipped["check_id"]
 
 
+@pytest.mark.e2e
 def test_checkov_catches_privilege_escalation(built, tmp_path):
     _, _, path = built
     broken = tmp_path / "broken.yaml"
@@ -177,6 +179,7 @@ def tally(*paths: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
+@pytest.mark.e2e
 def test_dockerfiles_pass_tally_and_checkov():
     assert [p.name for p in DOCKERFILES] == ["gateway.Dockerfile", "triton.Dockerfile"]
     result = tally(*DOCKERFILES)
@@ -185,6 +188,7 @@ def test_dockerfiles_pass_tally_and_checkov():
     assert report["summary"]["failed"] == 0 and report["summary"]["passed"] > 50
 
 
+@pytest.mark.e2e
 def test_dockerfile_linters_catch_a_latest_tag_and_a_root_user(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install requests\nCMD python\n")
@@ -214,10 +218,10 @@ def test_images_copy_only_what_the_dockerignore_admits():
 
 
 def test_triton_image_installs_the_runner_where_triton_looks_for_it():
-    from flowserve.export.repository import PYTHON_BACKEND
+    from flowserve.spec import RUNNER_BACKEND
 
     text = (DEPLOY / "docker" / "triton.Dockerfile").read_text()
-    assert f"COPY export/triton_backend/model.py /opt/tritonserver/backends/{PYTHON_BACKEND}/model.py" in text
+    assert f"COPY server/runner/model.py /opt/tritonserver/backends/{RUNNER_BACKEND}/model.py" in text
 
 
 def test_overlays_use_the_images_the_dockerfiles_build(built):
@@ -246,6 +250,7 @@ def test_pod_monitors_scrape_named_metrics_ports(built):
     assert json.loads(dashboard["data"]["grafana-dashboard.json"])["uid"] == "flowserve"
 
 
+@pytest.mark.e2e
 def test_model_loader_passes_the_same_checks():
     loader = DEPLOY / "model-loader.yaml"
     result = validate(loader)

@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flowserve.server.client import FlowClient
 from flowserve.server.domain import DeadlineExceeded, ResourceExhausted, SampleQuery
-from flowserve.server.service import FlowService, GatewayLimits, ModelCatalog
+from flowserve.server.catalog import ModelCatalog
+from flowserve.server.service import FlowService, GatewayLimits
 from flowserve.server.tensors import encode
 from flowserve.server.triton import TritonBackend
 from flowserve.server.launcher import free_port

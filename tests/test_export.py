@@ -14,12 +14,16 @@ import pytest
 import torch
 
 from flowserve import cli
-from flowserve.export import exporter
-from flowserve.export.exporter import ExportParityError, check_parity, export_onnx, parity_inputs
-from flowserve.export.repository import parse_config_text
-from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec, read_all_metadata
+from flowserve.export.exporter import formats
+from flowserve.export.exporter.formats import export_onnx
+from flowserve.export.exporter.parity import ExportParityError, check_parity, parity_inputs
+from flowserve.export.exporter.triton_config import parse_config_text
+from flowserve.metadata import read_all
+from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec
 
 from conftest import LARGE_CHUNKS, SMALL_BATCH, SMALL_CHUNKS
+
+pytestmark = pytest.mark.e2e  # every test exports real graphs (seconds each)
 
 
 @pytest.fixture(scope="module")
@@ -57,25 +61,25 @@ def test_parity_check_catches_a_graph_that_is_not_the_flow(trained_flow, onnx_mo
 
 
 def test_repository_layout_and_metadata(repository):
-    flows = read_all_metadata(repository)
+    flows = read_all(repository)
     assert set(flows) == {SMALL_CHUNKS, LARGE_CHUNKS}
     meta = flows[SMALL_CHUNKS]
-    assert meta["family"] == "realnvp" and meta["event_shape"] == [2]
-    assert meta["models"] == {DENSITY: f"{SMALL_CHUNKS}-density", GENERATION: f"{SMALL_CHUNKS}-generation"}
-    assert meta["data"]["n"] == 1600 and len(meta["data"]["mean"]) == 2
-    assert np.isfinite(meta["metrics"]["test_log_likelihood"])
-    assert meta["exported_at"].endswith("+00:00")
-    for direction, model in meta["models"].items():
+    assert meta.family == "realnvp" and meta.event_shape == (2,)
+    assert meta.models == {DENSITY: f"{SMALL_CHUNKS}-density", GENERATION: f"{SMALL_CHUNKS}-generation"}
+    assert meta.data["n"] == 1600 and len(meta.data["mean"]) == 2
+    assert np.isfinite(meta.metrics["test_log_likelihood"])
+    assert meta.exported_at.endswith("+00:00")
+    for direction, model in meta.models.items():
         onnx_file = repository / model / "1" / "model.onnx"
-        assert meta["checksums"][direction] == "sha256:" + hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+        assert meta.checksums[direction] == "sha256:" + hashlib.sha256(onnx_file.read_bytes()).hexdigest()
         config = parse_config_text((repository / model / "config.pbtxt").read_text())
         assert config.name == model and config.max_batch_size == SMALL_BATCH
 
 
 def test_configs_match_the_exported_graphs(repository):
     """The config's tensor names and per-row dims are the ONNX graph's, batch dim dropped."""
-    for meta in read_all_metadata(repository).values():
-        for model in meta["models"].values():
+    for meta in read_all(repository).values():
+        for model in meta.models.values():
             config = parse_config_text((repository / model / "config.pbtxt").read_text())
             graph = onnx.load(repository / model / "1" / "model.onnx").graph
 
@@ -97,7 +101,7 @@ def test_cli_export_fails_with_a_clear_message_and_writes_nothing(checkpoint, tm
                 p.mul_(1.01)
         return export_onnx(other, direction)
 
-    monkeypatch.setitem(exporter.EXPORTERS, "onnx", export_a_different_flow)
+    monkeypatch.setitem(formats.EXPORTERS, "onnx", export_a_different_flow)
     repo = tmp_path / "repo"
     code = cli.main(["export", str(checkpoint), "--model-repository", str(repo)])
     assert code == 1
@@ -118,7 +122,6 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
     assert json.loads((repo / "prod.flowserve.json").read_text())["backend"] == "onnxruntime"
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path, capsys):
     repo = tmp_path / "repo"
     code = cli.main(["export", str(checkpoint), "--model-repository", str(repo), "--name", "ts",
@@ -128,8 +131,8 @@ def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path
     assert config.backend == "pytorch" and config.default_model_filename == "model.pt"
     assert [t.name for t in config.input] == ["INPUT__0"]
     assert [t.name for t in config.output] == ["OUTPUT__0", "OUTPUT__1"]
-    module = torch.jit.load(repo / "ts-generation" / "1" / "model.pt")
-    x, log_prob = module(torch.zeros(3, 2))
+    run = formats.load_exported("torchscript", (repo / "ts-generation" / "1" / "model.pt").read_bytes())
+    x, log_prob = run(np.zeros((3, 2), np.float32))
     assert x.shape == (3, 2) and log_prob.shape == (3,)
     meta = json.loads((repo / "ts.flowserve.json").read_text())
     assert meta["format"] == "torchscript" and meta["backend"] == "pytorch"
@@ -153,4 +156,4 @@ def test_a_corrupt_metadata_file_does_not_hide_other_flows(repository, tmp_path)
     shutil.copytree(repository, repo)
     (repo / f"{SMALL_CHUNKS}.flowserve.json").write_text("{ half-written")
     (repo / "old.flowserve.json").write_text(json.dumps({"schema": 0, "name": "old"}))
-    assert set(read_all_metadata(repo)) == {LARGE_CHUNKS}
+    assert set(read_all(repo)) == {LARGE_CHUNKS}

@@ -17,10 +17,10 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from flowserve.export.data import load_dataset
-from flowserve.export.exporter import export_flow
-from flowserve.export.flows import FLOW_FAMILIES, build_flow, default_flow_config
-from flowserve.export.repository import ServingConfig
-from flowserve.export.train import TrainConfig, load_checkpoint, save_checkpoint, train_flow
+from flowserve.export.exporter.pipeline import export_flow
+from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, default_flow_config
+from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.export.training import TrainConfig, load_checkpoint, save_checkpoint, train_flow
 from flowserve.server.client import FlowClient
 from flowserve.server.proto import flowserve_pb2 as pb
 
@@ -48,7 +48,7 @@ ROWS = 40
 
 
 def test_the_zoo_covers_every_family():
-    assert {entry.family for entry in ZOO.values()} == set(FLOW_FAMILIES)
+    assert {entry.family for entry in ZOO.values()} == set(FAMILY_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,7 @@ def zoo_server(tmp_path_factory, zoo):
         stop_serve(process)
 
 
+@pytest.mark.e2e
 def test_list_models_describes_every_family(zoo_server):
     infos = {info.name: info for info in zoo_server.list_models()}
     assert set(infos) == set(ZOO)
@@ -99,10 +100,11 @@ def test_list_models_describes_every_family(zoo_server):
 
 def _heldout(checkpoint: Path):
     model, ckpt = load_checkpoint(checkpoint)
-    context = ckpt["heldout_context"]
-    return model, ckpt["heldout_sample"][:ROWS], None if context is None else context[:ROWS]
+    context = ckpt.heldout_context
+    return model, ckpt.heldout_sample[:ROWS], None if context is None else context[:ROWS]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ZOO)
 def test_served_log_likelihood_equals_pytorch(zoo_server, zoo, name):
     model, x, context = _heldout(zoo[name])
@@ -114,6 +116,7 @@ def test_served_log_likelihood_equals_pytorch(zoo_server, zoo, name):
     np.testing.assert_allclose(served.bits_per_dim, -expected / (model.dim * math.log(2)), rtol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ZOO)
 def test_served_samples_equal_pytorch_with_the_same_noise(zoo_server, zoo, name):
     model, _, context = _heldout(zoo[name])

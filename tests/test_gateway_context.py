@@ -1,8 +1,8 @@
 """Context, noise_dim, log-likelihood kind and bits/dim through the gateway.
 
-The unconditional path runs live on the real Triton and gateway of conftest. No conditional
-flow is exported yet, so the conditional path runs through the real service, servicer, gRPC
-and client in front of a recording stand-in for Triton.
+The unconditional path runs live on the real Triton and gateway of conftest. The
+conditional path runs through the real service, servicer, gRPC and client in front of
+conftest's in-memory stand-in for Triton (test_families_e2e serves a conditional flow live).
 """
 
 from __future__ import annotations
@@ -23,21 +23,14 @@ from flowserve.server.interceptor import ErrorAndMetricsInterceptor
 from flowserve.server.metrics import GatewayMetrics
 from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
-from flowserve.server.service import FlowService, GatewayLimits, ModelCatalog
+from flowserve.server.catalog import ModelCatalog
+from flowserve.server.service import FlowService, GatewayLimits
 from flowserve.server.servicer import FlowServicer
 from flowserve.server.tensors import encode
-from flowserve.spec import (
-    CONTEXT,
-    DENSITY,
-    DIRECTIONS,
-    GENERATION,
-    METADATA_SCHEMA_VERSION,
-    direction_spec,
-    metadata_path,
-    triton_model_name,
-)
+from flowserve.metadata import FlowMetadata, metadata_path
+from flowserve.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, direction_spec, triton_model_name
 
-from conftest import SMALL_CHUNKS
+from conftest import SMALL_CHUNKS, InMemoryBackend
 
 CONDITIONAL = "digits-cond"
 UNCONDITIONAL = "digits-plain"
@@ -48,17 +41,14 @@ CONTEXT_SHAPE = (3,)
 CHUNK = 4  # the stand-in's max_batch_size: 10 rows go to Triton as 4 + 4 + 2
 
 
-def write_metadata(repository: Path, name: str, **optional) -> None:
-    """A flow metadata file as the exporter writes it, with ``optional`` keys added."""
-    meta = {
-        "schema": METADATA_SCHEMA_VERSION,
-        "name": name,
-        "family": "vae",
-        "event_shape": list(EVENT_SHAPE),
-        "models": {d: triton_model_name(name, d) for d in DIRECTIONS},
-        **optional,
-    }
-    metadata_path(repository, name).write_text(json.dumps(meta))
+def flow_metadata(name: str, **fields) -> FlowMetadata:
+    """A flow's metadata with ``fields`` set and the other serving fields at their defaults."""
+    models = {d: triton_model_name(name, d) for d in DIRECTIONS}
+    return FlowMetadata(**{"name": name, "family": "vae", "event_shape": EVENT_SHAPE, "models": models, **fields})
+
+
+def write_metadata(repository: Path, name: str, **fields) -> None:
+    flow_metadata(name, **fields).write(repository)
 
 
 def fake_density(x: np.ndarray, context: np.ndarray) -> np.ndarray:
@@ -71,34 +61,14 @@ def fake_generation(z: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.
     return z[:, :EVENT_DIM] + context.sum(axis=1, keepdims=True), z.sum(axis=1) + 100 * context.sum(axis=1)
 
 
-class RecordingBackend:
-    """Stands in for TritonBackend: records every chunk's inputs and answers from them, so a
-    context row that travels with the wrong x or z row changes the result."""
-
-    def __init__(self, max_batch_size: int = CHUNK):
-        self.chunk = max_batch_size
-        self.calls: list[tuple[str, object, dict[str, np.ndarray]]] = []
-        self.forgotten = 0
-
-    async def max_batch_size(self, model: str) -> int:
-        return self.chunk
-
-    def forget_configs(self) -> None:
-        self.forgotten += 1
-
-    async def model_versions(self) -> dict[str, list[str]]:
-        return {triton_model_name(n, d): ["1"] for n in (CONDITIONAL, UNCONDITIONAL) for d in DIRECTIONS}
-
-    async def infer(self, model, spec, inputs, timeout):
-        self.calls.append((model, spec, {name: array.copy() for name, array in inputs.items()}))
-        context = inputs.get(CONTEXT, np.zeros((next(iter(inputs.values())).shape[0], 0), np.float32))
-        if spec.direction == DENSITY:
-            return {"log_prob": fake_density(inputs["x"], context)}
-        x, log_prob = fake_generation(inputs["z"], context)
-        return {"x": x, "log_prob": log_prob}
-
-    def chunks(self, name: str) -> list[np.ndarray]:
-        return [inputs[name] for _, _, inputs in self.calls]
+def fake_answer(spec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The stand-in Triton's answer: from each row's inputs, so a context row that travels
+    with the wrong x or z row changes the result."""
+    context = inputs.get(CONTEXT, np.zeros((next(iter(inputs.values())).shape[0], 0), np.float32))
+    if spec.direction == DENSITY:
+        return {"log_prob": fake_density(inputs["x"], context)}
+    x, log_prob = fake_generation(inputs["z"], context)
+    return {"x": x, "log_prob": log_prob}
 
 
 @pytest.fixture
@@ -110,8 +80,9 @@ def conditional_repository(tmp_path) -> Path:
 
 
 @pytest.fixture
-def backend() -> RecordingBackend:
-    return RecordingBackend()
+def backend() -> InMemoryBackend:
+    versions = {triton_model_name(n, d): ["1"] for n in (CONDITIONAL, UNCONDITIONAL) for d in DIRECTIONS}
+    return InMemoryBackend(fake_answer, max_batch_size=CHUNK, versions=versions)
 
 
 @pytest.fixture
@@ -138,7 +109,8 @@ def test_catalog_reads_noise_dim_context_shape_and_kind_with_their_defaults(cond
     ("log_likelihood", "approximate"), ("models", 7), ("models", {"density": "m"}), ("support", [1, 0]),
 ])
 def test_catalog_skips_a_flow_whose_optional_key_is_malformed(conditional_repository, caplog, key, value):
-    write_metadata(conditional_repository, "broken", **{key: value})
+    document = {**flow_metadata("broken").to_dict(), key: value}
+    metadata_path(conditional_repository, "broken").write_text(json.dumps(document))
     with caplog.at_level(logging.WARNING):
         catalog = ModelCatalog(conditional_repository)
     assert catalog.names() == [CONDITIONAL, UNCONDITIONAL]

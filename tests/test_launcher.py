@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flowserve.export.repository import PYTHON_BACKEND
+from flowserve.spec import RUNNER_BACKEND
 from flowserve.server.launcher import TritonInstallation, TritonLaunchError, TritonServer
 
 from conftest import processes_mentioning
@@ -26,7 +26,7 @@ def test_backend_directory_has_python_backend_and_one_runner(tmp_path):
     assert {p.name for p in python.iterdir()} == {
         "libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
     assert os.access(python / "triton_python_backend_stub", os.X_OK)
-    runner = (backends / PYTHON_BACKEND / "model.py").read_text()
+    runner = (backends / RUNNER_BACKEND / "model.py").read_text()
     assert "class TritonPythonModel" in runner
 
 
@@ -35,6 +35,7 @@ def test_missing_repository_is_a_clear_error(tmp_path):
         TritonServer(tmp_path / "nope", tmp_path / "work").start()
 
 
+@pytest.mark.e2e
 def test_triton_failing_to_load_reports_its_log(tmp_path):
     repo = tmp_path / "repo"
     (repo / "broken").mkdir(parents=True)

@@ -193,8 +193,9 @@ def test_run_quality_records_a_failure_and_goes_on(monkeypatch):
 # The commands, end to end (tiny step counts).
 
 
+@pytest.mark.e2e
 def test_quality_command_end_to_end(tmp_path, capsys):
-    from flowserve.export.flows import FLOW_FAMILIES
+    from flowserve.export.flows.registry import FAMILY_NAMES
 
     output = tmp_path / "docs" / "quality.md"
     argv = ["quality", "--datasets", "moons,digits", "--steps-scale", "0.005", "--seed", "3",
@@ -203,7 +204,7 @@ def test_quality_command_end_to_end(tmp_path, capsys):
     json_path = tmp_path / "docs" / "quality.json"
     assert output.is_file() and json_path.is_file()
     report = json.loads(json_path.read_text())
-    families = list(FLOW_FAMILIES)
+    families = list(FAMILY_NAMES)
     assert [(row["family"], row["dataset"]) for row in report["results"]] == [
         (family, name) for name in ("moons", "digits") for family in families]
     for row in report["results"]:
@@ -238,6 +239,7 @@ def test_quality_command_rejects_unknown_names(tmp_path, capsys):
     ("digits", "glow", 8),
     ("digits-conditional", "realnvp", 10),
 ])
+@pytest.mark.e2e
 def test_plot_command(tmp_path, dataset, family, expect_rows):
     import matplotlib.image
 
@@ -271,16 +273,16 @@ def test_published_quality_report_shows_every_family_beating_the_baseline():
     and every family beats the Gaussian baseline on every data set."""
     from pathlib import Path
 
-    from flowserve.export.flows import FLOW_FAMILIES
+    from flowserve.export.flows.registry import FAMILY_NAMES
 
     docs = Path(__file__).resolve().parents[1] / "docs"
     report = json.loads((docs / "quality.json").read_text())
     assert report["command"] == "flowserve quality"
     assert report["settings"]["steps_scale"] == 1.0
-    assert set(report["settings"]["families"]) == set(FLOW_FAMILIES)
+    assert set(report["settings"]["families"]) == set(FAMILY_NAMES)
     assert report["settings"]["datasets"] == list(quality.QUALITY_DATASETS)
     runs = {(row["family"], row["dataset"]): row for row in report["results"]}
-    assert set(runs) == {(f, d) for f in FLOW_FAMILIES for d in quality.QUALITY_DATASETS}
+    assert set(runs) == {(f, d) for f in FAMILY_NAMES for d in quality.QUALITY_DATASETS}
     for (family, dataset), row in runs.items():
         baseline = report["datasets"][dataset]["baseline"]["test_log_likelihood"]
         assert row["error"] is None and row["test_log_likelihood"] > baseline, (family, dataset)

@@ -6,14 +6,13 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowserve.export.repository import (
-    PYTHON_BACKEND,
+from flowserve.export.exporter.triton_config import (
     ServingConfig,
     build_model_config,
     config_text,
     parse_config_text,
 )
-from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec
+from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, RUNNER_BACKEND, direction_spec
 
 FLAVOURS = {
     "python-cpu": ServingConfig(),
@@ -23,7 +22,7 @@ FLAVOURS = {
     "python-torchscript": ServingConfig(format="torchscript"),
     "pytorch-gpu": ServingConfig(backend="pytorch", format="torchscript", instance_kind="gpu", gpus=(0,)),
 }
-BACKEND_NAMES = {"python": PYTHON_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
+BACKEND_NAMES = {"python": RUNNER_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

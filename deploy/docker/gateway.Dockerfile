@@ -10,19 +10,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 RUN python -m venv /opt/flowserve
 
-# torch's CPU wheel first: left alone, pip resolves torch to a multi-GB CUDA build.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-
 WORKDIR /src
 
-COPY pyproject.toml constraints.txt README.md ./
+# Only what the gateway imports (see the file): no torch, no ONNX Runtime, no embedded Triton.
+COPY deploy/docker/gateway-requirements.txt ./
+
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --requirement gateway-requirements.txt
+
+COPY pyproject.toml README.md ./
 COPY flowserve ./flowserve
 COPY export ./export
 COPY server ./server
 
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --constraint constraints.txt .
+    pip install --no-deps .
 
 FROM python:3.11.14-slim-bookworm
 

@@ -21,10 +21,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowserve.spec import DirectionSpec, TensorSpec
+from flowserve.spec import RUNNER_BACKEND, DirectionSpec, TensorSpec
 
-PYTHON_BACKEND = "flowserve_runner"
-BACKENDS = {"python": PYTHON_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
+BACKENDS = {"python": RUNNER_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
 NATIVE_BACKEND_FORMAT = {"onnxruntime": "onnx", "pytorch": "torchscript"}
 INSTANCE_KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
 MODEL_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from .flows import DensityModel, build_flow
+from .flows.base import DensityModel
+from .flows.registry import build_flow
 
 CHECKPOINT_FORMAT_VERSION = 2
-_CHECKPOINT_KEYS = ("config", "state_dict", "data", "metrics", "dataset", "heldout_sample", "heldout_context")
 HELDOUT_SAMPLE_ROWS = 512
 _LOSS_DISPLAY_INTERVAL = 50
 
@@ -114,6 +114,74 @@ def train_flow(flow: DensityModel, dataset, config: TrainConfig, progress: bool 
     }
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trained model's config and weights, and what export needs of its training: the
+    data set's name and summary, the metrics, and the first held-out rows (and contexts),
+    on which export checks the exported graphs against PyTorch.
+
+    The file is a plain dict of tensors and JSON-like values, so it loads with
+    ``torch.load(weights_only=True)``.
+    """
+
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    data: dict[str, Any]
+    metrics: dict[str, Any]
+    dataset: str
+    heldout_sample: torch.Tensor
+    heldout_context: torch.Tensor | None = None
+
+    @classmethod
+    def of(
+        cls, flow: DensityModel, *, data_summary: dict[str, Any], metrics: dict[str, Any], dataset: str,
+        heldout: np.ndarray, heldout_context: np.ndarray | None = None,
+    ) -> Checkpoint:
+        """The checkpoint of ``flow``, keeping the first ``HELDOUT_SAMPLE_ROWS`` held-out rows."""
+        return cls(
+            config=flow.config(),
+            state_dict={name: tensor.detach().cpu() for name, tensor in flow.state_dict().items()},
+            data=data_summary,
+            metrics=metrics,
+            dataset=dataset,
+            heldout_sample=_first_rows(heldout),
+            heldout_context=None if heldout_context is None else _first_rows(heldout_context),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the checkpoint to ``path``; parents are created."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = {f.name: getattr(self, f.name) for f in fields(self)}
+        torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, **content}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        """Read ``path`` with ``weights_only``; raises FileNotFoundError or ValueError."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint file at {path}")
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not a flowserve checkpoint (top level is not a dict)")
+        version = raw.get("format_version")
+        if version != CHECKPOINT_FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: unsupported checkpoint format_version {version!r}, expected {CHECKPOINT_FORMAT_VERSION}"
+            )
+        keys = [f.name for f in fields(cls)]
+        missing = [key for key in keys if key not in raw]
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {missing}")
+        return cls(**{key: raw[key] for key in keys})
+
+    def build_model(self) -> DensityModel:
+        """The trained model, on CPU, in eval mode."""
+        flow = build_flow(self.config)
+        flow.load_state_dict(self.state_dict, strict=True)
+        return flow.eval()
+
+
 def save_checkpoint(
     path: str | Path,
     flow: DensityModel,
@@ -124,47 +192,16 @@ def save_checkpoint(
     heldout: np.ndarray,
     heldout_context: np.ndarray | None = None,
 ) -> None:
-    """Save the flow's config and weights with training metadata; parents are created.
-
-    The first ``HELDOUT_SAMPLE_ROWS`` rows of ``heldout`` (and of its context) are kept:
-    export checks the exported graphs against PyTorch on them.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "config": flow.config(),
-        "state_dict": {name: tensor.detach().cpu() for name, tensor in flow.state_dict().items()},
-        "data": data_summary,
-        "metrics": metrics,
-        "dataset": dataset,
-        "heldout_sample": _first_rows(heldout),
-        "heldout_context": None if heldout_context is None else _first_rows(heldout_context),
-    }
-    torch.save(checkpoint, path)
+    """Save ``flow`` and its training metadata as a :class:`Checkpoint`; parents are created."""
+    Checkpoint.of(flow, data_summary=data_summary, metrics=metrics, dataset=dataset, heldout=heldout,
+                  heldout_context=heldout_context).save(path)
 
 
 def _first_rows(rows: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(rows[:HELDOUT_SAMPLE_ROWS], dtype=np.float32))
 
 
-def load_checkpoint(path: str | Path) -> tuple[DensityModel, dict[str, Any]]:
+def load_checkpoint(path: str | Path) -> tuple[DensityModel, Checkpoint]:
     """Rebuild the flow saved at ``path`` (on CPU, eval mode); returns it and the checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a flowserve checkpoint (top level is not a dict)")
-    version = checkpoint.get("format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: unsupported checkpoint format_version {version!r}, "
-            f"expected {CHECKPOINT_FORMAT_VERSION}"
-        )
-    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {missing}")
-    flow = build_flow(checkpoint["config"])
-    flow.load_state_dict(checkpoint["state_dict"], strict=True)
-    return flow.eval(), checkpoint
+    checkpoint = Checkpoint.load(path)
+    return checkpoint.build_model(), checkpoint

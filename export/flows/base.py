@@ -1,0 +1,163 @@
+"""The base of every model: the two served directions, a plain config, and preprocessing.
+
+Every model maps between data ``x`` [B, *event_shape] and base noise ``z`` [B, noise_dim]
+drawn from N(0, I), optionally given a context [B, context_dim], and offers both served
+directions: :meth:`DensityModel.log_prob` and :meth:`DensityModel.sample_with_log_prob`.
+This is the model protocol that training, export and the quality report rely on. A
+model's ``config()`` holds plain values; ``registry.build_flow`` rebuilds it from them.
+
+Data preprocessing (standardisation, or dequantized pixels to logits) is the first
+transform of a model, so the exported graphs take raw data and their densities are in
+the data's own units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowserve.metadata import EXACT
+
+from .transforms import ComposedTransform, InvertibleLinearLU, PixelLogit, Standardize
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """``log N(z; 0, I)`` per row of ``z`` [B, N]."""
+    return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * LOG_2PI
+
+
+def with_preprocessing(config: dict[str, Any], event_shape: Sequence[int], rest: list[nn.Module]) -> ComposedTransform:
+    """The preprocessing that ``config`` describes, followed by the transforms ``rest``."""
+    first = build_preprocessing(config, event_shape)
+    return ComposedTransform(([first] if first is not None else []) + rest)
+
+
+def build_preprocessing(config: dict[str, Any] | None, event_shape: Sequence[int]) -> nn.Module | None:
+    """The data-side transform a preprocessing config describes (None for ``none``)."""
+    kind = (config or {"kind": "none"}).get("kind")
+    if kind == "none":
+        return None
+    if kind == "standardize":
+        mean = torch.tensor(config["mean"], dtype=torch.float32).reshape(event_shape)
+        std = torch.tensor(config["std"], dtype=torch.float32).reshape(event_shape)
+        if not bool((std > 0).all()):
+            raise ValueError("standardize needs every std > 0 (a constant feature cannot be modelled)")
+        return Standardize(mean, std)
+    if kind == "dequantize":
+        return PixelLogit(int(config["levels"]), float(config.get("alpha", 0.05)))
+    raise ValueError(f"unknown preprocessing kind {kind!r}; expected none, standardize or dequantize")
+
+
+class DensityModel(nn.Module):
+    """What export and serving need of a model: both directions and a plain config.
+
+    Subclasses set ``family`` and ``log_likelihood`` (``"exact"`` or ``"lower_bound"``),
+    implement :meth:`log_prob`, :meth:`sample_with_log_prob` and :meth:`options`.
+    """
+
+    family: str = ""
+    log_likelihood: str = EXACT
+
+    def __init__(self, event_shape: Sequence[int], context_dim: int = 0, preprocessing: dict | None = None):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        if not self.event_shape or min(self.event_shape) < 1:
+            raise ValueError(f"invalid event_shape {event_shape}")
+        self.dim = math.prod(self.event_shape)
+        self.context_dim = int(context_dim)
+        self.preprocessing_config = dict(preprocessing or {"kind": "none"})
+
+    @property
+    def noise_dim(self) -> int:
+        """Base-noise values per generated row."""
+        return self.dim
+
+    @property
+    def support(self) -> tuple[float, float] | None:
+        """The range data values must lie in (``[0, levels]`` for pixels), or None for any."""
+        if self.preprocessing_config["kind"] == "dequantize":
+            return (0.0, float(self.preprocessing_config["levels"]))
+        return None
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Log-density of ``x`` [B, *event_shape] (or its lower bound), shaped ``[B]``."""
+        raise NotImplementedError
+
+    def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Samples [B, *event_shape] pushed forward from base noise ``z`` [B, noise_dim], and
+        their log-density (the same quantity :meth:`log_prob` returns)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Same as :meth:`log_prob`."""
+        return self.log_prob(x, context)
+
+    def training_loss(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """What maximum-likelihood training minimises: the mean negative log-density."""
+        return -self.log_prob(x, context).mean()
+
+    def sample(self, n: int, context: Tensor | None = None, generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> Tensor:
+        """``n`` samples, drawing base noise (scaled by ``temperature``) with ``generator``."""
+        reference = next(self.parameters())
+        z = torch.randn(n, self.noise_dim, generator=generator, device=reference.device, dtype=reference.dtype)
+        return self.sample_with_log_prob(z * temperature, context)[0]
+
+    def options(self) -> dict[str, Any]:
+        """The family's own constructor arguments, as plain values."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description; ``registry.build_flow`` rebuilds the model from it."""
+        return {
+            "family": self.family,
+            "event_shape": list(self.event_shape),
+            "context_dim": self.context_dim,
+            "preprocessing": self.preprocessing_config,
+            **self.options(),
+        }
+
+    def prepare_for_export(self) -> DensityModel:
+        """Precompute what the exported graphs need (Glow's matrix inverses); eval mode."""
+        for module in self.modules():
+            if isinstance(module, InvertibleLinearLU):
+                module.freeze()
+        return self.eval()
+
+
+class Flow(DensityModel):
+    """A normalizing flow: ``z = T(x)`` with ``z ~ N(0, I)`` and an exact density.
+
+    ``T`` is the preprocessing followed by the family's ``body``, which must end with
+    latents flattened to ``[B, D]``.
+    """
+
+    def __init__(self, event_shape, body: list[nn.Module], context_dim: int = 0, preprocessing: dict | None = None):
+        super().__init__(event_shape, context_dim, preprocessing)
+        self.transform = with_preprocessing(self.preprocessing_config, self.event_shape, body)
+
+    def to_latent(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Data to latent: ``(z [B, D], log|det dz/dx|)``."""
+        return self.transform(x, context)
+
+    def from_latent(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Latent to data: ``(x [B, *event_shape], log|det dx/dz|)``."""
+        return self.transform.inverse(z, context)
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        z, ladj = self.to_latent(x, context)
+        return standard_normal_log_prob(z) + ladj
+
+    def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, ladj = self.from_latent(z, context)
+        return x, standard_normal_log_prob(z) - ladj
+
+
+def widths(hidden_features: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(width) for width in hidden_features)

@@ -1,0 +1,7 @@
+"""``python -m flowserve.cli``: the ``flowserve`` command."""
+
+import sys
+
+from flowserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""Commands that build models: train, export, quality and plot (the ``export`` extra).
+
+Each ``*_command`` turns parsed options into a call of a plain function, which the demo
+calls directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flowserve.metadata import FlowMetadata
+
+EXPORT_EXTRA_MODULES = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm")
+
+
+class MissingExtra(RuntimeError):
+    """A command needs packages of an optional extra that is not installed."""
+
+
+def require_export_extra(command: str) -> None:
+    """Raise MissingExtra, saying how to install it, unless the ``export`` extra is installed."""
+    missing = [name for name in EXPORT_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtra(
+            f"'flowserve {command}' needs the export extra (missing: {', '.join(missing)}); install it with "
+            "pip install 'flowserve[export]' (install torch's CPU or CUDA wheel first)"
+        )
+
+
+def _progress(args) -> bool:
+    return sys.stderr.isatty() or args.verbose
+
+
+def train(family: str, data: str | Path, *, num_points: int | None = None, steps: int = 2000,
+          batch_size: int = 256, lr: float = 1e-3, seed: int = 0, output: Path | None = None,
+          progress: bool = False) -> Path:
+    """Train ``family`` on a built-in data set or a user file; returns the checkpoint path
+    (default ``checkpoints/<family>-<dataset>.pt``)."""
+    require_export_extra("train")
+    import torch
+
+    from flowserve.export.data import load_dataset, summarize
+    from flowserve.export.flows.registry import build_flow, default_flow_config
+    from flowserve.export.training import TrainConfig, save_checkpoint, train_flow
+
+    dataset = load_dataset(data, num_points=num_points, seed=seed)
+    torch.manual_seed(seed)  # the initial weights; train_flow seeds its own batches
+    flow = build_flow(default_flow_config(family, dataset))
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    metrics = train_flow(flow, dataset, config, progress=progress)
+    output = output or Path("checkpoints") / f"{family}-{dataset.name}.pt"
+    save_checkpoint(output, flow, data_summary=summarize(dataset.train), metrics=metrics, dataset=dataset.name,
+                    heldout=dataset.test, heldout_context=dataset.test_context)
+    print(f"trained {family} on {dataset.name}: train log-lik {metrics['train_log_likelihood']:.4f}, "
+          f"held-out log-lik {metrics['test_log_likelihood']:.4f} -> {output}")
+    return output
+
+
+def train_command(args) -> None:
+    train(args.family, args.data if args.data is not None else args.dataset or "moons",
+          num_points=args.num_points, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+          output=args.output, progress=_progress(args))
+
+
+def export(checkpoint: Path, repository: Path, *, name: str | None = None, version: int = 1, serving=None,
+           progress: bool = False) -> FlowMetadata:
+    """Export a checkpoint into ``repository`` (``serving``: a ServingConfig, default python
+    runner on CPU); prints a summary and returns the flow's metadata."""
+    require_export_extra("export")
+    from flowserve.export.exporter.pipeline import export_flow
+    from flowserve.export.exporter.triton_config import ServingConfig
+
+    meta = export_flow(checkpoint, repository, name=name, version=version, serving=serving or ServingConfig(),
+                       progress=progress)
+    print(f"exported {meta.name} v{meta.version} ({meta.format}, {meta.backend} backend) to "
+          f"{repository}: models {', '.join(meta.models.values())}; "
+          f"{meta.format} vs PyTorch max |diff| {max(meta.parity_max_diff.values()):.2e}")
+    return meta
+
+
+def export_command(args) -> None:
+    require_export_extra("export")
+    from flowserve.export.exporter.triton_config import ServingConfig
+
+    serving = ServingConfig(
+        backend=args.backend, format=args.format, max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.queue_delay_us, instance_count=args.instances, instance_kind=args.instance_kind,
+        gpus=tuple(int(g) for g in args.gpus.split(",") if g.strip()), intra_op_threads=args.intra_op_threads,
+    )
+    export(args.checkpoint, args.model_repository, name=args.name, version=args.version, serving=serving,
+           progress=_progress(args))
+
+
+def _comma_list(text: str | None, known, what: str, default) -> list[str]:
+    if text is None:
+        return list(default)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {', '.join(unknown) or repr(text)}; choose from {', '.join(known)}")
+    return names
+
+
+def quality_command(args) -> dict:
+    require_export_extra("quality")
+    from flowserve.export.data import DATASETS
+    from flowserve.export.flows.registry import FAMILY_NAMES
+    from flowserve.export.quality import QUALITY_DATASETS, run_quality, write_report
+
+    families = _comma_list(args.families, FAMILY_NAMES, "flow family", FAMILY_NAMES)
+    datasets = _comma_list(args.datasets, list(DATASETS), "data set", QUALITY_DATASETS)
+    steps_scale = 1.0 if args.steps_scale is None else args.steps_scale
+    seed = 0 if args.seed is None else args.seed
+    output = args.output or Path("docs") / "quality.md"
+    command = ["flowserve", "quality"]  # the options given, so the report names its own command
+    for flag, value in (("--families", args.families), ("--datasets", args.datasets),
+                        ("--steps-scale", args.steps_scale), ("--seed", args.seed), ("--output", args.output)):
+        if value is not None:
+            command += [flag, str(value)]
+    report = run_quality(families, datasets, steps_scale=steps_scale, seed=seed, progress=True,
+                         train_progress=sys.stderr.isatty())
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    markdown, json_path = write_report(report, output, shlex.join(command), date)
+    print(f"wrote {markdown} and {json_path} ({len(report['results'])} runs, "
+          f"{report['total_seconds'] / 60:.1f} min)")
+    failed = [f"{row['family']} on {row['dataset']}" for row in report["results"] if row.get("error")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {'; '.join(failed)} (see {markdown})")
+    return report
+
+
+def plot_command(args) -> Path:
+    require_export_extra("plot")
+    from flowserve.export.plots import plot_checkpoint
+
+    output = args.output or args.checkpoint.with_suffix(".png")
+    path = plot_checkpoint(args.checkpoint, output, num_samples=args.num_samples, seed=args.seed)
+    print(f"wrote {path}")
+    return path

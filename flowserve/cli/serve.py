@@ -1,0 +1,37 @@
+"""``flowserve serve``: the gateway, in front of an embedded Triton or an external one."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+
+def serve_command(args) -> None:
+    from flowserve.server.app import GatewayConfig, run_gateway
+    from flowserve.server.launcher import TritonServer
+    from flowserve.server.service import GatewayLimits
+
+    if not args.model_repository.is_dir():
+        raise FileNotFoundError(f"model repository {args.model_repository} does not exist; run flowserve export first")
+    limits = GatewayLimits(args.max_rows_per_request, args.max_rows_in_flight)
+    triton = None
+    triton_url = args.triton_url
+    if not triton_url:
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flowserve-triton-"))
+        triton = TritonServer(args.model_repository, workdir, args.triton_grpc_port, args.triton_metrics_port)
+        triton.start(ready_timeout=args.ready_timeout)
+        triton_url = triton.grpc_url
+        print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}, log {triton.log_path}",
+              flush=True)
+    config = GatewayConfig(
+        model_repository=args.model_repository, triton_url=triton_url, host=args.host, port=args.port,
+        metrics_port=args.metrics_port, limits=limits,
+    )
+    try:
+        exit_code = asyncio.run(run_gateway(config, triton.is_running if triton else None))
+    finally:
+        if triton is not None:
+            triton.stop()
+    if exit_code:
+        raise SystemExit(f"flowserve serve: Triton exited; see {triton.log_path}")

@@ -1,0 +1,39 @@
+"""What the gateway's service layer needs of an inference server.
+
+:class:`~flowserve.server.triton.TritonBackend` is the real one; tests use an in-memory
+one. Methods raise the domain errors of :mod:`flowserve.server.domain`
+(``BackendUnavailable``, ``DeadlineExceeded``, ``BackendError``), never a client library's.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from flowserve.spec import DirectionSpec
+
+
+class Backend(Protocol):
+    """Runs the Triton models of flows' directions."""
+
+    async def is_ready(self) -> bool:
+        """Whether the server answers and reports itself ready."""
+
+    async def model_versions(self) -> dict[str, list[str]]:
+        """Ready versions of every model the server has."""
+
+    async def max_batch_size(self, model: str) -> int:
+        """The largest batch ``model`` accepts in one call."""
+
+    def forget_configs(self) -> None:
+        """Drop what is cached about models' configs (flows were re-exported)."""
+
+    async def infer(
+        self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        """Run one batch (``inputs`` by the spec's names, at most ``max_batch_size`` rows,
+        ``timeout`` seconds > 0 or None) and return the spec's outputs as [rows, *dims]."""
+
+    async def close(self) -> None:
+        """Release connections."""
