@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from flowserve.metadata import LOWER_BOUND
 from flowserve.spec import bits_per_dim
 
 from .data import Dataset, load_dataset
@@ -188,7 +189,7 @@ def train_and_score(
         "lr": recipe.lr,
         "weight_decay": recipe.weight_decay,
         "parameters": int(sum(p.numel() for p in flow.parameters())),
-        "log_likelihood_kind": getattr(flow, "log_likelihood", "exact"),
+        "log_likelihood_kind": flow.log_likelihood,
         "train_log_likelihood": float(metrics["train_log_likelihood"]),
         "test_log_likelihood": test_log_likelihood,
         "test_bits_per_dim": bits_per_dim(test_log_likelihood, dataset.dim),
@@ -342,7 +343,7 @@ def format_report(report: dict[str, Any]) -> str:
         "| family | " + " | ".join(header for header, _, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    bounds = {row["family"] for row in report["results"] if row.get("log_likelihood_kind") == "lower_bound"}
+    bounds = {row["family"] for row in report["results"] if row.get("log_likelihood_kind") == LOWER_BOUND}
     for family in families:
         cells = []
         for _, name, key in columns:

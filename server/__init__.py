@@ -1,1 +1,2 @@
-"""Asyncio gRPC gateway in front of Triton, its launcher and metrics."""
+"""The runtime: the asyncio gRPC gateway in front of Triton, its client, launcher and
+metrics, and the Triton runner (``runner/model.py``). Imports the contract, never torch."""

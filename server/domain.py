@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flowserve.metadata import EXACT
+
 
 class FlowServeError(Exception):
     """Base of every error the gateway reports to a client."""
@@ -51,8 +53,8 @@ class ModelInfo:
     ready: bool
     context_shape: tuple[int, ...] = ()
     """Shape of one row's context; empty when the flow takes no context."""
-    log_likelihood: str = "exact"
-    """One of ``flowserve.spec.LOG_LIKELIHOOD_KINDS``: exact log-density or a lower bound."""
+    log_likelihood: str = EXACT
+    """One of ``flowserve.metadata.LOG_LIKELIHOOD_KINDS``: exact log-density or a lower bound."""
     metadata: dict[str, str] = field(default_factory=dict)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
+from flowserve.metadata import EXACT, LOWER_BOUND
 from flowserve.spec import DENSITY, GENERATION
 
 from . import tensors
@@ -15,8 +16,8 @@ from .service import FlowService
 
 DIRECTION_ENUM = {DENSITY: pb.DIRECTION_DENSITY, GENERATION: pb.DIRECTION_GENERATION}
 LOG_LIKELIHOOD_KIND_ENUM = {
-    "exact": pb.LOG_LIKELIHOOD_KIND_EXACT,
-    "lower_bound": pb.LOG_LIKELIHOOD_KIND_LOWER_BOUND,
+    EXACT: pb.LOG_LIKELIHOOD_KIND_EXACT,
+    LOWER_BOUND: pb.LOG_LIKELIHOOD_KIND_LOWER_BOUND,
 }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowserve import cli
@@ -29,6 +30,7 @@ from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.training import load_checkpoint
 from flowserve.server.launcher import free_port
+from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
 from flowserve.spec import DirectionSpec
 
 # Two flows with the same weights whose Triton models batch differently, so the gateway
@@ -159,6 +161,21 @@ def live_server(tmp_path_factory, repository) -> LiveServer:
         workdir=workdir,
     )
     stop_serve(process)
+
+
+@pytest.fixture(scope="session")
+def live_stub(live_server) -> pb_grpc.FlowServiceStub:
+    """A FlowService stub on the live gateway."""
+    with grpc.insecure_channel(live_server.target) as channel:
+        yield pb_grpc.FlowServiceStub(channel)
+
+
+def expected_samples(flow, seed: int, n: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """What the gateway must return for Sample: the flow applied to PCG64(seed) noise."""
+    noise = np.random.Generator(np.random.PCG64(seed)).standard_normal((n, flow.noise_dim), dtype=np.float32)
+    with torch.no_grad():
+        x, log_prob = flow.sample_with_log_prob(torch.from_numpy(noise * np.float32(temperature)))
+    return x.numpy(), log_prob.numpy()
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -30,13 +30,13 @@ from flowserve.server.tensors import encode
 from flowserve.server.triton import TritonBackend
 from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
 
 from conftest import (
     LARGE_CHUNKS,
     MAX_ROWS_PER_REQUEST,
     SMALL_BATCH,
     SMALL_CHUNKS,
+    expected_samples,
     processes_mentioning,
     start_serve,
     stop_serve,
@@ -44,12 +44,6 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def stub(live_server):
-    with grpc.insecure_channel(live_server.target) as channel:
-        yield pb_grpc.FlowServiceStub(channel)
 
 
 def metric_samples(text: str) -> list:
@@ -62,14 +56,6 @@ def metric_value(text: str, name: str, **labels) -> float:
         s.value for s in metric_samples(text)
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
-
-
-def expected_samples(flow, seed: int, n: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """What the gateway must return: the flow applied to PCG64(seed) noise."""
-    noise = np.random.Generator(np.random.PCG64(seed)).standard_normal((n, flow.dim), dtype=np.float32)
-    with torch.no_grad():
-        x, log_prob = flow.sample_with_log_prob(torch.from_numpy(noise * np.float32(temperature)))
-    return x.numpy(), log_prob.numpy()
 
 
 def test_list_models_describes_both_flows(live_server):
@@ -166,25 +152,25 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("method", "request_", "code", "needle"), BAD_REQUESTS,
                          ids=[f"{m}-{c.name}-{n}" for m, _, c, n in BAD_REQUESTS])
-def test_bad_input_gets_a_precise_status(stub, method, request_, code, needle):
+def test_bad_input_gets_a_precise_status(live_stub, method, request_, code, needle):
     with pytest.raises(grpc.RpcError) as info:
-        getattr(stub, method)(request_, timeout=30)
+        getattr(live_stub, method)(request_, timeout=30)
     assert info.value.code() == code, info.value.details()
     assert needle in info.value.details()
 
 
-def test_oversized_message_gets_resource_exhausted(stub):
+def test_oversized_message_gets_resource_exhausted(live_stub):
     huge = pb.Tensor(shape=[9_000_000, 2], data=b"\0" * (72 * 1024 * 1024))
     with pytest.raises(grpc.RpcError) as info:
-        stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=huge), timeout=60)
+        live_stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=huge), timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_passed_deadline_gets_deadline_exceeded(live_server, stub):
+def test_passed_deadline_gets_deadline_exceeded(live_server, live_stub):
     before = metric_value(live_server.scrape(), "flowserve_requests_total", code="DEADLINE_EXCEEDED")
     with pytest.raises(grpc.RpcError) as info:
         # 80k samples in chunks of 64 take well over 100 ms here: the gateway sees the request and runs out of time.
-        stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST), timeout=0.1)
+        live_stub.Sample(pb.SampleRequest(model=SMALL_CHUNKS, num_samples=MAX_ROWS_PER_REQUEST), timeout=0.1)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(50):  # the gateway records the expiry once its handler has been cancelled
         if metric_value(live_server.scrape(), "flowserve_requests_total", code="DEADLINE_EXCEEDED") > before:
@@ -194,7 +180,7 @@ def test_passed_deadline_gets_deadline_exceeded(live_server, stub):
         pytest.fail("the expired request was not counted as DEADLINE_EXCEEDED")
 
 
-def test_bad_requests_do_not_disturb_good_ones(live_server, stub, trained_flow, moons):
+def test_bad_requests_do_not_disturb_good_ones(live_server, live_stub, trained_flow, moons):
     x = moons["test"][:50]
     with torch.no_grad():
         expected_lp = trained_flow.log_prob(torch.from_numpy(x)).numpy()
@@ -203,11 +189,11 @@ def test_bad_requests_do_not_disturb_good_ones(live_server, stub, trained_flow, 
 
     def good(i: int) -> None:
         if i % 2:
-            response = stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(x)), timeout=60)
+            response = live_stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(x)), timeout=60)
             if not np.allclose(response.log_prob, expected_lp, rtol=0, atol=1e-4):
                 failures.append(f"LogLikelihood {i} drifted")
         else:
-            response = stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=150, seed=99), timeout=60)
+            response = live_stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=150, seed=99), timeout=60)
             got = np.frombuffer(response.samples.data, "<f4").reshape(150, 2)
             if not np.allclose(got, expected_x, rtol=0, atol=1e-4):
                 failures.append(f"Sample {i} drifted")
@@ -215,7 +201,7 @@ def test_bad_requests_do_not_disturb_good_ones(live_server, stub, trained_flow, 
     def bad(i: int) -> None:
         method, request_, code, _ = BAD_REQUESTS[i % len(BAD_REQUESTS)]
         try:
-            getattr(stub, method)(request_, timeout=60)
+            getattr(live_stub, method)(request_, timeout=60)
             failures.append(f"bad request {i} succeeded")
         except grpc.RpcError as error:
             if error.code() != code:
@@ -230,7 +216,7 @@ def test_bad_requests_do_not_disturb_good_ones(live_server, stub, trained_flow, 
         assert client.sample(SMALL_CHUNKS, 5, seed=1).x.shape == (5, 2)
 
 
-def test_triton_batches_concurrent_single_row_requests(live_server, stub, moons):
+def test_triton_batches_concurrent_single_row_requests(live_server, live_stub, moons):
     model = f"{SMALL_CHUNKS}-density"
     before = live_server.scrape(live_server.triton_metrics_url)
     rows = moons["test"][:96]
@@ -239,7 +225,7 @@ def test_triton_batches_concurrent_single_row_requests(live_server, stub, moons)
     def score(i: int) -> None:
         if i < 32:
             barrier.wait()
-        stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(rows[i:i + 1])), timeout=60)
+        live_stub.LogLikelihood(pb.LogLikelihoodRequest(model=SMALL_CHUNKS, x=encode(rows[i:i + 1])), timeout=60)
 
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(score, range(len(rows))))
@@ -251,7 +237,7 @@ def test_triton_batches_concurrent_single_row_requests(live_server, stub, moons)
     assert executions < inferences, f"{executions} executions for {inferences} rows: no batching"
 
 
-def test_metrics_are_scraped_and_count_outcomes(live_server, stub):
+def test_metrics_are_scraped_and_count_outcomes(live_server, live_stub):
     def counts(text: str) -> dict[str, float]:
         return {
             "ok": metric_value(text, "flowserve_requests_total", method="Sample", model=LARGE_CHUNKS, code="OK"),
@@ -267,10 +253,10 @@ def test_metrics_are_scraped_and_count_outcomes(live_server, stub):
 
     before = counts(live_server.scrape())
     with pytest.raises(grpc.RpcError):
-        stub.Sample(pb.SampleRequest(model="not-a-model", num_samples=1), timeout=10)
+        live_stub.Sample(pb.SampleRequest(model="not-a-model", num_samples=1), timeout=10)
     with pytest.raises(grpc.RpcError):
-        stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=0), timeout=10)
-    stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=7, seed=3), timeout=10)
+        live_stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=0), timeout=10)
+    live_stub.Sample(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=7, seed=3), timeout=10)
     text = live_server.scrape()
     after = counts(text)
     assert {k: after[k] - before[k] for k in after} == {

@@ -18,7 +18,7 @@ from flowserve.export.exporter import formats
 from flowserve.export.exporter.formats import export_onnx
 from flowserve.export.exporter.parity import ExportParityError, check_parity, parity_inputs
 from flowserve.export.exporter.triton_config import parse_config_text
-from flowserve.metadata import read_all
+from flowserve.metadata import FlowMetadata, read_all
 from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec
 
 from conftest import LARGE_CHUNKS, SMALL_BATCH, SMALL_CHUNKS
@@ -119,7 +119,7 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
     assert list(config.instance_group[0].gpus) == [0, 1] and config.instance_group[0].count == 2
     assert config.parameters["intra_op_thread_count"].string_value == "1"  # the ORT backend's own key
     assert "intra_op_num_threads" not in config.parameters
-    assert json.loads((repo / "prod.flowserve.json").read_text())["backend"] == "onnxruntime"
+    assert FlowMetadata.read(repo / "prod.flowserve.json").backend == "onnxruntime"
 
 
 def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path, capsys):
@@ -134,9 +134,9 @@ def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path
     run = formats.load_exported("torchscript", (repo / "ts-generation" / "1" / "model.pt").read_bytes())
     x, log_prob = run(np.zeros((3, 2), np.float32))
     assert x.shape == (3, 2) and log_prob.shape == (3,)
-    meta = json.loads((repo / "ts.flowserve.json").read_text())
-    assert meta["format"] == "torchscript" and meta["backend"] == "pytorch"
-    assert max(meta["parity_max_diff"].values()) <= 1e-4
+    meta = FlowMetadata.read(repo / "ts.flowserve.json")
+    assert meta.format == "torchscript" and meta.backend == "pytorch"
+    assert max(meta.parity_max_diff.values()) <= 1e-4
 
 
 def test_cli_export_rejects_a_format_the_backend_cannot_serve(checkpoint, tmp_path, capsys):

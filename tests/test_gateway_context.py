@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 from flowserve.server.client import FlowClient
-from flowserve.server.domain import InvalidArgument, LogLikelihoodQuery, SampleQuery
+from flowserve.server.domain import (
+    BackendError,
+    BackendUnavailable,
+    DeadlineExceeded,
+    InvalidArgument,
+    LogLikelihoodQuery,
+    SampleQuery,
+)
 from flowserve.server.interceptor import ErrorAndMetricsInterceptor
 from flowserve.server.metrics import GatewayMetrics
 from flowserve.server.proto import flowserve_pb2 as pb
@@ -275,12 +282,6 @@ def test_context_travels_through_grpc_servicer_and_client(service, backend):
     assert len(backend.calls) == 6
 
 
-@pytest.fixture(scope="module")
-def live_stub(live_server):
-    with grpc.insecure_channel(live_server.target) as channel:
-        yield pb_grpc.FlowServiceStub(channel)
-
-
 @pytest.mark.e2e
 def test_live_bits_per_dim_is_log_prob_in_bits_per_dimension(live_server, live_stub, moons):
     x = moons["test"][:300]
@@ -377,3 +378,25 @@ def test_pixel_values_outside_the_support_are_rejected(conditional_repository, s
         asyncio.run(service.log_likelihood(LogLikelihoodQuery(UNCONDITIONAL, x)))
     x[2, 0, 1, 1] = 17.0
     asyncio.run(service.log_likelihood(LogLikelihoodQuery(UNCONDITIONAL, x)))
+
+
+@pytest.mark.parametrize(("status", "message", "error", "text"), [
+    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", DeadlineExceeded, "deadline exceeded while 'm'"),
+    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", BackendUnavailable, "Triton cannot serve 'm'"),
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'm' is not found", BackendUnavailable, "cannot serve"),
+    ("StatusCode.CANCELLED", "Locally cancelled by application!", BackendUnavailable, "cannot serve"),
+    # The status decides, whatever the message says:
+    ("StatusCode.INVALID_ARGUMENT", "unknown model in the message", BackendError, "Triton failed on 'm'"),
+    ("StatusCode.INTERNAL", "is not ready", BackendError, "Triton failed on 'm'"),
+    # Errors tritonclient raises itself carry no status; only then does the message decide:
+    (None, "Deadline Exceeded", DeadlineExceeded, "deadline exceeded"),
+    (None, "model 'm' is not ready", BackendUnavailable, "cannot serve"),
+    (None, "something else", BackendError, "Triton failed on 'm': something else"),
+])
+def test_triton_errors_are_mapped_by_status_code_and_by_message_only_without_one(status, message, error, text):
+    from tritonclient.utils import InferenceServerException
+
+    from flowserve.server.triton import translate_error
+
+    translated = translate_error(InferenceServerException(msg=message, status=status), "m")
+    assert type(translated) is error and text in str(translated)

@@ -57,7 +57,8 @@ def build_preprocessing(config: dict[str, Any] | None, event_shape: Sequence[int
 class DensityModel(nn.Module):
     """What export and serving need of a model: both directions and a plain config.
 
-    Subclasses set ``family`` and ``log_likelihood`` (``"exact"`` or ``"lower_bound"``),
+    Subclasses set ``family`` and ``log_likelihood`` (``EXACT`` or ``LOWER_BOUND`` of
+    :mod:`flowserve.metadata`),
     implement :meth:`log_prob`, :meth:`sample_with_log_prob` and :meth:`options`.
     """
 
@@ -160,4 +161,5 @@ class Flow(DensityModel):
 
 
 def widths(hidden_features: Sequence[int]) -> tuple[int, ...]:
+    """Hidden layer widths as plain ints (configs hold them as lists)."""
     return tuple(int(width) for width in hidden_features)
