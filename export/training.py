@@ -114,7 +114,7 @@ def train_flow(flow: DensityModel, dataset, config: TrainConfig, progress: bool 
     }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
 class Checkpoint:
     """A trained model's config and weights, and what export needs of its training: the
     data set's name and summary, the metrics, and the first held-out rows (and contexts),

@@ -40,9 +40,10 @@ class FlowMetadata:
       one row's context (empty: no context input); ``log_likelihood`` is one of
       :data:`LOG_LIKELIHOOD_KINDS`; ``support`` is ``(low, high)``, the range every data
       value must lie in (pixel models), or None for any value.
-    Provenance fields (free-form, shown by ``ListModels``): the data set and its summary,
-    training metrics, the architecture, parity report, graph statistics, checksums and
-    export time.
+    Provenance fields (free-form, shown by ``ListModels``): the model version, file format
+    and Triton backend, the data set and its summary, training metrics, the architecture,
+    parity report, graph statistics, checksums and export time; ``extra`` keeps the keys of
+    a file that this version does not know. None means the file does not say.
     """
 
     name: str
@@ -53,9 +54,9 @@ class FlowMetadata:
     context_shape: tuple[int, ...] = ()
     log_likelihood: str = EXACT
     support: tuple[float, float] | None = None
-    version: int = 1
-    format: str = "onnx"
-    backend: str = "python"
+    version: int | None = None
+    format: str | None = None
+    backend: str | None = None
     dataset: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class FlowMetadata:
     exported_at: str | None = None
     export_seconds: float | None = None
     flowserve_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         validate_flow_name(self.name)
@@ -90,7 +92,7 @@ class FlowMetadata:
                     and support[0] < support[1]):
                 raise ValueError(f"support must be [low, high] with low < high, got {support!r}")
             self._set("support", (float(support[0]), float(support[1])))
-        if type(self.version) is not int or self.version < 1:
+        if self.version is not None and (type(self.version) is not int or self.version < 1):
             raise ValueError(f"version must be an integer >= 1, got {self.version!r}")
 
     def _set(self, key: str, value: Any) -> None:
@@ -111,19 +113,19 @@ class FlowMetadata:
         return direction_spec(direction, self.dim, noise_dim=self.noise_dim, context_dim=self.context_dim)
 
     def to_dict(self) -> dict[str, Any]:
-        """The file's JSON object; fields that are None are left out."""
+        """The file's JSON object; fields that are None are left out, ``extra`` keys come last."""
         document: dict[str, Any] = {"schema": SCHEMA_VERSION}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and f.name != "extra":
                 document[f.name] = list(value) if isinstance(value, tuple) else value
-        return document
+        return {**document, **{k: v for k, v in self.extra.items() if k not in document}}
 
     @classmethod
     def from_dict(cls, document: Any) -> FlowMetadata:
         """The metadata a file's JSON object holds; raises ValueError if it breaks the schema.
 
-        Keys this version does not know are ignored.
+        Keys this version does not know go to ``extra``, so they are listed and written back.
         """
         if not isinstance(document, dict):
             raise ValueError("the file does not hold a JSON object")
@@ -132,9 +134,10 @@ class FlowMetadata:
         missing = [key for key in _REQUIRED if key not in document]
         if missing:
             raise ValueError(f"missing keys {missing}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = {key: value for key, value in document.items() if key not in known and key != "schema"}
         try:
-            return cls(**{key: value for key, value in document.items() if key in known})
+            return cls(**{key: value for key, value in document.items() if key in known}, extra=extra)
         except TypeError as exc:  # e.g. a shape that is not a list
             raise ValueError(str(exc)) from None
 

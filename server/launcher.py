@@ -54,7 +54,10 @@ class TritonInstallation:
         try:
             import pytriton
         except ImportError as exc:
-            raise TritonLaunchError("nvidia-pytriton is not installed: pip install nvidia-pytriton") from exc
+            raise TritonLaunchError(
+                "no embedded Triton: nvidia-pytriton is not installed. Pass --triton-url (or FLOWSERVE_TRITON_URL) "
+                "to use a running Triton, or pip install nvidia-pytriton"
+            ) from exc
         root = Path(pytriton.__file__).parent / "tritonserver"
         python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
         found = cls(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+import subprocess
 import sys
 import tomllib
 from importlib import metadata
@@ -20,6 +21,13 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_SIDE = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm", "flowserve.export")
+# The torch-free name registries of the torch side, which the CLI's parser reads: these
+# modules (and their packages) must import nothing heavy, since every command loads them.
+NAME_REGISTRIES = ("flowserve.export.flows.registry", "flowserve.export.data")
+NAME_REGISTRY_FILES = [ROOT / "export" / "__init__.py", ROOT / "export" / "flows" / "__init__.py",
+                       ROOT / "export" / "flows" / "registry.py", ROOT / "export" / "data.py"]
+CLI = ROOT / "flowserve" / "cli"
+TORCH_SIDE_COMMANDS = (CLI / "build.py", CLI / "demo.py")
 # Distributions the gateway image must not carry.
 NOT_IN_THE_GATEWAY = {"torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "nvidia-pytriton",
                       "scikit-learn", "matplotlib"}
@@ -80,12 +88,31 @@ RUNNER = ROOT / "server" / "runner" / "model.py"
 @pytest.mark.parametrize("path", [p for p in sources("flowserve", "server") if p != RUNNER],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_contract_and_the_runtime_do_not_import_the_torch_side(path):
-    """Only the CLI's commands may import the torch side, and only inside a function. (The
-    runner runs inside Triton, not in the gateway: it imports torch for TorchScript models.)"""
-    lazy_allowed = path.is_relative_to(ROOT / "flowserve" / "cli")
+    """Only the torch-side commands may import the torch side, and only inside a function;
+    the parser may read the name registries, inside a function. (The runner runs inside
+    Triton, not in the gateway: it imports torch for TorchScript models.)"""
+    def allowed(name: str, module_level: bool) -> bool:
+        if module_level:
+            return False
+        return path in TORCH_SIDE_COMMANDS or (path == CLI / "parser.py" and name in NAME_REGISTRIES)
+
     offending = [name for name, module_level in imports(path)
-                 if is_under(name, TORCH_SIDE) and (module_level or not lazy_allowed)]
+                 if is_under(name, TORCH_SIDE) and not allowed(name, module_level)]
     assert offending == []
+
+
+@pytest.mark.parametrize("path", NAME_REGISTRY_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_name_registries_import_nothing_heavy_when_loaded(path):
+    heavy = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm")
+    assert [name for name, module_level in imports(path) if module_level and is_under(name, heavy)] == []
+
+
+def test_building_the_parser_loads_no_torch_side_package():
+    code = ("import sys; from flowserve.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'onnx', 'sklearn', 'matplotlib', 'tqdm') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_runner_imports_nothing_of_flowserve():
@@ -132,11 +159,12 @@ def gateway_requirements() -> dict[str, Requirement]:
 def gateway_modules() -> set[str]:
     """Top-level third-party modules the gateway image runs: everything under flowserve/
     and server/ but the torch-side commands (train, export, quality, plot, demo), the
-    runner (Triton runs it) and the embedded Triton of ``serve`` without ``--triton-url``."""
-    skipped = {ROOT / "flowserve" / "cli" / "build.py", ROOT / "flowserve" / "cli" / "demo.py"}
-    paths = [p for p in sources("flowserve", "server")
-             if p not in skipped and p != RUNNER]
+    runner (Triton runs it) and the embedded Triton of ``serve`` without ``--triton-url``;
+    plus what loading the name registries that the parser reads imports."""
+    paths = [p for p in sources("flowserve", "server") if p not in TORCH_SIDE_COMMANDS and p != RUNNER]
     names = {name.split(".")[0] for path in paths for name, _ in imports(path)} - {"pytriton"}
+    names |= {name.split(".")[0] for path in NAME_REGISTRY_FILES for name, module_level in imports(path)
+              if module_level}
     return {name for name in names if name in providers() and name != "flowserve"}
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import shutil
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,6 +26,8 @@ from flowserve.metadata import FlowMetadata, read_all
 from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec
 
 from conftest import LARGE_CHUNKS, SMALL_BATCH, SMALL_CHUNKS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.e2e  # every test exports real graphs (seconds each)
 
@@ -122,7 +128,18 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
     assert FlowMetadata.read(repo / "prod.flowserve.json").backend == "onnxruntime"
 
 
-def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path, capsys):
+def load_runner(monkeypatch):
+    """The Triton runner module, loaded from its file as Triton's stub loads it, beside a
+    stand-in for the stub's own ``triton_python_backend_utils``."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("flowserve_runner", ROOT / "server" / "runner" / "model.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    return runner
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path, capsys, monkeypatch):
     repo = tmp_path / "repo"
     code = cli.main(["export", str(checkpoint), "--model-repository", str(repo), "--name", "ts",
                      "--format", "torchscript", "--backend", "pytorch"])
@@ -131,8 +148,13 @@ def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path
     assert config.backend == "pytorch" and config.default_model_filename == "model.pt"
     assert [t.name for t in config.input] == ["INPUT__0"]
     assert [t.name for t in config.output] == ["OUTPUT__0", "OUTPUT__1"]
-    run = formats.load_exported("torchscript", (repo / "ts-generation" / "1" / "model.pt").read_bytes())
-    x, log_prob = run(np.zeros((3, 2), np.float32))
+    # Called as the runner calls it: positional inputs in config order, as Triton's PyTorch backend does.
+    threads = torch.get_num_threads()
+    try:
+        session = load_runner(monkeypatch).TorchScriptSession(str(repo / "ts-generation" / "1" / "model.pt"), 1, None)
+        x, log_prob = session.run(["OUTPUT__0", "OUTPUT__1"], {"INPUT__0": np.zeros((3, 2), np.float32)}, ["INPUT__0"])
+    finally:
+        torch.set_num_threads(threads)  # the session sets the process's threads, as it may inside Triton
     assert x.shape == (3, 2) and log_prob.shape == (3,)
     meta = FlowMetadata.read(repo / "ts.flowserve.json")
     assert meta.format == "torchscript" and meta.backend == "pytorch"

@@ -17,6 +17,9 @@ import grpc
 import numpy as np
 import pytest
 
+from flowserve.metadata import SCHEMA_VERSION, FlowMetadata, metadata_path
+from flowserve.server.app import Gateway, GatewayConfig
+from flowserve.server.catalog import ModelCatalog
 from flowserve.server.client import FlowClient
 from flowserve.server.domain import (
     BackendError,
@@ -26,15 +29,10 @@ from flowserve.server.domain import (
     LogLikelihoodQuery,
     SampleQuery,
 )
-from flowserve.server.interceptor import ErrorAndMetricsInterceptor
-from flowserve.server.metrics import GatewayMetrics
+from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
-from flowserve.server.catalog import ModelCatalog
 from flowserve.server.service import FlowService, GatewayLimits
-from flowserve.server.servicer import FlowServicer
 from flowserve.server.tensors import encode
-from flowserve.metadata import FlowMetadata, metadata_path
 from flowserve.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, direction_spec, triton_model_name
 
 from conftest import SMALL_CHUNKS, InMemoryBackend
@@ -82,7 +80,10 @@ def fake_answer(spec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def conditional_repository(tmp_path) -> Path:
     write_metadata(tmp_path, CONDITIONAL, context_shape=list(CONTEXT_SHAPE), noise_dim=NOISE_DIM,
                    log_likelihood="lower_bound")
-    write_metadata(tmp_path, UNCONDITIONAL)
+    # The smallest file the schema admits, so the catalog must supply every default itself.
+    minimal = {"schema": SCHEMA_VERSION, "name": UNCONDITIONAL, "family": "vae", "event_shape": list(EVENT_SHAPE),
+               "models": {d: triton_model_name(UNCONDITIONAL, d) for d in DIRECTIONS}}
+    metadata_path(tmp_path, UNCONDITIONAL).write_text(json.dumps(minimal))
     return tmp_path
 
 
@@ -229,8 +230,8 @@ def test_list_models_reports_context_shape_and_kind(service):
     assert models[CONDITIONAL].metadata["noise_dim"] == str(NOISE_DIM)
 
 
-def test_context_travels_through_grpc_servicer_and_client(service, backend):
-    """The real servicer, interceptor and FlowClient in front of the recording backend."""
+def test_context_travels_through_grpc_servicer_and_client(conditional_repository, backend):
+    """The real gateway (interceptor, servicer, service) and FlowClient in front of the in-memory backend."""
     context = np.array([0.5, 0.25, -1.0], np.float32)
     rows = np.random.default_rng(2).normal(size=(6, 3)).astype(np.float32)
 
@@ -267,15 +268,10 @@ def test_context_travels_through_grpc_servicer_and_client(service, backend):
             assert "context.shape is missing: send [*context_shape] or [N, *context_shape]" in info.value.details()
 
     async def scenario() -> None:
-        interceptor = ErrorAndMetricsInterceptor(GatewayMetrics(), service.catalog.__contains__)
-        server = grpc.aio.server(interceptors=[interceptor])
-        pb_grpc.add_FlowServiceServicer_to_server(FlowServicer(service), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            await asyncio.to_thread(calls, f"127.0.0.1:{port}")
-        finally:
-            await server.stop(None)
+        config = GatewayConfig(conditional_repository, triton_url="in-memory", host="127.0.0.1", port=0,
+                               metrics_port=free_port())
+        async with Gateway(config, backend) as gateway:
+            await asyncio.to_thread(calls, f"127.0.0.1:{gateway.port}")
 
     asyncio.run(scenario())
     # Sample (2 chunks) and the two scorings (2 chunks each) reached the backend; the bad requests did not.

@@ -18,7 +18,8 @@ def test_defaults_follow_the_event_shape():
     meta = FlowMetadata(name="f", family="realnvp", event_shape=[1, 2, 3], models=MODELS)
     assert meta.event_shape == (1, 2, 3) and meta.dim == 6
     assert meta.noise_dim == 6 and meta.context_shape == () and meta.context_dim == 0
-    assert (meta.log_likelihood, meta.support, meta.version) == ("exact", None, 1)
+    assert (meta.log_likelihood, meta.support) == ("exact", None)
+    assert (meta.version, meta.format, meta.backend, meta.extra) == (None, None, None, {})  # the file does not say
     assert [(t.name, t.dims) for t in meta.spec(DENSITY).inputs] == [("x", (6,))]
     assert [(t.name, t.dims) for t in meta.spec(GENERATION).inputs] == [("z", (6,))]
 
@@ -81,10 +82,13 @@ def test_from_dict_refuses_documents_that_break_the_schema(document, message):
         FlowMetadata.from_dict(document)
 
 
-def test_from_dict_ignores_keys_it_does_not_know():
+def test_keys_it_does_not_know_are_kept_listed_and_written_back():
     document = {"schema": SCHEMA_VERSION, "name": "f", "family": "maf", "event_shape": [2], "models": MODELS,
-                "added_later": True}
-    assert FlowMetadata.from_dict(document) == FlowMetadata(name="f", family="maf", event_shape=(2,), models=MODELS)
+                "added_later": {"by": "hand"}}
+    meta = FlowMetadata.from_dict(document)
+    assert meta.extra == {"added_later": {"by": "hand"}}
+    assert meta.listing()["added_later.by"] == "hand"
+    assert FlowMetadata.from_dict(meta.to_dict()) == meta and meta.to_dict()["added_later"] == {"by": "hand"}
 
 
 def test_read_all_skips_bad_files_and_names_them(tmp_path, caplog):

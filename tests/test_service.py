@@ -31,7 +31,7 @@ def doubling(spec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def repository(tmp_path):
+def flow_repository(tmp_path):
     models = {d: triton_model_name(FLOW, d) for d in DIRECTIONS}
     FlowMetadata(name=FLOW, family="maf", event_shape=(DIM,), models=models).write(tmp_path)
     return tmp_path
@@ -42,8 +42,8 @@ def make_service(repository, limits: GatewayLimits = GatewayLimits(), max_batch_
     return FlowService(backend, ModelCatalog(repository), limits), backend
 
 
-def test_rows_go_in_chunks_of_the_max_batch_size_and_come_back_in_order(repository):
-    service, backend = make_service(repository)
+def test_rows_go_in_chunks_of_the_max_batch_size_and_come_back_in_order(flow_repository):
+    service, backend = make_service(flow_repository)
     backend.delay = lambda index: 0.01 * (3 - index)  # later chunks finish first
     x = np.arange(20, dtype=np.float32).reshape(10, DIM)
     result = asyncio.run(service.log_likelihood(LogLikelihoodQuery(FLOW, x)))
@@ -51,9 +51,9 @@ def test_rows_go_in_chunks_of_the_max_batch_size_and_come_back_in_order(reposito
     np.testing.assert_array_equal(result.log_prob, x.sum(axis=1))
 
 
-def test_a_request_keeps_at_most_its_chunk_budget_in_flight(repository):
+def test_a_request_keeps_at_most_its_chunk_budget_in_flight(flow_repository):
     limits = GatewayLimits(max_chunks_in_flight_per_request=2)
-    service, backend = make_service(repository, limits, max_batch_size=1)
+    service, backend = make_service(flow_repository, limits, max_batch_size=1)
     backend.delay = 0.01
     result = asyncio.run(service.sample(SampleQuery(FLOW, 7, seed=3, return_log_prob=True)))
     assert len(backend.calls) == 7 and backend.most_running == 2
@@ -61,8 +61,8 @@ def test_a_request_keeps_at_most_its_chunk_budget_in_flight(repository):
     np.testing.assert_array_equal(result.samples, 2 * noise)
 
 
-def test_the_in_flight_budget_refuses_work_beyond_it_and_is_given_back(repository):
-    service, backend = make_service(repository, GatewayLimits(100, 150), max_batch_size=64)
+def test_the_in_flight_budget_refuses_work_beyond_it_and_is_given_back(flow_repository):
+    service, backend = make_service(flow_repository, GatewayLimits(100, 150), max_batch_size=64)
 
     async def scenario() -> None:
         backend.gate = asyncio.Event()
@@ -80,8 +80,8 @@ def test_the_in_flight_budget_refuses_work_beyond_it_and_is_given_back(repositor
     asyncio.run(scenario())
 
 
-def test_a_failed_chunk_cancels_the_others_and_gives_the_rows_back_once_they_stopped(repository):
-    service, backend = make_service(repository, GatewayLimits(100, 100), max_batch_size=10)
+def test_a_failed_chunk_cancels_the_others_and_gives_the_rows_back_once_they_stopped(flow_repository):
+    service, backend = make_service(flow_repository, GatewayLimits(100, 100), max_batch_size=10)
     backend.delay = lambda index: 0.0 if index == 0 else 10.0
     backend.failure = BackendError("Triton failed")
 
@@ -95,18 +95,20 @@ def test_a_failed_chunk_cancels_the_others_and_gives_the_rows_back_once_they_sto
     asyncio.run(scenario())
 
 
-def test_each_chunk_gets_the_time_left_and_none_starts_after_the_deadline(repository):
+def test_each_chunk_gets_the_time_left_and_none_starts_after_the_deadline(flow_repository):
     limits = GatewayLimits(max_chunks_in_flight_per_request=1)
-    service, backend = make_service(repository, limits, max_batch_size=1)
-    backend.delay = 0.6
+    service, backend = make_service(flow_repository, limits, max_batch_size=1)
+    backend.delay = 0.4
     with pytest.raises(DeadlineExceeded, match="deadline exceeded before 'plain-generation' was called"):
-        asyncio.run(service.sample(SampleQuery(FLOW, 3, seed=0), timeout=1.0))
-    assert len(backend.calls) == 2  # the third chunk found no time left and never reached the backend
-    first, second = backend.timeouts
-    assert 0.9 < first <= 1.0 and 0.0 < second < first - 0.5
+        asyncio.run(service.sample(SampleQuery(FLOW, 5, seed=0), timeout=1.0))
+    # About 1.0, 0.6 and 0.2 s left for the first three chunks; the fourth found none and never
+    # reached the backend. (A stall on a busy machine only means fewer calls.)
+    timeouts = backend.timeouts
+    assert 1 <= len(timeouts) <= 3 and 0.8 < timeouts[0] <= 1.0
+    assert all(0 < later <= earlier - 0.4 for earlier, later in zip(timeouts, timeouts[1:]))
 
 
-def test_without_a_deadline_the_backend_gets_none(repository):
-    service, backend = make_service(repository)
+def test_without_a_deadline_the_backend_gets_none(flow_repository):
+    service, backend = make_service(flow_repository)
     asyncio.run(service.log_likelihood(LogLikelihoodQuery(FLOW, np.zeros((5, DIM), np.float32))))
     assert backend.timeouts == [None, None]

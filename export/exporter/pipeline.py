@@ -59,12 +59,8 @@ def export_flow(
     steps.update()
 
     steps.set_postfix_str("write")
-    repository = Path(repository)
-    models, checksums = {}, {}
-    for direction, graph in graphs.items():
-        models[direction] = triton_model_name(name, direction)
-        write_model(repository, models[direction], version, model_spec(model, direction), serving, graph)
-        checksums[direction] = "sha256:" + hashlib.sha256(graph).hexdigest()
+    models = {direction: triton_model_name(name, direction) for direction in graphs}
+    checksums = {direction: "sha256:" + hashlib.sha256(graph).hexdigest() for direction, graph in graphs.items()}
     metadata = FlowMetadata(
         name=name,
         family=model.family,
@@ -88,7 +84,11 @@ def export_flow(
         export_seconds=round(time.perf_counter() - started, 2),
         flowserve_version=__version__,
     )
-    metadata.write(repository)  # last: a gateway sees the flow once its models are in place
+    # Validated above, before anything is written; the metadata file goes last, so a gateway
+    # sees the flow once its models are in place.
+    for direction, graph in graphs.items():
+        write_model(repository, models[direction], version, model_spec(model, direction), serving, graph)
+    metadata.write(repository)
     steps.update()
     steps.close()
     log.info("exported %s to %s (parity worst %.2e)", name, repository, max(report.values()))

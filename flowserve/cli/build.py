@@ -31,7 +31,8 @@ def require_export_extra(command: str) -> None:
         )
 
 
-def _progress(args) -> bool:
+def show_progress(args) -> bool:
+    """Progress bars on a terminal, or with --verbose."""
     return sys.stderr.isatty() or args.verbose
 
 
@@ -63,7 +64,7 @@ def train(family: str, data: str | Path, *, num_points: int | None = None, steps
 def train_command(args) -> None:
     train(args.family, args.data if args.data is not None else args.dataset or "moons",
           num_points=args.num_points, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-          output=args.output, progress=_progress(args))
+          output=args.output, progress=show_progress(args))
 
 
 def export(checkpoint: Path, repository: Path, *, name: str | None = None, version: int = 1, serving=None,
@@ -92,7 +93,7 @@ def export_command(args) -> None:
         gpus=tuple(int(g) for g in args.gpus.split(",") if g.strip()), intra_op_threads=args.intra_op_threads,
     )
     export(args.checkpoint, args.model_repository, name=args.name, version=args.version, serving=serving,
-           progress=_progress(args))
+           progress=show_progress(args))
 
 
 def _comma_list(text: str | None, known, what: str, default) -> list[str]:

@@ -8,20 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import export, train
+from .build import export, require_export_extra, show_progress, train
 
 
 def demo_command(args) -> None:
     """Train, export, serve on free ports, sample and score through the gateway, then stop."""
+    require_export_extra("demo")
     from flowserve.export.data import two_moons
     from flowserve.server.app import Gateway, GatewayConfig
     from flowserve.server.launcher import TritonServer, free_port
     from flowserve.server.triton import TritonBackend
 
     print("== 1/4 train RealNVP on two moons")
-    checkpoint = train("realnvp", "moons", steps=args.steps, output=Path("checkpoints") / "realnvp-moons.pt")
+    progress = show_progress(args)
+    checkpoint = train("realnvp", "moons", steps=args.steps, output=Path("checkpoints") / "realnvp-moons.pt",
+                       progress=progress)
     print("== 2/4 export both directions to ONNX + Triton configs")
-    meta = export(checkpoint, args.model_repository)
+    meta = export(checkpoint, args.model_repository, progress=progress)
     print("== 3/4 start Triton and the gateway")
     with tempfile.TemporaryDirectory(prefix="flowserve-demo-") as workdir, \
             TritonServer(args.model_repository, Path(workdir)) as triton:
