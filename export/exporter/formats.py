@@ -4,7 +4,6 @@ run them, and their size, node and loop counts."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import warnings
@@ -13,9 +12,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..flows.base import DensityModel
+from ..flows.base import ServableModel
 from ..flows.transforms import FixedPointInverse
-from .graphs import GRAPHS, example_inputs, model_spec
+from .graphs import GRAPHS, example_inputs, model_spec, prepared_copy
 
 _EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
 
@@ -41,13 +40,13 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
-def export_onnx(model: DensityModel, direction: str) -> bytes:
+def export_onnx(model: ServableModel, direction: str) -> bytes:
     """One direction as a single-file ONNX model with a dynamic batch dimension.
 
     Sequential inverses become ONNX ``Loop`` nodes (see ``FixedPointInverse``).
     """
     spec = model_spec(model, direction)
-    graph = GRAPHS[direction](copy.deepcopy(model).prepare_for_export()).eval()
+    graph = GRAPHS[direction](prepared_copy(model)).eval()
     batch = torch.export.Dim("batch")
     # The exporter prints progress lines, warns that torchvision is absent and raises a
     # FutureWarning of its own; none of it concerns flows.
@@ -78,9 +77,9 @@ def _script_sequential_loops(module: nn.Module) -> None:
             _script_sequential_loops(child)
 
 
-def export_torchscript(model: DensityModel, direction: str) -> bytes:
+def export_torchscript(model: ServableModel, direction: str) -> bytes:
     """One direction as a TorchScript module (``model.pt``); inputs and outputs in spec order."""
-    graph = GRAPHS[direction](copy.deepcopy(model).prepare_for_export()).eval()
+    graph = GRAPHS[direction](prepared_copy(model)).eval()
     buffer = io.BytesIO()
     with _torchscript_allowed():
         _script_sequential_loops(graph)

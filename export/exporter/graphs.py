@@ -6,18 +6,21 @@ generation: z[B, N] (, context[B, C]) -> x[B, D], log_prob[B]
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from torch import nn
 
 from flowserve.spec import DENSITY, GENERATION, DirectionSpec, direction_spec
 
-from ..flows.base import DensityModel
+from ..flows.base import ServableModel
 
 
 class DensityGraph(nn.Module):
     """x[B, D] (, context[B, C]) -> log_prob[B]; rows are flat, the model sees its event shape."""
 
-    def __init__(self, model: DensityModel):
+    def __init__(self, model: ServableModel):
         super().__init__()
         self.model = model
 
@@ -28,7 +31,7 @@ class DensityGraph(nn.Module):
 class GenerationGraph(nn.Module):
     """z[B, N] (, context[B, C]) -> x[B, D], log_prob[B] (log-density of x, same pass)."""
 
-    def __init__(self, model: DensityModel):
+    def __init__(self, model: ServableModel):
         super().__init__()
         self.model = model
 
@@ -40,11 +43,20 @@ class GenerationGraph(nn.Module):
 GRAPHS = {DENSITY: DensityGraph, GENERATION: GenerationGraph}
 
 
-def model_spec(model: DensityModel, direction: str) -> DirectionSpec:
+def model_spec(model: ServableModel, direction: str) -> DirectionSpec:
     """The serving contract of one direction of ``model``."""
-    return direction_spec(direction, model.dim, noise_dim=model.noise_dim, context_dim=model.context_dim)
+    return direction_spec(direction, math.prod(model.event_shape), noise_dim=model.noise_dim,
+                          context_dim=model.context_dim)
 
 
-def example_inputs(model: DensityModel, direction: str, rows: int = 4) -> tuple[torch.Tensor, ...]:
+def prepared_copy(model: ServableModel) -> nn.Module:
+    """A copy of ``model`` ready to export: its ``prepare_for_export()`` if it has one (Glow
+    precomputes its matrix inverses), in eval mode; ``model`` itself is left untouched."""
+    prepared = copy.deepcopy(model)
+    prepare = getattr(prepared, "prepare_for_export", None)
+    return (prepare() if prepare is not None else prepared).eval()
+
+
+def example_inputs(model: ServableModel, direction: str, rows: int = 4) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     return tuple(torch.randn(rows, *t.dims, generator=generator) for t in model_spec(model, direction).inputs)

@@ -9,7 +9,7 @@ import torch
 
 from flowserve.spec import DENSITY, GENERATION
 
-from ..flows.base import DensityModel, Flow
+from ..flows.base import Flow, ServableModel
 from .formats import load_exported
 
 PARITY_TOLERANCE = 1e-4
@@ -29,15 +29,28 @@ class ParityInputs:
     z_context: np.ndarray | None = None
 
 
+def scaled_gap(exported, reference) -> float:
+    """Largest difference between ``exported`` and ``reference``: absolute where
+    ``|reference| <= 1``, relative to ``|reference|`` above.
+
+    float32 carries about 7 significant digits, so a value's rounding grows with it: a data
+    feature of 2500 has a spacing of 2.4e-4, and so does a log-density of -2500 (raw,
+    unstandardised features put log p in the hundreds). An absolute bound would fail such
+    graphs on rounding alone; a relative one still catches a wrong graph.
+    """
+    reference = np.asarray(reference, np.float64)
+    difference = np.abs(np.asarray(exported, np.float64) - reference)
+    return float(np.max(difference / np.maximum(1.0, np.abs(reference))))
+
+
 def check_parity(
-    model: DensityModel, graphs: dict[str, bytes], fmt: str, inputs: ParityInputs,
+    model: ServableModel, graphs: dict[str, bytes], fmt: str, inputs: ParityInputs,
     tolerance: float = PARITY_TOLERANCE,
 ) -> dict[str, float]:
-    """Largest differences between the exported graphs and PyTorch.
+    """Largest differences between the exported graphs and PyTorch, by :func:`scaled_gap`.
 
-    Checks log_prob of both graphs (absolute), the generated x, and (for flows) the
-    generation graph on the latents of the data points, where PyTorch's round trip lands
-    (absolute, or relative where |x| > 1).
+    Checks log_prob of both graphs, the generated x, and (for flows) the generation graph on
+    the latents of the data points, where PyTorch's round trip lands.
     Raises ExportParityError above ``tolerance``.
     """
     runners = {d: load_exported(fmt, data) for d, data in graphs.items()}
@@ -52,32 +65,23 @@ def check_parity(
     (exported_density,) = runners[DENSITY](flat, *x_ctx)
     exported_x, exported_log_prob = runners[GENERATION](inputs.z, *z_ctx)
 
-    def gap(exported, reference):
-        return float(np.max(np.abs(np.asarray(exported, np.float64) - np.asarray(reference, np.float64))))
-
-    def data_gap(exported, reference):
-        # Data can be large (a feature of 2500 has a float32 spacing of 2.4e-4): above 1 in
-        # magnitude, values are compared relative to themselves.
-        reference = np.asarray(reference, np.float64)
-        return float(np.max(np.abs(np.asarray(exported, np.float64) - reference) / np.maximum(1.0, np.abs(reference))))
-
     report = {
-        "density_log_prob": gap(exported_density, torch_density),
-        "generation_x": data_gap(exported_x, torch_x.flatten(1).numpy()),
-        "generation_log_prob": gap(exported_log_prob, torch_log_prob.numpy()),
+        "density_log_prob": scaled_gap(exported_density, torch_density),
+        "generation_x": scaled_gap(exported_x, torch_x.flatten(1).numpy()),
+        "generation_log_prob": scaled_gap(exported_log_prob, torch_log_prob.numpy()),
     }
     if isinstance(model, Flow):
         with torch.no_grad():
             latent = model.to_latent(shaped, tensor(inputs.x_context))[0]
             reference = model.from_latent(latent, tensor(inputs.x_context))[0].flatten(1).numpy()
-        report["round_trip_x"] = data_gap(runners[GENERATION](latent.numpy(), *x_ctx)[0], reference)
+        report["round_trip_x"] = scaled_gap(runners[GENERATION](latent.numpy(), *x_ctx)[0], reference)
     if not max(report.values()) <= tolerance:  # also catches NaN
         raise ExportParityError(f"{fmt} differs from PyTorch by more than {tolerance:g}: {report}")
     return report
 
 
 def parity_inputs(
-    model: DensityModel, heldout: torch.Tensor, heldout_context: torch.Tensor | None = None,
+    model: ServableModel, heldout: torch.Tensor, heldout_context: torch.Tensor | None = None,
     rows: int = 512, seed: int = 0,
 ) -> ParityInputs:
     """Held-out data plus the model's own samples, and fresh base noise; the samples and

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
 from tqdm import tqdm
 
 from flowserve import __version__
-from flowserve.metadata import FlowMetadata
+from flowserve.metadata import EXACT, FlowMetadata
 from flowserve.spec import DIRECTIONS, triton_model_name, validate_flow_name
 
-from ..training import load_checkpoint
+from ..data import summarize
+from ..flows.base import ServableModel
+from ..training import HELDOUT_SAMPLE_ROWS, load_checkpoint
 from .formats import EXPORTERS, graph_stats
 from .graphs import model_spec
 from .parity import check_parity, parity_inputs
@@ -25,24 +31,41 @@ from .triton_config import ServingConfig, write_model
 log = logging.getLogger(__name__)
 
 
-def export_flow(
-    checkpoint_path: Path,
+PROTOCOL = ("event_shape", "noise_dim", "context_dim", "log_prob", "sample_with_log_prob")
+
+
+def export_model(
+    model: ServableModel,
     repository: Path,
-    name: str | None = None,
+    *,
+    name: str,
+    example_data,
+    example_context=None,
     version: int = 1,
     serving: ServingConfig = ServingConfig(),
-    progress: bool = True,
+    progress: bool = False,
+    dataset: str | None = None,
+    data_summary: dict | None = None,
+    metrics: dict | None = None,
 ) -> FlowMetadata:
-    """Export a trained model's two directions into ``repository``; returns its metadata.
+    """Export both directions of ``model`` (any :class:`ServableModel`) into ``repository``;
+    returns the flow's metadata.
 
-    Writes ``<flow>-density`` and ``<flow>-generation`` (config.pbtxt and the version's
-    model file in ``serving.format``) and ``<flow>.flowserve.json``. Nothing is written
-    if the parity check fails.
+    ``example_data`` (rows ``[N, *event_shape]``, e.g. held out from training) and, for a
+    model with a context, ``example_context`` ``[N, context_dim]``: the parity check runs
+    on the first 512 rows and on the model's own samples; the metadata's data summary is
+    theirs unless ``data_summary`` is given. Writes ``<name>-density`` and
+    ``<name>-generation`` (config.pbtxt and the version's model file in ``serving.format``)
+    and ``<name>.flowserve.json``. Nothing is written if a check fails.
     """
+    missing = [member for member in PROTOCOL if not hasattr(model, member)]
+    if not isinstance(model, nn.Module) or missing:
+        raise TypeError(f"{type(model).__name__} is not a servable model: it needs to be a torch.nn.Module "
+                        f"with {', '.join(PROTOCOL)}{f' (missing: {missing})' if missing else ''}")
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
-    model, checkpoint = load_checkpoint(checkpoint_path)
-    name = validate_flow_name(name or f"{model.family}-{checkpoint.dataset}".lower())
+    name = validate_flow_name(name)
+    heldout, heldout_context = _example_rows(model, example_data, example_context)
     started = time.perf_counter()
     steps = tqdm(total=len(DIRECTIONS) + 2, desc=f"export {name}", disable=not progress, unit="step")
     graphs, stats = {}, {}
@@ -54,8 +77,7 @@ def export_flow(
                             "seconds": round(time.perf_counter() - direction_started, 2)}
         steps.update()
     steps.set_postfix_str("parity")
-    report = check_parity(model, graphs, serving.format,
-                          parity_inputs(model, checkpoint.heldout_sample, checkpoint.heldout_context))
+    report = check_parity(model, graphs, serving.format, parity_inputs(model, heldout, heldout_context))
     steps.update()
 
     steps.set_postfix_str("write")
@@ -63,20 +85,20 @@ def export_flow(
     checksums = {direction: "sha256:" + hashlib.sha256(graph).hexdigest() for direction, graph in graphs.items()}
     metadata = FlowMetadata(
         name=name,
-        family=model.family,
-        event_shape=model.event_shape,
+        family=getattr(model, "family", "") or "custom",
+        event_shape=tuple(model.event_shape),
         models=models,
-        noise_dim=model.noise_dim,
-        context_shape=(model.context_dim,) if model.context_dim else (),
-        log_likelihood=model.log_likelihood,
-        support=model.support,
+        noise_dim=int(model.noise_dim),
+        context_shape=(int(model.context_dim),) if model.context_dim else (),
+        log_likelihood=getattr(model, "log_likelihood", EXACT),
+        support=getattr(model, "support", None),
         version=version,
         format=serving.format,
         backend=serving.backend,
-        dataset=checkpoint.dataset,
-        data=checkpoint.data,
-        metrics=checkpoint.metrics,
-        architecture=model.config(),
+        dataset=dataset,
+        data=data_summary if data_summary is not None else summarize(heldout.numpy()),
+        metrics=metrics or {},
+        architecture=model.config() if hasattr(model, "config") else {"class": type(model).__qualname__},
         parity_max_diff=report,
         graphs=stats,
         checksums=checksums,
@@ -93,3 +115,44 @@ def export_flow(
     steps.close()
     log.info("exported %s to %s (parity worst %.2e)", name, repository, max(report.values()))
     return metadata
+
+
+def _example_rows(model: ServableModel, data, context) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first rows of ``data`` (and ``context``) as float32 tensors, checked against the model."""
+    event_shape = tuple(model.event_shape)
+    rows = torch.as_tensor(np.asarray(data, dtype=np.float32)[:HELDOUT_SAMPLE_ROWS])
+    if rows.ndim < 1 or len(rows) == 0 or tuple(rows.shape[1:]) not in (event_shape, (math.prod(event_shape),)):
+        raise ValueError(f"example_data has shape {list(np.shape(data))}; the model's event shape is "
+                         f"{list(event_shape)}: pass rows [N, {', '.join(map(str, event_shape))}]")
+    rows = rows.reshape(len(rows), *event_shape)
+    if not model.context_dim:
+        if context is not None:
+            raise ValueError("example_context is given but the model takes no context")
+        return rows, None
+    if context is None:
+        raise ValueError(f"the model takes a context of {model.context_dim} values per row: pass example_context")
+    contexts = torch.as_tensor(np.asarray(context, dtype=np.float32)[:HELDOUT_SAMPLE_ROWS])
+    if tuple(contexts.shape) != (len(rows), model.context_dim):
+        raise ValueError(f"example_context has shape {list(np.shape(context))}; expected "
+                         f"[{len(np.asarray(data))}, {model.context_dim}], one context per example row")
+    return rows, contexts
+
+
+def export_flow(
+    checkpoint_path: Path,
+    repository: Path,
+    name: str | None = None,
+    version: int = 1,
+    serving: ServingConfig = ServingConfig(),
+    progress: bool = True,
+) -> FlowMetadata:
+    """Export a checkpoint of ``flowserve train`` with :func:`export_model`: named
+    ``<family>-<dataset>`` by default, checked on its held-out rows, with its training
+    metrics and data summary in the metadata."""
+    model, checkpoint = load_checkpoint(checkpoint_path)
+    return export_model(
+        model, repository, name=name or f"{model.family}-{checkpoint.dataset}".lower(),
+        example_data=checkpoint.heldout_sample, example_context=checkpoint.heldout_context, version=version,
+        serving=serving, progress=progress, dataset=checkpoint.dataset, data_summary=checkpoint.data,
+        metrics=checkpoint.metrics,
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,35 @@ from flowserve.metadata import EXACT
 from .transforms import ComposedTransform, InvertibleLinearLU, PixelLogit, Standardize
 
 LOG_2PI = math.log(2.0 * math.pi)
+
+
+@runtime_checkable
+class ServableModel(Protocol):
+    """What flowserve needs of a model to export and serve both its directions, whoever
+    built it: a ``torch.nn.Module`` with
+
+    - ``event_shape``: the shape of one data row, e.g. ``(2,)`` or ``(1, 8, 8)``;
+    - ``noise_dim``: base-noise values per generated row (``prod(event_shape)`` for a flow);
+    - ``context_dim``: values in one row's context, 0 for a model without one;
+    - ``log_prob(x, context=None)``: the log-density ``[B]`` of ``x`` ``[B, *event_shape]``;
+    - ``sample_with_log_prob(z, context=None)``: samples ``[B, *event_shape]`` pushed forward
+      from base noise ``z`` ``[B, noise_dim]`` ~ N(0, I), and their log-density, in one pass.
+
+    Optional, read when present: ``family`` (a name shown by ListModels, default
+    ``custom``), ``log_likelihood`` (``EXACT``, or ``LOWER_BOUND`` for a bound),
+    ``support`` (``(low, high)`` that every data value must lie in), ``config()`` (a plain
+    description, recorded as the architecture) and ``prepare_for_export()`` (precompute
+    what the graphs need; returns the module in eval mode). :class:`DensityModel`, the base
+    of flowserve's own families, has them all.
+    """
+
+    event_shape: tuple[int, ...]
+    noise_dim: int
+    context_dim: int
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor: ...
+
+    def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -55,7 +84,7 @@ def build_preprocessing(config: dict[str, Any] | None, event_shape: Sequence[int
 
 
 class DensityModel(nn.Module):
-    """What export and serving need of a model: both directions and a plain config.
+    """The base of flowserve's families: a :class:`ServableModel` with a plain config.
 
     Subclasses set ``family`` and ``log_likelihood`` (``EXACT`` or ``LOWER_BOUND`` of
     :mod:`flowserve.metadata`),
