@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_SIDE = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm", "flowserve.export")
+TORCH_SIDE = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm", "zuko", "nflows", "flowserve.export")
 # The torch-free name registries of the torch side, which the CLI's parser reads: these
 # modules (and their packages) must import nothing heavy, since every command loads them.
 NAME_REGISTRIES = ("flowserve.export.flows.registry", "flowserve.export.data")
@@ -30,7 +30,7 @@ CLI = ROOT / "flowserve" / "cli"
 TORCH_SIDE_COMMANDS = (CLI / "build.py", CLI / "demo.py")
 # Distributions the gateway image must not carry.
 NOT_IN_THE_GATEWAY = {"torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "nvidia-pytriton",
-                      "scikit-learn", "matplotlib"}
+                      "scikit-learn", "matplotlib", "zuko", "nflows"}
 GATEWAY_REQUIREMENTS = ROOT / "deploy" / "docker" / "gateway-requirements.txt"
 
 
@@ -140,7 +140,7 @@ def test_a_plain_install_carries_no_torch_side_package():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     plain = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
     export = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["export"]}
-    assert plain.isdisjoint({"torch", "onnx", "onnxscript", "scikit-learn", "matplotlib", "tqdm"})
+    assert plain.isdisjoint({"torch", "onnx", "onnxscript", "scikit-learn", "matplotlib", "tqdm", "zuko", "nflows"})
     assert {"torch", "onnx", "onnxscript", "scikit-learn", "matplotlib"} <= export
 
 

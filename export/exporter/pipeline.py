@@ -64,6 +64,9 @@ def export_model(
                         f"with {', '.join(PROTOCOL)}{f' (missing: {missing})' if missing else ''}")
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
+    formats = getattr(model, "export_formats", tuple(EXPORTERS))
+    if serving.format not in formats:
+        raise ValueError(f"{type(model).__name__} exports to {', '.join(formats)} only, not {serving.format}")
     name = validate_flow_name(name)
     heldout, heldout_context = _example_rows(model, example_data, example_context)
     started = time.perf_counter()

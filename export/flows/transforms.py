@@ -17,7 +17,7 @@ ONNX, a scripted ``for`` loop in TorchScript, a plain loop in eager PyTorch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
 
 import torch
@@ -321,6 +321,27 @@ class PixelLogit(nn.Module):
         return x, sum_per_row(log_p_q - self.log_slope)
 
 
+def fixed_point_loop(step: Callable[[Tensor], Tensor], like: Tensor, passes: int) -> Tensor:
+    """``x <- step(x)``, ``passes`` times, from zeros shaped like ``like``.
+
+    A plain loop in eager PyTorch; one ``while_loop`` (an ONNX ``Loop``) while being
+    exported, where a Python loop would be unrolled ``passes`` times. Tensors that ``step``
+    closes over must not be outputs of an earlier ``while_loop``: clone them first.
+    """
+    if torch.compiler.is_compiling():
+        def unfinished(index, x):
+            return index < passes
+
+        def body(index, x):
+            return index + 1, step(x)
+
+        return while_loop(unfinished, body, (torch.zeros((), dtype=torch.int64), torch.zeros_like(like)))[1]
+    x = torch.zeros_like(like)
+    for _ in range(passes):
+        x = step(x)
+    return x
+
+
 class FixedPointInverse(nn.Module):
     """Inverts the autoregressive map ``z = (x - shift(x)) * exp(-log_scale(x))``.
 
@@ -347,14 +368,7 @@ class FixedPointInverse(nn.Module):
 
     @torch.jit.unused
     def _exported_loop(self, z: Tensor, context: Optional[Tensor]) -> Tensor:
-        def unfinished(step, x):
-            return step < z.shape[1]
-
-        def body(step, x):
-            return step + 1, self._step(z, x, context)
-
-        _, x = while_loop(unfinished, body, (torch.zeros((), dtype=torch.int64), torch.zeros_like(z)))
-        return x
+        return fixed_point_loop(lambda x: self._step(z, x, context), z, z.shape[1])
 
     def forward(self, z: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dz|)``."""

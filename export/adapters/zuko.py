@@ -1,0 +1,74 @@
+"""A ``zuko.flows.Flow`` as a servable model, with autoregressive inverses as loops.
+
+Density: the flow's own ``log_prob``. Generation: the flow's transform inverted on base
+noise, with ``log p(x) = log N(z) - log|det dx/dz|`` in the same pass. zuko inverts an
+autoregressive transform with a Python loop of ``passes`` steps, which tracing unrolls into
+``passes`` copies of the network; here each such transform is rebuilt, at call time, with
+flowserve's loop (the same steps from the same start), which exports as one ONNX ``Loop``.
+The user's flow is not modified.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import zuko
+from torch import Tensor, nn
+from zuko.flows.autoregressive import MaskedAutoregressiveTransform
+from zuko.transforms import AutoregressiveTransform, ComposedTransform
+
+from ..flows.transforms import fixed_point_loop
+
+
+class LoopedAutoregressiveTransform(AutoregressiveTransform):
+    """zuko's autoregressive transform whose inverse is :func:`fixed_point_loop`."""
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        meta, y = self.meta, y.clone()  # a tensor captured by the loop must not be an earlier loop's output
+        return fixed_point_loop(lambda x: meta(x).inv(y), y, self.passes)
+
+
+class ZukoFlow(nn.Module):
+    """``flow`` (a ``zuko.flows.Flow`` over ``features`` values, with a context of
+    ``context`` values or none) in flowserve's model protocol."""
+
+    family = "zuko"
+    export_formats = ("onnx",)
+    """TorchScript traces would unroll the autoregressive inverse, so ONNX only."""
+
+    def __init__(self, flow: zuko.flows.Flow, features: int, context: int = 0):
+        super().__init__()
+        if not isinstance(flow, zuko.flows.Flow):
+            raise TypeError(f"expected a zuko.flows.Flow, got {type(flow).__name__}")
+        self.flow = flow
+        self.event_shape = (int(features),)
+        self.noise_dim = int(features)
+        self.context_dim = int(context)
+
+    def _transform(self, context: Tensor | None) -> ComposedTransform:
+        lazy = self.flow.transform
+        layers = []
+        for layer in getattr(lazy, "transforms", [lazy]):
+            if isinstance(layer, MaskedAutoregressiveTransform):
+                layers.append(LoopedAutoregressiveTransform(functools.partial(layer.meta, context), layer.passes))
+            else:
+                layers.append(layer(context))
+        return ComposedTransform(*layers)
+
+    def _base(self, context: Tensor | None):
+        base = self.flow.base(context)
+        return base if context is None else base.expand(context.shape[:-1])
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        z, ladj = self._transform(context).call_and_ladj(x)
+        return self._base(context).log_prob(z) + ladj
+
+    def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, ladj = self._transform(context).inv.call_and_ladj(z)
+        return x, self._base(context).log_prob(z) - ladj
+
+    def config(self) -> dict[str, Any]:
+        """The library, the flow's class and its layers, for the metadata."""
+        return {"library": f"zuko {zuko.__version__}", "class": type(self.flow).__name__,
+                "transforms": [type(t).__name__ for t in getattr(self.flow.transform, "transforms", [])]}
