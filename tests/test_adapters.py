@@ -140,3 +140,75 @@ def test_trained_zuko_flows_are_served_with_the_librarys_numbers(tmp_path):
             np.testing.assert_allclose(samples.x, x.numpy(), rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(samples.log_prob, (distribution.base.log_prob(torch.from_numpy(noise)) - ladj)
                                        .numpy(), rtol=1e-4, atol=1e-4)
+
+
+BUILDER = '''
+import zuko
+
+
+def build():
+    return zuko.flows.MAF(2, transforms=3)
+
+
+def build_conditional():
+    return zuko.flows.NSF(2, 1, transforms=2)
+
+
+def not_a_flow():
+    return "a string"
+'''
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    """A builder file, the trained MAF's state dict, and held-out rows, as a user has them."""
+    builder = tmp_path / "my_flows.py"
+    builder.write_text(BUILDER)
+    torch.manual_seed(0)
+    model = ZukoFlow(zuko.flows.MAF(2, transforms=3), 2)
+    rows = two_moons(1000, seed=1)
+    train(model, rows, None, steps=100)
+    torch.save(model.flow.state_dict(), tmp_path / "maf.pt")
+    np.save(tmp_path / "heldout.npy", rows[-100:])
+    return tmp_path, model
+
+
+@pytest.mark.e2e
+def test_cli_exports_a_zuko_flow_from_the_users_builder(user_files, capsys):
+    from flowserve import cli
+    from flowserve.metadata import FlowMetadata
+
+    folder, model = user_files
+    code = cli.main(["export", "--module", f"{folder / 'my_flows.py'}:build", "--weights", str(folder / "maf.pt"),
+                     "--data", str(folder / "heldout.npy"), "--model-repository", str(folder / "repo")])
+    assert code == 0, capsys.readouterr().err
+    meta = FlowMetadata.read(folder / "repo" / "my-flows.flowserve.json")  # named after the file
+    assert meta.family == "zuko" and meta.dataset == "heldout" and meta.graphs["generation"]["loops"] == 3
+    assert max(meta.parity_max_diff.values()) <= 1e-4
+
+
+@pytest.mark.parametrize(("function", "extra", "message"), [
+    ("missing", [], "has no function 'missing'"),
+    ("not_a_flow", [], "the builder returned a str, which is neither a zuko flow nor a torch.nn.Module"),
+    ("build_conditional", ["--weights", "maf.pt"], "maf.pt does not fit the flow the builder returns"),
+    ("build", ["--data", "wide.npy"], "the zuko flow is over 2 features, not 3"),
+    ("build", ["--data", "nowhere.npy"], "nowhere.npy"),
+])
+def test_cli_export_of_a_users_flow_says_what_is_wrong(user_files, capsys, monkeypatch, function, extra, message):
+    from flowserve import cli
+
+    folder, _ = user_files
+    np.save(folder / "wide.npy", np.zeros((20, 3), np.float32))
+    monkeypatch.chdir(folder)
+    arguments = ["--data", "heldout.npy", *extra] if "--data" not in extra else extra
+    code = cli.main(["export", "--module", f"my_flows.py:{function}", *arguments, "--model-repository", "repo"])
+    assert code == 1
+    assert message in capsys.readouterr().err
+    assert not (folder / "repo").exists()
+
+
+def test_cli_export_wants_a_checkpoint_or_a_module(capsys):
+    from flowserve import cli
+
+    assert cli.main(["export"]) == 1
+    assert "give a checkpoint of flowserve train, or --module FILE.py:FUNCTION with --data" in capsys.readouterr().err

@@ -41,6 +41,10 @@ class ZukoFlow(nn.Module):
         super().__init__()
         if not isinstance(flow, zuko.flows.Flow):
             raise TypeError(f"expected a zuko.flows.Flow, got {type(flow).__name__}")
+        base_loc = dict(flow.base.named_buffers()).get("loc")  # the base of zuko's MAF, NSF, RealNVP...
+        if base_loc is not None and tuple(base_loc.shape[-1:]) != (int(features),):
+            raise ValueError(f"the zuko flow is over {base_loc.shape[-1]} features, not {features}; "
+                             "its data rows must have as many values")
         self.flow = flow
         self.event_shape = (int(features),)
         self.noise_dim = int(features)

@@ -77,10 +77,14 @@ def export(checkpoint: Path, repository: Path, *, name: str | None = None, versi
 
     meta = export_flow(checkpoint, repository, name=name, version=version, serving=serving or ServingConfig(),
                        progress=progress)
+    _print_export(meta, repository)
+    return meta
+
+
+def _print_export(meta: FlowMetadata, repository: Path) -> None:
     print(f"exported {meta.name} v{meta.version} ({meta.format}, {meta.backend} backend) to "
           f"{repository}: models {', '.join(meta.models.values())}; "
-          f"{meta.format} vs PyTorch max |diff| {max(meta.parity_max_diff.values()):.2e}")
-    return meta
+          f"{meta.format} vs PyTorch max scaled |diff| {max(meta.parity_max_diff.values()):.2e}")
 
 
 def export_command(args) -> None:
@@ -92,8 +96,40 @@ def export_command(args) -> None:
         max_queue_delay_us=args.queue_delay_us, instance_count=args.instances, instance_kind=args.instance_kind,
         gpus=tuple(int(g) for g in args.gpus.split(",") if g.strip()), intra_op_threads=args.intra_op_threads,
     )
-    export(args.checkpoint, args.model_repository, name=args.name, version=args.version, serving=serving,
-           progress=show_progress(args))
+    if (args.checkpoint is None) == (args.module is None):
+        raise ValueError("give a checkpoint of flowserve train, or --module FILE.py:FUNCTION with --data")
+    if args.module is None:
+        if args.weights or args.data or args.context:
+            raise ValueError("--weights, --data and --context go with --module; a checkpoint carries its own")
+        export(args.checkpoint, args.model_repository, name=args.name, version=args.version, serving=serving,
+               progress=show_progress(args))
+    else:
+        export_user_flow(args.module, args.model_repository, weights=args.weights, data=args.data,
+                         context=args.context, name=args.name, version=args.version, serving=serving,
+                         progress=show_progress(args))
+
+
+def export_user_flow(module: str, repository: Path, *, weights: Path | None, data: Path | None,
+                     context: Path | None = None, name: str | None = None, version: int = 1, serving=None,
+                     progress: bool = False) -> FlowMetadata:
+    """Export the flow that ``module`` (``file.py:function``) builds, with ``weights`` loaded,
+    checked on the rows of ``data`` (and their ``context``); prints a summary."""
+    require_export_extra("export")
+    from flowserve.export.adapters.builder import build_user_flow
+    from flowserve.export.data import read_user_array
+    from flowserve.export.exporter.pipeline import export_model
+    from flowserve.export.exporter.triton_config import ServingConfig
+
+    if data is None:
+        raise ValueError("--module needs --data: held-out rows to check the exported graphs on")
+    rows = read_user_array(data)
+    contexts = None if context is None else read_user_array(context)
+    flow = build_user_flow(module, weights, rows.shape[1], 0 if contexts is None else contexts.shape[1])
+    meta = export_model(flow, repository, name=name or Path(module.rsplit(":", 1)[0]).stem.lower().replace("_", "-"),
+                        example_data=rows, example_context=contexts, version=version,
+                        serving=serving or ServingConfig(), progress=progress, dataset=Path(data).stem)
+    _print_export(meta, repository)
+    return meta
 
 
 def _comma_list(text: str | None, known, what: str, default) -> list[str]:

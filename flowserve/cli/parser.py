@@ -57,10 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-o", "--output", type=Path, default=None,
                        help="checkpoint path (default checkpoints/<family>-<dataset>.pt)")
 
-    export = commands.add_parser("export", help="export a checkpoint into a Triton model repository")
-    export.add_argument("checkpoint", type=Path)
+    export = commands.add_parser(
+        "export", help="export a checkpoint of flowserve train, or a flow you built (--module), into a Triton "
+                       "model repository")
+    export.add_argument("checkpoint", type=Path, nargs="?", help="a checkpoint of flowserve train")
+    export.add_argument("--module", metavar="FILE.py:FUNCTION",
+                        help="instead of a checkpoint: a function that returns your flow (a zuko flow, or a module "
+                             "following flowserve's protocol; see docs/byo.md)")
+    export.add_argument("--weights", type=Path, help="with --module: the flow's state dict (torch.save)")
+    export.add_argument("--data", type=Path, metavar="FILE",
+                        help="with --module: held-out rows [N, D] (.npy or .csv) for the parity check")
+    export.add_argument("--context", type=Path, metavar="FILE",
+                        help="with --module: one context row per --data row, for a conditional flow")
     export.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
-    export.add_argument("--name", help="flow name (default <family>-<dataset>)")
+    export.add_argument("--name", help="flow name (default <family>-<dataset>, or the --module file's name)")
     export.add_argument("--version", type=int, default=1)
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx",
                         help="model file: model.onnx or model.pt (TorchScript)")
