@@ -1,5 +1,5 @@
-"""Flows trained with zuko, exported and served: the adapter computes what the library
-computes, the autoregressive inverse exports as a loop, and the served numbers equal the
+"""Flows trained with zuko and nflows, exported and served: each adapter computes what its
+library computes, autoregressive inverses export as loops, and the served numbers equal the
 library's own."""
 
 from __future__ import annotations
@@ -9,7 +9,15 @@ import pytest
 import torch
 import zuko
 from grpc_health.v1 import health_pb2
+from nflows.distributions.normal import StandardNormal
+from nflows.flows.base import Flow as NflowsBase
+from nflows.nn.nets import ResidualNet
+from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
+from nflows.transforms.base import CompositeTransform
+from nflows.transforms.coupling import AffineCouplingTransform, PiecewiseRationalQuadraticCouplingTransform
+from nflows.transforms.permutations import ReversePermutation
 
+from flowserve.export.adapters.nflows import NflowsFlow
 from flowserve.export.adapters.zuko import ZukoFlow
 from flowserve.export.data import two_moons
 from flowserve.export.exporter.formats import export_onnx, graph_stats
@@ -46,18 +54,33 @@ def inputs(model: ZukoFlow, rows: int, seed: int) -> tuple[torch.Tensor, torch.T
     return torch.randn(rows, model.noise_dim, generator=generator), context
 
 
+def library_log_prob(model, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """log p(x | context) as the model's own library computes it."""
+    if isinstance(model, ZukoFlow):
+        return model.flow(context).log_prob(x)
+    return model.flow.log_prob(x, context)
+
+
+def library_generation(model, z: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x from base noise z, and log p(x), as the model's own library computes them."""
+    if isinstance(model, ZukoFlow):
+        distribution = model.flow(context)
+        x, ladj = distribution.transform.inv.call_and_ladj(z)
+        return x, distribution.base.log_prob(z) - ladj
+    embedded = model.flow._embedding_net(context)
+    x, logabsdet = model.flow._transform.inverse(z, context=embedded)
+    return x, model.flow._distribution.log_prob(z, embedded) - logabsdet
+
+
 @pytest.mark.parametrize("name", ZUKO_FLOWS)
 def test_the_adapter_computes_what_zuko_computes(name):
     model = perturbed(name)
     x, context = inputs(model, 16, seed=1)
     z, _ = inputs(model, 16, seed=2)
     with torch.no_grad():
-        distribution = model.flow(context)
-        expected_x, ladj = distribution.transform.inv.call_and_ladj(z)
-        expected_log_prob = distribution.base.log_prob(z) - ladj
-        got_x, got_log_prob = model.sample_with_log_prob(z, context)
-        assert torch.equal(model.log_prob(x, context), distribution.log_prob(x))
-    assert torch.equal(got_x, expected_x) and torch.equal(got_log_prob, expected_log_prob)
+        assert torch.equal(model.log_prob(x, context), library_log_prob(model, x, context))
+        for got, expected in zip(model.sample_with_log_prob(z, context), library_generation(model, z, context)):
+            assert torch.equal(got, expected)
 
 
 def test_the_adapter_refuses_what_it_cannot_export(tmp_path):
@@ -88,14 +111,92 @@ def test_a_64_dimensional_zuko_maf_generates_through_three_loops_not_64_copies()
     assert stats["loops"] == 3 and stats["nodes"] < 200  # 119 here; unrolled it grows with 3 x 64 passes
 
 
-def train(model: ZukoFlow, rows: np.ndarray, context: np.ndarray | None, steps: int = 300) -> None:
+def nflows_maf(features: int, context: int = 0, layers: int = 3) -> NflowsBase:
+    transforms = []
+    for _ in range(layers):
+        transforms += [MaskedAffineAutoregressiveTransform(features, 32, context_features=context or None),
+                       ReversePermutation(features)]
+    return NflowsBase(CompositeTransform(transforms), StandardNormal([features]))
+
+
+def nflows_spline_coupling(features: int, tails: str | None = "linear") -> NflowsBase:
+    transforms = []
+    for parity in range(2):
+        mask = (torch.arange(features) % 2 == parity).long()
+        transforms += [PiecewiseRationalQuadraticCouplingTransform(
+            mask, lambda inputs, outputs: ResidualNet(inputs, outputs, 32, num_blocks=1), num_bins=6, tails=tails,
+            tail_bound=4.0), ReversePermutation(features)]
+    return NflowsBase(CompositeTransform(transforms), StandardNormal([features]))
+
+
+# name: (builder, context, autoregressive layers)
+NFLOWS_FLOWS = {
+    "maf": (lambda: nflows_maf(4), 0, 3),
+    "maf-conditional": (lambda: nflows_maf(4, context=2), 2, 3),
+    "spline-coupling": (lambda: nflows_spline_coupling(4), 0, 0),
+}
+
+
+def perturbed_nflows(name: str) -> NflowsFlow:
+    make, context, _ = NFLOWS_FLOWS[name]
     torch.manual_seed(0)
+    flow = make()
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return NflowsFlow(flow.eval(), context).eval()
+
+
+@pytest.mark.parametrize("name", NFLOWS_FLOWS)
+def test_the_nflows_adapter_computes_what_nflows_computes(name):
+    model = perturbed_nflows(name)
+    x, context = inputs(model, 16, seed=1)
+    z, _ = inputs(model, 16, seed=2)
+    x = 3 * x  # some values beyond the splines' tail bound of 4
+    with torch.no_grad():
+        assert torch.equal(model.log_prob(x, context), library_log_prob(model, x, context))
+        for got, expected in zip(model.sample_with_log_prob(z, context), library_generation(model, z, context)):
+            assert torch.equal(got, expected)
+
+
+def test_the_nflows_adapter_names_a_layer_it_cannot_export():
+    mask = (torch.arange(4) % 2).long()
+    coupling = AffineCouplingTransform(mask, lambda inputs, outputs: ResidualNet(inputs, outputs, 8))
+    with pytest.raises(ValueError, match="nflows transform AffineCouplingTransform cannot be exported"):
+        NflowsFlow(NflowsBase(CompositeTransform([coupling]), StandardNormal([4])))
+    with pytest.raises(TypeError, match="expected an nflows.flows.Flow"):
+        NflowsFlow(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", NFLOWS_FLOWS)
+def test_nflows_flows_export_with_their_inverse_as_a_loop(name, tmp_path):
+    model = perturbed_nflows(name)
+    rows, context = inputs(model, 64, seed=3)
+    meta = export_model(model, tmp_path, name=name, example_data=3 * rows.numpy(),
+                        example_context=None if context is None else context.numpy())
+    assert max(meta.parity_max_diff.values()) <= 1e-4 and meta.family == "nflows"
+    assert meta.graphs["generation"]["loops"] == NFLOWS_FLOWS[name][2] and meta.graphs["density"]["loops"] == 0
+
+
+@pytest.mark.e2e
+def test_a_64_dimensional_nflows_maf_generates_through_three_loops_not_64_copies():
+    torch.manual_seed(0)
+    model = NflowsFlow(nflows_maf(64).eval())
+    stats = graph_stats("onnx", export_onnx(model, "generation"))
+    assert stats["loops"] == 3 and stats["nodes"] < 250
+
+
+def train(model, rows: np.ndarray, context: np.ndarray | None, steps: int = 300) -> None:
+    """Maximum likelihood with Adam; the adapter's log_prob is the library's (tested above)."""
+    torch.manual_seed(0)
+    model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     x = torch.from_numpy(rows)
     c = None if context is None else torch.from_numpy(context)
     for _ in range(steps):
         index = torch.randint(len(x), (128,))
-        loss = -model.flow(None if c is None else c[index]).log_prob(x[index]).mean()
+        loss = -model.log_prob(x[index], None if c is None else c[index]).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -103,43 +204,51 @@ def train(model: ZukoFlow, rows: np.ndarray, context: np.ndarray | None, steps: 
 
 
 @pytest.mark.e2e
-def test_trained_zuko_flows_are_served_with_the_librarys_numbers(tmp_path):
-    """A MAF and a conditional NSF, trained on moons for 300 steps, served by Triton and the gateway."""
+def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tmp_path):
+    """Five flows trained on moons for 300 steps, exported through the Python API, served by
+    Triton and the gateway; one of them takes a context (which side of the moons)."""
     rows = two_moons(2000, seed=0)
-    labels = (rows[:, :1] > 0.5).astype(np.float32)  # a context: which side of the moons
-    maf = ZukoFlow(zuko.flows.MAF(2, transforms=3), 2)
-    nsf = ZukoFlow(zuko.flows.NSF(2, 1, transforms=2), 2, 1)
-    train(maf, rows, None)
-    train(nsf, rows, labels)
+    sides = (rows[:, :1] > 0.5).astype(np.float32)
+    flows = {  # name: (model, context column or None)
+        "zuko-maf": (ZukoFlow(zuko.flows.MAF(2, transforms=3), 2), None),
+        "zuko-nsf": (ZukoFlow(zuko.flows.NSF(2, transforms=2), 2), None),
+        "zuko-nsf-coupling": (ZukoFlow(zuko.flows.NSF(2, transforms=2, passes=2), 2), None),
+        "zuko-nsf-conditional": (ZukoFlow(zuko.flows.NSF(2, 1, transforms=2), 2, 1), sides),
+        "nflows-maf": (NflowsFlow(nflows_maf(2)), None),
+        # A trained nflows spline coupling is left out: in float32 its log p at some of its
+        # own samples is uncertain by 1e-3 (PyTorch against float64), so ONNX Runtime and
+        # PyTorch differ by more than the parity check allows there; see docs/byo.md.
+    }
     repository = tmp_path / "repo"
-    export_model(maf, repository, name="zuko-maf", example_data=rows[-200:])
-    export_model(nsf, repository, name="zuko-nsf", example_data=rows[-200:], example_context=labels[-200:])
+    for name, (model, context) in flows.items():
+        train(model, rows, context)
+        export_model(model, repository, name=name, example_data=rows[-200:],
+                     example_context=None if context is None else context[-200:])
 
+    served = {}
     process, port, _ = start_serve(repository, tmp_path / "serve")
     target = f"127.0.0.1:{port}"
     try:
         wait_for_health(target, process, health_pb2.HealthCheckResponse.SERVING)
         with FlowClient(target) as client:
-            assert {m.name: m.family for m in client.list_models()} == {"zuko-maf": "zuko", "zuko-nsf": "zuko"}
-            served_maf = client.log_likelihood("zuko-maf", rows[:300])
-            served_nsf = client.log_likelihood("zuko-nsf", rows[:300], labels[:300])
-            maf_samples = client.sample("zuko-maf", 300, seed=5)
-            nsf_samples = client.sample("zuko-nsf", 300, seed=6, context=np.ones(1, np.float32))
+            families = {m.name: m.family for m in client.list_models()}
+            for name, (_, context) in flows.items():
+                one_side = None if context is None else np.ones(1, np.float32)
+                served[name] = (client.log_likelihood(name, rows[:300], None if context is None else context[:300]),
+                                client.sample(name, 300, seed=5, context=one_side))
     finally:
         assert stop_serve(process) == 0
+    assert families == {name: name.split("-")[0] for name in flows}
+    noise = torch.from_numpy(np.random.Generator(np.random.PCG64(5)).standard_normal((300, 2), dtype=np.float32))
     with torch.no_grad():
-        np.testing.assert_allclose(served_maf, maf.flow().log_prob(torch.from_numpy(rows[:300])).numpy(),
-                                   rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(
-            served_nsf, nsf.flow(torch.from_numpy(labels[:300])).log_prob(torch.from_numpy(rows[:300])).numpy(),
-            rtol=1e-4, atol=1e-4)
-        for samples, model, seed, context in ((maf_samples, maf, 5, None), (nsf_samples, nsf, 6, torch.ones(300, 1))):
-            noise = np.random.Generator(np.random.PCG64(seed)).standard_normal((300, 2), dtype=np.float32)
-            distribution = model.flow(context)
-            x, ladj = distribution.transform.inv.call_and_ladj(torch.from_numpy(noise))
-            np.testing.assert_allclose(samples.x, x.numpy(), rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(samples.log_prob, (distribution.base.log_prob(torch.from_numpy(noise)) - ladj)
-                                       .numpy(), rtol=1e-4, atol=1e-4)
+        for name, (model, context) in flows.items():
+            log_prob, samples = served[name]
+            expected = library_log_prob(model, torch.from_numpy(rows[:300]),
+                                        None if context is None else torch.from_numpy(context[:300]))
+            np.testing.assert_allclose(log_prob, expected.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+            x, expected_log_prob = library_generation(model, noise, None if context is None else torch.ones(300, 1))
+            np.testing.assert_allclose(samples.x, x.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(samples.log_prob, expected_log_prob.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 BUILDER = '''
@@ -189,7 +298,7 @@ def test_cli_exports_a_zuko_flow_from_the_users_builder(user_files, capsys):
 
 @pytest.mark.parametrize(("function", "extra", "message"), [
     ("missing", [], "has no function 'missing'"),
-    ("not_a_flow", [], "the builder returned a str, which is neither a zuko flow nor a torch.nn.Module"),
+    ("not_a_flow", [], "the builder returned a str, which is neither a zuko or nflows flow nor a torch.nn.Module"),
     ("build_conditional", ["--weights", "maf.pt"], "maf.pt does not fit the flow the builder returns"),
     ("build", ["--data", "wide.npy"], "the zuko flow is over 2 features, not 3"),
     ("build", ["--data", "nowhere.npy"], "nowhere.npy"),
@@ -212,3 +321,15 @@ def test_cli_export_wants_a_checkpoint_or_a_module(capsys):
 
     assert cli.main(["export"]) == 1
     assert "give a checkpoint of flowserve train, or --module FILE.py:FUNCTION with --data" in capsys.readouterr().err
+
+
+def test_builders_flows_get_their_librarys_adapter():
+    from flowserve.export.adapters.builder import wrap
+
+    assert isinstance(wrap(zuko.flows.MAF(2, transforms=1), 2), ZukoFlow)
+    adapted = wrap(nflows_maf(2, context=1, layers=1), 2, 1)
+    assert isinstance(adapted, NflowsFlow) and adapted.context_dim == 1
+    with pytest.raises(ValueError, match="the nflows flow is over 2 features, not 3"):
+        wrap(nflows_maf(2, layers=1), 3)
+    own = perturbed("maf")  # already follows the protocol
+    assert wrap(own, 4) is own

@@ -33,15 +33,25 @@ def load_builder(spec: str):
 
 
 def wrap(flow, features: int, context: int = 0) -> nn.Module:
-    """``flow`` as a servable model: zuko flows get their adapter (detected by their class's
-    module, so zuko is imported only for them); other modules must follow the protocol."""
-    if type(flow).__module__.split(".")[0] == "zuko":
+    """``flow`` as a servable model: zuko and nflows flows get their adapter (detected by
+    their class's module, so the library is imported only for them); other modules must
+    follow the protocol."""
+    library = type(flow).__module__.split(".")[0]
+    if library == "zuko":
         from .zuko import ZukoFlow
 
         return ZukoFlow(flow, features, context)
+    if library == "nflows":
+        from .nflows import NflowsFlow
+
+        flow = NflowsFlow(flow, context)
+        if flow.event_shape != (features,):
+            raise ValueError(f"the nflows flow is over {flow.event_shape[0]} features, not {features}; "
+                             "its data rows must have as many values")
+        return flow
     missing = [member for member in PROTOCOL if not hasattr(flow, member)]
     if not isinstance(flow, nn.Module) or missing:
-        raise ValueError(f"the builder returned a {type(flow).__name__}, which is neither a zuko flow nor a "
+        raise ValueError(f"the builder returned a {type(flow).__name__}, which is neither a zuko or nflows flow nor a "
                         f"torch.nn.Module with {', '.join(PROTOCOL)}")
     return flow
 

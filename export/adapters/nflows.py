@@ -1,0 +1,203 @@
+"""An ``nflows.flows.Flow`` as a servable model, with autoregressive inverses as loops.
+
+Supported layers: ``MaskedAffineAutoregressiveTransform`` (MAF),
+``PiecewiseRationalQuadraticCouplingTransform`` (spline coupling, no tails or linear
+tails, without an unconditional transform), permutations, and ``CompositeTransform``s of
+them, over a ``StandardNormal`` base. Any other layer is refused by name.
+
+The layers' own networks and parameters are used; what changes is how two computations
+are written, so that they export:
+
+- MAF's inverse is nflows' loop of ``D`` passes from zeros, written as flowserve's loop
+  (one ONNX ``Loop``) instead of a Python loop that tracing unrolls;
+- the rational-quadratic spline computes every element and then picks the tails with
+  ``torch.where``, where nflows indexes with boolean masks and checks the domain with
+  Python ``if``s, neither of which ``torch.export`` can capture.
+
+Eagerly the results equal nflows' own (a test compares them).
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import metadata
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from nflows.distributions.normal import StandardNormal
+from nflows.flows.base import Flow
+from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
+from nflows.transforms.base import CompositeTransform
+from nflows.transforms.coupling import PiecewiseRationalQuadraticCouplingTransform
+from nflows.transforms.permutations import Permutation
+from torch import Tensor, nn
+
+from ..flows.transforms import fixed_point_loop
+
+SUPPORTED = (MaskedAffineAutoregressiveTransform, PiecewiseRationalQuadraticCouplingTransform, Permutation)
+_SPLINE_SEARCH_EPS = 1e-6  # nflows widens the last bin edge by this much, so the right end falls in the last bin
+
+
+def layers_of(transform) -> list[nn.Module]:
+    """The transform's layers in data-to-noise order, composites flattened; raises
+    ValueError naming the first layer that cannot be exported."""
+    if isinstance(transform, CompositeTransform):
+        return [layer for inner in transform._transforms for layer in layers_of(inner)]
+    if not isinstance(transform, SUPPORTED):
+        raise ValueError(f"nflows transform {type(transform).__name__} cannot be exported; supported: "
+                         f"{', '.join(t.__name__ for t in SUPPORTED)} (and CompositeTransform of them)")
+    if isinstance(transform, PiecewiseRationalQuadraticCouplingTransform):
+        if transform.unconditional_transform is not None or transform.tails not in (None, "linear"):
+            raise ValueError("nflows PiecewiseRationalQuadraticCouplingTransform can be exported without an "
+                             f"unconditional transform and with tails None or 'linear' (got {transform.tails!r})")
+    return [transform]
+
+
+class NflowsFlow(nn.Module):
+    """``flow`` (an ``nflows.flows.Flow``; with a context of ``context`` values, or none) in
+    flowserve's model protocol."""
+
+    family = "nflows"
+    export_formats = ("onnx",)
+    """TorchScript traces would unroll the autoregressive inverse, so ONNX only."""
+
+    def __init__(self, flow: Flow, context: int = 0):
+        super().__init__()
+        if not isinstance(flow, Flow):
+            raise TypeError(f"expected an nflows.flows.Flow, got {type(flow).__name__}")
+        if type(flow._distribution) is not StandardNormal:
+            raise ValueError(f"nflows base distribution {type(flow._distribution).__name__} cannot be exported; "
+                             "use StandardNormal")
+        self.flow = flow
+        self.layers = layers_of(flow._transform)  # the flow's own modules, not copies
+        (features,) = flow._distribution._shape
+        self.event_shape = (int(features),)
+        self.noise_dim = int(features)
+        self.context_dim = int(context)
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = self.flow._embedding_net(context)
+        total = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, logabsdet = _forward(layer, x, context)
+            total = total + logabsdet
+        return self.flow._distribution.log_prob(x, context) + total
+
+    def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        context = self.flow._embedding_net(context)
+        x, total = z, z.new_zeros(z.shape[0])
+        for layer in reversed(self.layers):
+            x, logabsdet = _inverse(layer, x, context)
+            total = total + logabsdet
+        return x, self.flow._distribution.log_prob(z, context) - total
+
+    def config(self) -> dict[str, Any]:
+        """The library and the flow's layers, for the metadata."""
+        return {"library": f"nflows {metadata.version('nflows')}", "class": type(self.flow).__name__,
+                "transforms": [type(layer).__name__ for layer in self.layers]}
+
+
+def _forward(layer: nn.Module, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    if isinstance(layer, PiecewiseRationalQuadraticCouplingTransform):
+        return _coupling(layer, x, context, inverse=False)
+    return layer(x, context)
+
+
+def _inverse(layer: nn.Module, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    if isinstance(layer, PiecewiseRationalQuadraticCouplingTransform):
+        return _coupling(layer, y, context, inverse=True)
+    if isinstance(layer, MaskedAffineAutoregressiveTransform):
+        return _autoregressive_inverse(layer, y, context)
+    return layer.inverse(y, context)
+
+
+def _autoregressive_inverse(layer: MaskedAffineAutoregressiveTransform, y: Tensor,
+                            context: Tensor | None) -> tuple[Tensor, Tensor]:
+    """nflows' D passes from zeros, as one loop; the log-det comes from a last pass, whose
+    parameters equal those of nflows' last pass (a feature's depend only on earlier ones)."""
+    net, y = layer.autoregressive_net, y.clone()  # a tensor captured by the loop must not be a loop's output
+    x = fixed_point_loop(lambda x: layer._elementwise_inverse(y, net(x, context))[0], y, y.shape[1])
+    return layer._elementwise_inverse(y, net(x, context))
+
+
+def _coupling(layer: PiecewiseRationalQuadraticCouplingTransform, inputs: Tensor, context: Tensor | None,
+              inverse: bool) -> tuple[Tensor, Tensor]:
+    """nflows' coupling: the identity features parameterise a spline of the others."""
+    identity = inputs[:, layer.identity_features]
+    params = layer.transform_net(identity, context).reshape(inputs.shape[0], layer.num_transform_features, -1)
+    transformed, logabsdet = _spline(layer, inputs[:, layer.transform_features], params, inverse)
+    order = torch.argsort(torch.cat([layer.identity_features, layer.transform_features]))
+    return torch.cat([identity, transformed], dim=1)[:, order], logabsdet.sum(dim=1)
+
+
+def _spline(layer: PiecewiseRationalQuadraticCouplingTransform, inputs: Tensor, params: Tensor,
+            inverse: bool) -> tuple[Tensor, Tensor]:
+    bins = layer.num_bins
+    widths, heights, derivatives = params[..., :bins], params[..., bins:2 * bins], params[..., 2 * bins:]
+    scale = getattr(layer.transform_net, "hidden_features", None) or getattr(layer.transform_net,
+                                                                             "hidden_channels", None)
+    if scale:
+        widths, heights = widths / math.sqrt(scale), heights / math.sqrt(scale)
+    limits = dict(min_width=layer.min_bin_width, min_height=layer.min_bin_height, min_derivative=layer.min_derivative)
+    if layer.tails is None:
+        return _rational_quadratic(inputs, widths, heights, derivatives, inverse, 0.0, 1.0, **limits)
+    bound = layer.tail_bound
+    edge_derivative = math.log(math.exp(1 - layer.min_derivative) - 1)  # slope 1 where the linear tails join
+    derivatives = F.pad(derivatives, (1, 1), value=edge_derivative)
+    inside = (inputs >= -bound) & (inputs <= bound)
+    outputs, logabsdet = _rational_quadratic(inputs.clamp(-bound, bound), widths, heights, derivatives, inverse,
+                                             -bound, bound, **limits)
+    return torch.where(inside, outputs, inputs), torch.where(inside, logabsdet, torch.zeros_like(logabsdet))
+
+
+def _knots(unnormalized: Tensor, low: float, high: float, minimum: float) -> tuple[Tensor, Tensor]:
+    """Bin edges from ``low`` to ``high`` (exactly) and bin sizes, each bin at least ``minimum``."""
+    bins = unnormalized.shape[-1]
+    sizes = minimum + (1 - minimum * bins) * F.softmax(unnormalized, dim=-1)
+    edges = (high - low) * F.pad(torch.cumsum(sizes, dim=-1), (1, 0), value=0.0) + low
+    edges = torch.cat([torch.full_like(edges[..., :1], low), edges[..., 1:-1], torch.full_like(edges[..., :1], high)],
+                      dim=-1)
+    return edges, edges[..., 1:] - edges[..., :-1]
+
+
+def _rational_quadratic(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights: Tensor,
+                        unnormalized_derivatives: Tensor, inverse: bool, low: float, high: float, *,
+                        min_width: float, min_height: float, min_derivative: float) -> tuple[Tensor, Tensor]:
+    """nflows' ``rational_quadratic_spline`` on [low, high]², without its domain checks."""
+    cumwidths, widths = _knots(unnormalized_widths, low, high, min_width)
+    cumheights, heights = _knots(unnormalized_heights, low, high, min_height)
+    derivatives = min_derivative + F.softplus(unnormalized_derivatives)
+    edges = cumheights if inverse else cumwidths
+    edges = torch.cat([edges[..., :-1], edges[..., -1:] + _SPLINE_SEARCH_EPS], dim=-1)
+    # Clamped: outside [low, high] (which nflows refuses) the end bins extrapolate, and an
+    # exported graph never gathers out of range.
+    index = (torch.sum(inputs[..., None] >= edges, dim=-1) - 1).clamp(0, edges.shape[-1] - 2)[..., None]
+
+    def at(values: Tensor) -> Tensor:
+        return values.gather(-1, index)[..., 0]
+
+    input_cumwidths, input_widths = at(cumwidths), at(widths)
+    input_cumheights, input_heights = at(cumheights), at(heights)
+    input_delta = at(heights / widths)
+    input_derivatives, input_derivatives_next = at(derivatives), at(derivatives[..., 1:])
+    slopes = input_derivatives + input_derivatives_next - 2 * input_delta
+    if inverse:
+        shifted = inputs - input_cumheights
+        a = shifted * slopes + input_heights * (input_delta - input_derivatives)
+        b = input_heights * input_derivatives - shifted * slopes
+        c = -input_delta * shifted
+        theta = (2 * c) / (-b - torch.sqrt(b.pow(2) - 4 * a * c))
+        outputs = theta * input_widths + input_cumwidths
+    else:
+        theta = (inputs - input_cumwidths) / input_widths
+    theta_one_minus_theta = theta * (1 - theta)
+    denominator = input_delta + slopes * theta_one_minus_theta
+    if not inverse:
+        numerator = input_heights * (input_delta * theta.pow(2) + input_derivatives * theta_one_minus_theta)
+        outputs = input_cumheights + numerator / denominator
+    derivative_numerator = input_delta.pow(2) * (input_derivatives_next * theta.pow(2)
+                                                 + 2 * input_delta * theta_one_minus_theta
+                                                 + input_derivatives * (1 - theta).pow(2))
+    logabsdet = torch.log(derivative_numerator) - 2 * torch.log(denominator)
+    return outputs, -logabsdet if inverse else logabsdet
