@@ -92,7 +92,7 @@ def test_the_adapter_refuses_what_it_cannot_export(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", ZUKO_FLOWS)
+@pytest.mark.parametrize("name", ["realnvp"])  # the autoregressive ones are exported in the live test below
 def test_zuko_flows_export_with_their_inverse_as_a_loop(name, tmp_path):
     model = perturbed(name)
     rows, context = inputs(model, 64, seed=3)
@@ -169,7 +169,7 @@ def test_the_nflows_adapter_names_a_layer_it_cannot_export():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", NFLOWS_FLOWS)
+@pytest.mark.parametrize("name", ["maf-conditional", "spline-coupling"])  # the MAF is exported in the live test
 def test_nflows_flows_export_with_their_inverse_as_a_loop(name, tmp_path):
     model = perturbed_nflows(name)
     rows, context = inputs(model, 64, seed=3)
@@ -209,21 +209,22 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
     Triton and the gateway; one of them takes a context (which side of the moons)."""
     rows = two_moons(2000, seed=0)
     sides = (rows[:, :1] > 0.5).astype(np.float32)
-    flows = {  # name: (model, context column or None)
-        "zuko-maf": (ZukoFlow(zuko.flows.MAF(2, transforms=3), 2), None),
-        "zuko-nsf": (ZukoFlow(zuko.flows.NSF(2, transforms=2), 2), None),
-        "zuko-nsf-coupling": (ZukoFlow(zuko.flows.NSF(2, transforms=2, passes=2), 2), None),
-        "zuko-nsf-conditional": (ZukoFlow(zuko.flows.NSF(2, 1, transforms=2), 2, 1), sides),
-        "nflows-maf": (NflowsFlow(nflows_maf(2)), None),
+    flows = {  # name: (model, context column or None, autoregressive layers)
+        "zuko-maf": (ZukoFlow(zuko.flows.MAF(2, transforms=3), 2), None, 3),
+        "zuko-nsf": (ZukoFlow(zuko.flows.NSF(2, transforms=2), 2), None, 2),
+        "zuko-nsf-coupling": (ZukoFlow(zuko.flows.NSF(2, transforms=2, passes=2), 2), None, 2),
+        "zuko-nsf-conditional": (ZukoFlow(zuko.flows.NSF(2, 1, transforms=2), 2, 1), sides, 2),
+        "nflows-maf": (NflowsFlow(nflows_maf(2)), None, 3),
         # A trained nflows spline coupling is left out: in float32 its log p at some of its
         # own samples is uncertain by 1e-3 (PyTorch against float64), so ONNX Runtime and
         # PyTorch differ by more than the parity check allows there; see docs/byo.md.
     }
     repository = tmp_path / "repo"
-    for name, (model, context) in flows.items():
+    for name, (model, context, autoregressive) in flows.items():
         train(model, rows, context)
-        export_model(model, repository, name=name, example_data=rows[-200:],
-                     example_context=None if context is None else context[-200:])
+        meta = export_model(model, repository, name=name, example_data=rows[-200:],
+                            example_context=None if context is None else context[-200:])
+        assert meta.graphs["generation"]["loops"] == autoregressive and meta.graphs["density"]["loops"] == 0
 
     served = {}
     process, port, _ = start_serve(repository, tmp_path / "serve")
@@ -232,7 +233,7 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
         wait_for_health(target, process, health_pb2.HealthCheckResponse.SERVING)
         with FlowClient(target) as client:
             families = {m.name: m.family for m in client.list_models()}
-            for name, (_, context) in flows.items():
+            for name, (_, context, _) in flows.items():
                 one_side = None if context is None else np.ones(1, np.float32)
                 served[name] = (client.log_likelihood(name, rows[:300], None if context is None else context[:300]),
                                 client.sample(name, 300, seed=5, context=one_side))
@@ -241,7 +242,7 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
     assert families == {name: name.split("-")[0] for name in flows}
     noise = torch.from_numpy(np.random.Generator(np.random.PCG64(5)).standard_normal((300, 2), dtype=np.float32))
     with torch.no_grad():
-        for name, (model, context) in flows.items():
+        for name, (model, context, _) in flows.items():
             log_prob, samples = served[name]
             expected = library_log_prob(model, torch.from_numpy(rows[:300]),
                                         None if context is None else torch.from_numpy(context[:300]))
