@@ -169,7 +169,7 @@ def test_the_nflows_adapter_names_a_layer_it_cannot_export():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", ["maf-conditional", "spline-coupling"])  # the MAF is exported in the live test
+@pytest.mark.parametrize("name", ["spline-coupling"])  # the MAF is exported in the live test
 def test_nflows_flows_export_with_their_inverse_as_a_loop(name, tmp_path):
     model = perturbed_nflows(name)
     rows, context = inputs(model, 64, seed=3)
@@ -205,15 +205,14 @@ def train(model, rows: np.ndarray, context: np.ndarray | None, steps: int = 300)
 
 @pytest.mark.e2e
 def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tmp_path):
-    """Five flows trained on moons for 300 steps, exported through the Python API, served by
+    """Four flows trained on moons for 200 steps, exported through the Python API, served by
     Triton and the gateway; one of them takes a context (which side of the moons)."""
     rows = two_moons(2000, seed=0)
     sides = (rows[:, :1] > 0.5).astype(np.float32)
     flows = {  # name: (model, context column or None, autoregressive layers)
         "zuko-maf": (ZukoFlow(zuko.flows.MAF(2, transforms=3), 2), None, 3),
-        "zuko-nsf": (ZukoFlow(zuko.flows.NSF(2, transforms=2), 2), None, 2),
         "zuko-nsf-coupling": (ZukoFlow(zuko.flows.NSF(2, transforms=2, passes=2), 2), None, 2),
-        "zuko-nsf-conditional": (ZukoFlow(zuko.flows.NSF(2, 1, transforms=2), 2, 1), sides, 2),
+        "zuko-nsf-conditional": (ZukoFlow(zuko.flows.NSF(2, 1, transforms=2), 2, 1), sides, 2),  # autoregressive
         "nflows-maf": (NflowsFlow(nflows_maf(2)), None, 3),
         # A trained nflows spline coupling is left out: in float32 its log p at some of its
         # own samples is uncertain by 1e-3 (PyTorch against float64), so ONNX Runtime and
@@ -221,7 +220,7 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
     }
     repository = tmp_path / "repo"
     for name, (model, context, autoregressive) in flows.items():
-        train(model, rows, context)
+        train(model, rows, context, steps=200)
         meta = export_model(model, repository, name=name, example_data=rows[-200:],
                             example_context=None if context is None else context[-200:])
         assert meta.graphs["generation"]["loops"] == autoregressive and meta.graphs["density"]["loops"] == 0

@@ -21,7 +21,7 @@ from flowserve.metadata import EXACT, FlowMetadata
 from flowserve.spec import DIRECTIONS, triton_model_name, validate_flow_name
 
 from ..data import summarize
-from ..flows.base import ServableModel
+from ..flows.base import SERVABLE_MEMBERS, ServableModel
 from ..training import HELDOUT_SAMPLE_ROWS, load_checkpoint
 from .formats import EXPORTERS, graph_stats
 from .graphs import model_spec
@@ -29,9 +29,6 @@ from .parity import check_parity, parity_inputs
 from .triton_config import ServingConfig, write_model
 
 log = logging.getLogger(__name__)
-
-
-PROTOCOL = ("event_shape", "noise_dim", "context_dim", "log_prob", "sample_with_log_prob")
 
 
 def export_model(
@@ -58,10 +55,10 @@ def export_model(
     ``<name>-generation`` (config.pbtxt and the version's model file in ``serving.format``)
     and ``<name>.flowserve.json``. Nothing is written if a check fails.
     """
-    missing = [member for member in PROTOCOL if not hasattr(model, member)]
+    missing = [member for member in SERVABLE_MEMBERS if not hasattr(model, member)]
     if not isinstance(model, nn.Module) or missing:
         raise TypeError(f"{type(model).__name__} is not a servable model: it needs to be a torch.nn.Module "
-                        f"with {', '.join(PROTOCOL)}{f' (missing: {missing})' if missing else ''}")
+                        f"with {', '.join(SERVABLE_MEMBERS)}{f' (missing: {missing})' if missing else ''}")
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
     formats = getattr(model, "export_formats", tuple(EXPORTERS))

@@ -56,6 +56,10 @@ class ServableModel(Protocol):
     def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
 
+SERVABLE_MEMBERS = ("event_shape", "noise_dim", "context_dim", "log_prob", "sample_with_log_prob")
+"""The required members of :class:`ServableModel`, which export checks by name to say what is missing."""
+
+
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """``log N(z; 0, I)`` per row of ``z`` [B, N]."""
     return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * LOG_2PI
