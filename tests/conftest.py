@@ -178,6 +178,14 @@ def expected_samples(flow, seed: int, n: int, temperature: float = 1.0) -> tuple
     return x.numpy(), log_prob.numpy()
 
 
+def add_weight_noise(module: torch.nn.Module, scale: float = 0.1) -> None:
+    """Add ``scale`` times standard normal noise (from torch's global generator) to every
+    parameter, so layers that start at zero or at the identity compute something."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that contain ``text``."""
     found = []

@@ -25,7 +25,7 @@ from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.server.client import FlowClient
 
-from conftest import start_serve, stop_serve, wait_for_health
+from conftest import add_weight_noise, start_serve, stop_serve, wait_for_health
 
 # name: (builder, features, context, autoregressive transforms)
 ZUKO_FLOWS = {
@@ -42,9 +42,7 @@ def perturbed(name: str) -> ZukoFlow:
     make, features, context, _ = ZUKO_FLOWS[name]
     torch.manual_seed(0)
     flow = make()
-    with torch.no_grad():
-        for parameter in flow.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
+    add_weight_noise(flow)
     return ZukoFlow(flow, features, context).eval()
 
 
@@ -141,9 +139,7 @@ def perturbed_nflows(name: str) -> NflowsFlow:
     make, context, _ = NFLOWS_FLOWS[name]
     torch.manual_seed(0)
     flow = make()
-    with torch.no_grad():
-        for parameter in flow.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
+    add_weight_noise(flow)
     return NflowsFlow(flow.eval(), context).eval()
 
 

@@ -268,4 +268,7 @@ def test_export_model_names_what_is_wrong(tmp_path):
         export_model(model, tmp_path, name="x", example_data=rows, example_context=np.zeros((4, 2), np.float32))
     with pytest.raises(ValueError, match="takes a context of 2 values per row: pass example_context"):
         export_model(ShiftScale(3, context_dim=2), tmp_path, name="x", example_data=rows)
+    with pytest.raises(ValueError, match=r"example_context has shape \[3, 2\]; expected \[4, 2\]"):
+        export_model(ShiftScale(3, context_dim=2), tmp_path, name="x", example_data=rows,
+                     example_context=np.zeros((3, 2), np.float32))
     assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,8 @@ from flowserve.export.quality import gaussian_baseline
 from flowserve.export.training import TrainConfig, load_checkpoint, mean_log_prob, save_checkpoint, train_flow
 from flowserve.spec import DENSITY, GENERATION
 
+from conftest import add_weight_noise
+
 STANDARDIZE_3D = {"kind": "standardize", "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 1.0]}
 PIXELS = {"kind": "dequantize", "levels": 17}
 FLOW_CONFIGS: dict[str, dict] = {
@@ -74,9 +76,7 @@ def perturbed_model(config: dict, scale: float = 0.1, seed: int = 0):
     """A model whose parameters (zero last layers included) carry seeded random noise."""
     torch.manual_seed(seed)
     model = build_flow(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(scale * torch.randn_like(parameter))
+    add_weight_noise(model, scale)
     return model.eval()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..flows.base import SERVABLE_MEMBERS
+from ..flows.base import SERVABLE_MEMBERS, servable_problem
 
 _SPEC = re.compile(r"^(?P<path>.+\.py):(?P<function>[A-Za-z_][A-Za-z0-9_]*)$")
 
@@ -49,10 +49,9 @@ def wrap(flow, features: int, context: int = 0) -> nn.Module:
             raise ValueError(f"the nflows flow is over {flow.event_shape[0]} features, not {features}; "
                              "its data rows must have as many values")
         return flow
-    missing = [member for member in SERVABLE_MEMBERS if not hasattr(flow, member)]
-    if not isinstance(flow, nn.Module) or missing:
+    if servable_problem(flow):
         raise ValueError(f"the builder returned a {type(flow).__name__}, which is neither a zuko or nflows flow nor a "
-                        f"torch.nn.Module with {', '.join(SERVABLE_MEMBERS)}")
+                         f"torch.nn.Module with {', '.join(SERVABLE_MEMBERS)}")
     return flow
 
 

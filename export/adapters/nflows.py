@@ -116,8 +116,8 @@ def _autoregressive_inverse(layer: MaskedAffineAutoregressiveTransform, y: Tenso
                             context: Tensor | None) -> tuple[Tensor, Tensor]:
     """nflows' D passes from zeros, as one loop; the log-det comes from a last pass, whose
     parameters equal those of nflows' last pass (a feature's depend only on earlier ones)."""
-    net, y = layer.autoregressive_net, y.clone()  # a tensor captured by the loop must not be a loop's output
-    x = fixed_point_loop(lambda x: layer._elementwise_inverse(y, net(x, context))[0], y, y.shape[1])
+    net = layer.autoregressive_net
+    x = fixed_point_loop(lambda x, target: layer._elementwise_inverse(target, net(x, context))[0], y, y.shape[1])
     return layer._elementwise_inverse(y, net(x, context))
 
 

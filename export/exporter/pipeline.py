@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from flowserve import __version__
@@ -21,7 +20,7 @@ from flowserve.metadata import EXACT, FlowMetadata
 from flowserve.spec import DIRECTIONS, triton_model_name, validate_flow_name
 
 from ..data import summarize
-from ..flows.base import SERVABLE_MEMBERS, ServableModel
+from ..flows.base import ServableModel, servable_problem
 from ..training import HELDOUT_SAMPLE_ROWS, load_checkpoint
 from .formats import EXPORTERS, graph_stats
 from .graphs import model_spec
@@ -55,10 +54,9 @@ def export_model(
     ``<name>-generation`` (config.pbtxt and the version's model file in ``serving.format``)
     and ``<name>.flowserve.json``. Nothing is written if a check fails.
     """
-    missing = [member for member in SERVABLE_MEMBERS if not hasattr(model, member)]
-    if not isinstance(model, nn.Module) or missing:
-        raise TypeError(f"{type(model).__name__} is not a servable model: it needs to be a torch.nn.Module "
-                        f"with {', '.join(SERVABLE_MEMBERS)}{f' (missing: {missing})' if missing else ''}")
+    problem = servable_problem(model)
+    if problem:
+        raise TypeError(problem)
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
     formats = getattr(model, "export_formats", tuple(EXPORTERS))
@@ -131,11 +129,10 @@ def _example_rows(model: ServableModel, data, context) -> tuple[torch.Tensor, to
         return rows, None
     if context is None:
         raise ValueError(f"the model takes a context of {model.context_dim} values per row: pass example_context")
-    contexts = torch.as_tensor(np.asarray(context, dtype=np.float32)[:HELDOUT_SAMPLE_ROWS])
-    if tuple(contexts.shape) != (len(rows), model.context_dim):
+    if np.shape(context) != (len(data), model.context_dim):
         raise ValueError(f"example_context has shape {list(np.shape(context))}; expected "
-                         f"[{len(np.asarray(data))}, {model.context_dim}], one context per example row")
-    return rows, contexts
+                         f"[{len(data)}, {model.context_dim}], one context per example row")
+    return rows, torch.as_tensor(np.asarray(context, dtype=np.float32)[:HELDOUT_SAMPLE_ROWS])
 
 
 def export_flow(

@@ -57,7 +57,16 @@ class ServableModel(Protocol):
 
 
 SERVABLE_MEMBERS = ("event_shape", "noise_dim", "context_dim", "log_prob", "sample_with_log_prob")
-"""The required members of :class:`ServableModel`, which export checks by name to say what is missing."""
+"""The required members of :class:`ServableModel`."""
+
+
+def servable_problem(model: Any) -> str | None:
+    """Why ``model`` is not a :class:`ServableModel` (naming missing members), or None if it is."""
+    missing = [member for member in SERVABLE_MEMBERS if not hasattr(model, member)]
+    if isinstance(model, nn.Module) and not missing:
+        return None
+    return (f"{type(model).__name__} is not a servable model: it needs to be a torch.nn.Module with "
+            f"{', '.join(SERVABLE_MEMBERS)}{f' (missing: {missing})' if missing else ''}")
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:

@@ -321,24 +321,28 @@ class PixelLogit(nn.Module):
         return x, sum_per_row(log_p_q - self.log_slope)
 
 
-def fixed_point_loop(step: Callable[[Tensor], Tensor], like: Tensor, passes: int) -> Tensor:
-    """``x <- step(x)``, ``passes`` times, from zeros shaped like ``like``.
+def fixed_point_loop(step: Callable[[Tensor, Tensor], Tensor], target: Tensor, passes: int) -> Tensor:
+    """``x <- step(x, target)``, ``passes`` times, from zeros shaped like ``target``: the
+    inversion of an autoregressive map onto ``target``.
 
     A plain loop in eager PyTorch; one ``while_loop`` (an ONNX ``Loop``) while being
-    exported, where a Python loop would be unrolled ``passes`` times. Tensors that ``step``
-    closes over must not be outputs of an earlier ``while_loop``: clone them first.
+    exported, where a Python loop would be unrolled ``passes`` times. There ``target`` is
+    cloned first: the loop body may not capture the output of an earlier ``while_loop``
+    (zuko's spline inverse then fails to export), and a stacked flow's target is exactly that.
     """
     if torch.compiler.is_compiling():
+        target = target.clone()
+
         def unfinished(index, x):
             return index < passes
 
         def body(index, x):
-            return index + 1, step(x)
+            return index + 1, step(x, target)
 
-        return while_loop(unfinished, body, (torch.zeros((), dtype=torch.int64), torch.zeros_like(like)))[1]
-    x = torch.zeros_like(like)
+        return while_loop(unfinished, body, (torch.zeros((), dtype=torch.int64), torch.zeros_like(target)))[1]
+    x = torch.zeros_like(target)
     for _ in range(passes):
-        x = step(x)
+        x = step(x, target)
     return x
 
 
@@ -368,7 +372,7 @@ class FixedPointInverse(nn.Module):
 
     @torch.jit.unused
     def _exported_loop(self, z: Tensor, context: Optional[Tensor]) -> Tensor:
-        return fixed_point_loop(lambda x: self._step(z, x, context), z, z.shape[1])
+        return fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1])
 
     def forward(self, z: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dz|)``."""
