@@ -77,6 +77,35 @@ def test_scaled_gap_is_absolute_below_one_and_relative_above():
     assert np.isnan(scaled_gap([np.nan], [1.0]))
 
 
+def test_scaled_gap_forgives_four_times_float32s_own_spread():
+    assert scaled_gap([0.53, 0.2], [0.5, 0.2], spread=[0.01, 0.0]) == 0.0  # 0.03 off where float32 strays 0.01
+    assert scaled_gap([0.55, 0.2], [0.5, 0.2], spread=[0.01, 0.0]) == pytest.approx(0.01)
+    assert scaled_gap([0.2, 0.2001], [0.2, 0.2], spread=[0.01, 0.0]) == pytest.approx(1e-4)  # spread is per point
+
+
+class Float32Only(torch.nn.Module):
+    """A servable model whose outputs are float32 whatever its parameters: no float64 reference."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow, self.event_shape, self.noise_dim, self.context_dim = flow, flow.event_shape, flow.noise_dim, 0
+
+    def log_prob(self, x, context=None):
+        return self.flow.log_prob(x).float()
+
+    def sample_with_log_prob(self, z, context=None):
+        x, log_prob = self.flow.sample_with_log_prob(z)
+        return x.float(), log_prob.float()
+
+
+def test_parity_falls_back_to_float32_pytorch_for_a_model_without_float64(trained_flow, onnx_models, moons, caplog):
+    inputs = parity_inputs(trained_flow, torch.from_numpy(moons["test"]))
+    report = check_parity(Float32Only(trained_flow), onnx_models, "onnx", inputs)
+    assert "Float32Only does not run in float64" in caplog.text
+    assert set(report) == {"density_log_prob", "generation_x", "generation_log_prob"}
+    assert max(report.values()) <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["realnvp", "maf"])
 def test_raw_tabular_data_exports_cleanly(family, tmp_path, capsys):
     """A user's first export of raw features (breast-cancer: 0.001 to 2500) must not fail on

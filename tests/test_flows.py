@@ -246,12 +246,13 @@ def test_build_flow_rejects_unknown_family_and_bad_options():
 @pytest.mark.e2e
 @all_models
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_exported_graphs_match_pytorch(config, fmt):
+def test_exported_graphs_match_pytorch(config, fmt, caplog):
     model = perturbed_model(config)
     heldout = data_points(model, 64, seed=8)
     graphs = {direction: EXPORTERS[fmt](model, direction) for direction in (DENSITY, GENERATION)}
     report = check_parity(model, graphs, fmt, parity_inputs(model, heldout, contexts(model, 64, seed=9), rows=64))
     assert max(report.values()) <= 1e-4
+    assert "float64" not in caplog.text  # checked against a float64 reference
     assert ("round_trip_x" in report) == isinstance(model, Flow)
 
 
