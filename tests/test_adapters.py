@@ -15,10 +15,10 @@ from nflows.nn.nets import ResidualNet
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 
+from flowserve.export.adapters.builder import wrap
 from flowserve.export.adapters.nflows import NflowsFlow
 from flowserve.export.adapters.zuko import ZukoFlow
 from flowserve.export.data import two_moons
-from flowserve.export.adapters.builder import wrap
 from flowserve.export.exporter.formats import export_onnx, graph_stats, load_exported
 from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import ServingConfig
@@ -232,7 +232,7 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
         assert meta.graphs["generation"]["loops"] == autoregressive and meta.graphs["density"]["loops"] == 0
         ones = None if context is None else np.ones((300, 1), np.float32)
         for cli_run, api_run in zip(exported_outputs(tmp_path / "cli", name, rows[:300], noise, ones),
-                                    exported_outputs(tmp_path / "api", name, rows[:300], noise, ones)):
+                                    exported_outputs(tmp_path / "api", name, rows[:300], noise, ones), strict=True):
             np.testing.assert_array_equal(cli_run, api_run, err_msg=name)
         models[name] = (model, context)
 
