@@ -8,18 +8,21 @@ and with its exported ONNX and TorchScript graphs.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from flowserve import cli
 from flowserve.export.data import DATASETS, Dataset, train_test_split, two_moons
-from flowserve.export.exporter.formats import EXPORTERS, export_onnx, export_torchscript, graph_stats
+from flowserve.export.exporter.formats import EXPORTERS, export_onnx, graph_stats, load_exported
 from flowserve.export.exporter.parity import check_parity, parity_inputs
 from flowserve.export.flows.base import Flow
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, family_class
+from flowserve.export.flows.transforms import FixedPointInverse
 from flowserve.export.quality import gaussian_baseline
 from flowserve.export.training import TrainConfig, load_checkpoint, mean_log_prob, save_checkpoint, train_flow
 from flowserve.spec import DENSITY, GENERATION
@@ -256,14 +259,58 @@ def test_exported_graphs_match_pytorch(config, fmt, caplog):
     assert ("round_trip_x" in report) == isinstance(model, Flow)
 
 
+def sequential_loops(model) -> list[FixedPointInverse]:
+    return [module for module in model.modules() if isinstance(module, FixedPointInverse)]
+
+
+def set_early_exit(model, early_exit: bool):
+    for loop in sequential_loops(model):
+        loop.early_exit = early_exit
+    return model
+
+
+def sequential_output(model, direction: str, rows: int = 256):
+    """The sequential direction of ``model`` on seeded inputs (data points or noise), eagerly."""
+    context = contexts(model, rows, seed=4)
+    with torch.no_grad():
+        if direction == GENERATION:
+            return model.sample_with_log_prob(standard_normal(rows, model.noise_dim, seed=3), context)
+        return (model.log_prob(data_points(model, rows, seed=3), context),)
+
+
+AUTOREGRESSIVE = {**{name: config for name, config in FLOW_CONFIGS.items() if config["family"] in ("maf", "iaf")},
+                  "maf-64d": {"family": "maf", "event_shape": [64], "num_layers": 5, "hidden_features": [128]},
+                  "iaf-64d": {"family": "iaf", "event_shape": [64], "num_layers": 5, "hidden_features": [128]}}
+
+
+@pytest.mark.parametrize("config", AUTOREGRESSIVE.values(), ids=AUTOREGRESSIVE.keys())
+def test_early_exit_gives_the_d_step_result_bit_for_bit(config):
+    model = perturbed_model(config)
+    direction = GENERATION if config["family"] == "maf" else DENSITY
+    early = sequential_output(model, direction)
+    passes = [loop.passes_run for loop in sequential_loops(model)]
+    d_steps = sequential_output(set_early_exit(model, False), direction)
+    for got, expected in zip(early, d_steps, strict=True):
+        assert torch.equal(got, expected)
+    assert [loop.passes_run for loop in sequential_loops(model)] == [model.noise_dim] * len(passes)
+    if model.noise_dim == 64:
+        assert max(passes) < 32  # 15 to 17 of 64 here
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("family, direction", [("maf", GENERATION), ("iaf", DENSITY)])
 def test_sequential_direction_is_a_loop_not_unrolled(family, direction):
-    model = perturbed_model({"family": family, "event_shape": [64], "num_layers": 5, "hidden_features": [128]})
-    onnx_stats = graph_stats("onnx", export_onnx(model, direction))
-    assert onnx_stats["loops"] == 5 and onnx_stats["nodes"] < 300
-    torchscript_stats = graph_stats("torchscript", export_torchscript(model, direction))
-    assert torchscript_stats["loops"] == 5
+    """D=64: the early-exit loop stays one Loop per layer, and its exported graphs compute
+    what the D-step loop's graphs compute."""
+    model = perturbed_model(AUTOREGRESSIVE[f"{family}-64d"])
+    points = (standard_normal(256, 64, seed=3) if direction == GENERATION else data_points(model, 256, seed=3)).numpy()
+    for fmt, node_budget in (("onnx", 300), ("torchscript", None)):
+        early = EXPORTERS[fmt](model, direction)
+        d_steps = EXPORTERS[fmt](set_early_exit(copy.deepcopy(model), False), direction)
+        stats = graph_stats(fmt, early)
+        assert stats["loops"] == 5 and (node_budget is None or stats["nodes"] < node_budget)
+        for got, expected in zip(load_exported(fmt, early)(points), load_exported(fmt, d_steps)(points), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     one_pass = graph_stats("onnx", export_onnx(model, DENSITY if direction == GENERATION else GENERATION))
     assert one_pass["loops"] == 0
 

@@ -321,29 +321,41 @@ class PixelLogit(nn.Module):
         return x, sum_per_row(log_p_q - self.log_slope)
 
 
-def fixed_point_loop(step: Callable[[Tensor, Tensor], Tensor], target: Tensor, passes: int) -> Tensor:
-    """``x <- step(x, target)``, ``passes`` times, from zeros shaped like ``target``: the
-    inversion of an autoregressive map onto ``target``.
+def fixed_point_loop(step: Callable[[Tensor, Tensor], Tensor], target: Tensor, passes: int,
+                     early_exit: bool = True) -> tuple[Tensor, Tensor]:
+    """``x <- step(x, target)`` from zeros shaped like ``target`` (the inversion of an
+    autoregressive map onto ``target``), until a step changes nothing (unless not
+    ``early_exit``) or after ``passes`` steps; returns ``x`` and the number of steps run.
 
-    A plain loop in eager PyTorch; one ``while_loop`` (an ONNX ``Loop``) while being
-    exported, where a Python loop would be unrolled ``passes`` times. There ``target`` is
-    cloned first: the loop body may not capture the output of an earlier ``while_loop``
-    (zuko's spline inverse then fails to export), and a stacked flow's target is exactly that.
+    Feature ``i`` of ``step(x)`` depends only on features before ``i``, so the map has one
+    fixed point, the ``passes``-step result: stopping when a step returns its input bit for
+    bit (Jacobi iteration with early exit) gives exactly that result, often in far fewer
+    steps. A plain loop in eager PyTorch; one ``while_loop`` (an ONNX ``Loop`` whose
+    condition carries the early exit) while being exported, where a Python loop would be
+    unrolled. There ``target`` is cloned first: the loop body may not capture the output of
+    an earlier ``while_loop`` (zuko's spline inverse then fails to export), and a stacked
+    flow's target is exactly that.
     """
     if torch.compiler.is_compiling():
         target = target.clone()
 
-        def unfinished(index, x):
-            return index < passes
+        def unfinished(index, x, changed):
+            return (index < passes) & changed
 
-        def body(index, x):
-            return index + 1, step(x, target)
+        def body(index, x, changed):
+            stepped = step(x, target)
+            return index + 1, stepped, torch.any(stepped != x) | (not early_exit)
 
-        return while_loop(unfinished, body, (torch.zeros((), dtype=torch.int64), torch.zeros_like(target)))[1]
+        start = (torch.zeros((), dtype=torch.int64), torch.zeros_like(target), torch.ones((), dtype=torch.bool))
+        index, x, _ = while_loop(unfinished, body, start)
+        return x, index
     x = torch.zeros_like(target)
-    for _ in range(passes):
-        x = step(x, target)
-    return x
+    for index in range(passes):
+        stepped = step(x, target)
+        if early_exit and torch.equal(stepped, x):
+            return x, torch.tensor(index + 1)
+        x = stepped
+    return x, torch.tensor(passes)
 
 
 class FixedPointInverse(nn.Module):
@@ -353,13 +365,15 @@ class FixedPointInverse(nn.Module):
     feature ``i`` depends only on features before ``i`` in the network's order (a MADE).
     Iterating ``x <- z * exp(log_scale(x)) + shift(x)`` from ``x = 0`` makes one more
     feature exact per step, so ``D`` steps invert exactly: one network pass per step, and
-    the loop stays a loop in both export formats.
+    the loop stays a loop in both export formats. The loop stops early once a step changes
+    nothing, with the same result bit for bit (see :func:`fixed_point_loop`).
     """
 
     def __init__(self, net: nn.Module, log_scale_bound: float = 3.0):
         super().__init__()
         self.net = net
         self.log_scale_bound = log_scale_bound
+        self.early_exit = True  # False: always D steps (the reference the tests compare with)
 
     def params(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """``(shift, log_scale)`` of every feature given ``x``."""
@@ -372,16 +386,23 @@ class FixedPointInverse(nn.Module):
 
     @torch.jit.unused
     def _exported_loop(self, z: Tensor, context: Optional[Tensor]) -> Tensor:
-        return fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1])
+        return fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1], self.early_exit)[0]
 
     def forward(self, z: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """``(x, log|det dx/dz|)``."""
+        """``(x, log|det dx/dz|)``; eagerly, ``passes_run`` then holds the steps the loop ran."""
         if not torch.jit.is_scripting() and torch.compiler.is_compiling():
             x = self._exported_loop(z, context)
-        else:
+        else:  # scripted as it stands (TorchScript has no closures): see fixed_point_loop
             x = torch.zeros_like(z)
+            passes = 0
             for _ in range(z.shape[1]):
-                x = self._step(z, x, context)
+                stepped = self._step(z, x, context)
+                passes += 1
+                if self.early_exit and torch.equal(stepped, x):
+                    break
+                x = stepped
+            if not torch.jit.is_scripting():
+                self.passes_run = passes
         _, log_scale = self.params(x, context)
         return x, log_scale.sum(1)
 
