@@ -109,7 +109,7 @@ def test_a_64_dimensional_zuko_flow_generates_through_three_loops_not_64_copies(
     torch.manual_seed(0)
     model = ZukoFlow(build(64, transforms=3), 64).eval()
     stats = graph_stats("onnx", export_onnx(model, "generation"))
-    assert stats["loops"] == 3 and stats["nodes"] < budget  # 119 and 691 here; unrolled, 3 x 64 passes
+    assert stats["loops"] == 3 and stats["nodes"] < budget  # 140 and 712 here; unrolled, 3 x 64 passes
 
 
 # name: (builder, context, autoregressive layers)
