@@ -117,7 +117,7 @@ def _autoregressive_inverse(layer: MaskedAffineAutoregressiveTransform, y: Tenso
     """nflows' D passes from zeros, as one loop; the log-det comes from a last pass, whose
     parameters equal those of nflows' last pass (a feature's depend only on earlier ones)."""
     net = layer.autoregressive_net
-    x = fixed_point_loop(lambda x, target: layer._elementwise_inverse(target, net(x, context))[0], y, y.shape[1])[0]
+    x = fixed_point_loop(lambda x, target: layer._elementwise_inverse(target, net(x, context))[0], y, y.shape[1])
     return layer._elementwise_inverse(y, net(x, context))
 
 

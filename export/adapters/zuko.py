@@ -26,7 +26,7 @@ class LoopedAutoregressiveTransform(AutoregressiveTransform):
 
     def _inverse(self, y: Tensor) -> Tensor:
         meta = self.meta
-        return fixed_point_loop(lambda x, target: meta(x).inv(target), y, self.passes)[0]
+        return fixed_point_loop(lambda x, target: meta(x).inv(target), y, self.passes)
 
 
 class ZukoFlow(nn.Module):

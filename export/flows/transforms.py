@@ -322,10 +322,10 @@ class PixelLogit(nn.Module):
 
 
 def fixed_point_loop(step: Callable[[Tensor, Tensor], Tensor], target: Tensor, passes: int,
-                     early_exit: bool = True) -> tuple[Tensor, Tensor]:
+                     early_exit: bool = True) -> Tensor:
     """``x <- step(x, target)`` from zeros shaped like ``target`` (the inversion of an
     autoregressive map onto ``target``), until a step changes nothing (unless not
-    ``early_exit``) or after ``passes`` steps; returns ``x`` and the number of steps run.
+    ``early_exit``) or after ``passes`` steps.
 
     Feature ``i`` of ``step(x)`` depends only on features before ``i``, so the map has one
     fixed point, the ``passes``-step result: stopping when a step returns its input bit for
@@ -347,15 +347,14 @@ def fixed_point_loop(step: Callable[[Tensor, Tensor], Tensor], target: Tensor, p
             return index + 1, stepped, torch.any(stepped != x) | (not early_exit)
 
         start = (torch.zeros((), dtype=torch.int64), torch.zeros_like(target), torch.ones((), dtype=torch.bool))
-        index, x, _ = while_loop(unfinished, body, start)
-        return x, index
+        return while_loop(unfinished, body, start)[1]
     x = torch.zeros_like(target)
-    for index in range(passes):
+    for _ in range(passes):
         stepped = step(x, target)
         if early_exit and torch.equal(stepped, x):
-            return x, torch.tensor(index + 1)
+            break
         x = stepped
-    return x, torch.tensor(passes)
+    return x
 
 
 class FixedPointInverse(nn.Module):
@@ -386,7 +385,7 @@ class FixedPointInverse(nn.Module):
 
     @torch.jit.unused
     def _exported_loop(self, z: Tensor, context: Optional[Tensor]) -> Tensor:
-        return fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1], self.early_exit)[0]
+        return fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1], self.early_exit)
 
     def forward(self, z: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dz|)``; eagerly, ``passes_run`` then holds the steps the loop ran."""
