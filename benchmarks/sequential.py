@@ -2,8 +2,8 @@
 direction, with the D-step loop and with the early exit, side by side in one run.
 
 Trains each flow briefly (digits with uniform noise, D=64; and D=256: the digits
-upsampled to 16x16, then the noise), exports three ONNX graphs per flow (the fast direction, the slow one with D
-steps, the slow one with the early exit) and times them in-process with ONNX Runtime, in
+upsampled to 16x16, then the noise), exports three ONNX graphs per flow (the fast
+direction, the slow one with D steps, the slow one with the early exit) and times them in-process with ONNX Runtime, in
 interleaved rounds, at batch sizes 1, 64 and 1024. Prints the steps the early exit ran per
 layer, rows/s, and the slow/fast ratios. Usage:
 
@@ -91,7 +91,7 @@ def inputs(model, family: str, heldout: np.ndarray, batch: int) -> dict[str, np.
 
 def steps_run(model, family: str, rows: np.ndarray) -> str:
     with torch.no_grad():
-        if family == "maf":
+        if SLOW[family] == GENERATION:
             model.sample_with_log_prob(torch.from_numpy(rows))
         else:
             model.log_prob(torch.from_numpy(rows))
