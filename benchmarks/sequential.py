@@ -3,19 +3,23 @@ direction, with the D-step loop and with the early exit, side by side in one run
 
 Trains each flow briefly (digits with uniform noise, D=64; and D=256: the digits
 upsampled to 16x16, then the noise), exports three ONNX graphs per flow (the fast
-direction, the slow one with D steps, the slow one with the early exit) and times them in-process with ONNX Runtime, in
-interleaved rounds, at batch sizes 1, 64 and 1024. Prints the steps the early exit ran per
-layer, rows/s, and the slow/fast ratios. Usage:
+direction, the slow one with D steps, the slow one with the early exit) and times them
+in-process with ONNX Runtime, in interleaved rounds, at batch sizes 1, 64 and 1024.
+Prints rows/s and the slow/fast ratios; then the steps the early exit ran per layer, for
+these flows and for flows trained on moons and breast-cancer; then the D=64 MAF served
+through Triton and the gateway (LogLikelihood, and Sample from the early-exit and the
+D-step graphs). Usage:
 
     .venv/bin/python benchmarks/sequential.py [--dims 64 256] [--families maf iaf] [--steps 500]
+        [--step-data moons breast-cancer] [--no-gateway]
 
 IAF trains through its slow direction: at D=256, 500 steps take more than 20 minutes on a
-2-core machine (``--families iaf --dims 256 --steps 100`` is shorter).
-"""
+2-core machine (``--families iaf --dims 256 --steps 100`` is shorter)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import copy
 import platform
@@ -70,14 +74,29 @@ def sessions(model, family: str, threads: int) -> dict[str, ort.InferenceSession
             for name, graph in graphs.items()}
 
 
-def rows_per_second(session: ort.InferenceSession, rows: np.ndarray, seconds: float = 0.5) -> float:
-    feed = {session.get_inputs()[0].name: rows}
-    session.run(None, feed)
+def calls_per_second(call, seconds: float = 0.5) -> float:
+    """Calls per second of ``call()``, after one warm-up call; at least two timed calls."""
+    call()
     calls, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds or calls < 2:
-        session.run(None, feed)
+        call()
         calls += 1
-    return calls * len(rows) / elapsed
+    return calls / elapsed
+
+
+def rows_per_second(session: ort.InferenceSession, rows: np.ndarray) -> float:
+    feed = {session.get_inputs()[0].name: rows}
+    return calls_per_second(lambda: session.run(None, feed)) * len(rows)
+
+
+def trained(family: str, data, steps: int, output: Path):
+    """Train ``family`` on ``data`` (a built-in name or a file); the model in eval mode and
+    its held-out rows, flat."""
+    with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout
+        checkpoint = train(family, data, steps=steps, output=output)
+    model, saved = load_checkpoint(checkpoint)
+    model.eval()
+    return model, saved.heldout_sample.reshape(len(saved.heldout_sample), -1).numpy()
 
 
 def inputs(model, family: str, heldout: np.ndarray, batch: int) -> dict[str, np.ndarray]:
@@ -99,6 +118,54 @@ def steps_run(model, family: str, rows: np.ndarray) -> str:
     return f"{min(counts)}-{max(counts)}"
 
 
+def gateway_rates(model, heldout: np.ndarray, folder: Path, rounds: int) -> None:
+    """The same MAF through Triton and the gateway: LogLikelihood, and Sample from the
+    early-exit graphs and from the D-step graphs (exported as a second model)."""
+    from flowserve.export.exporter.pipeline import export_model
+    from flowserve.server.app import Gateway, GatewayConfig
+    from flowserve.server.client import FlowClient
+    from flowserve.server.launcher import TritonServer, free_port
+    from flowserve.server.triton import TritonBackend
+
+    repository = folder / "repository"
+    d_steps = copy.deepcopy(model)
+    for loop in loops(d_steps):
+        loop.early_exit = False
+    with contextlib.redirect_stdout(sys.stderr):
+        export_model(model, repository, name="maf", example_data=heldout[:256])
+        export_model(d_steps, repository, name="maf-d-steps", example_data=heldout[:256])
+
+    def measure(target: str) -> None:
+        with FlowClient(target, timeout=600) as client:
+            gap = np.abs(client.sample("maf", 1024, seed=7).x - client.sample("maf-d-steps", 1024, seed=7).x).max()
+            print(f"\nThrough the gateway (the D={model.dim} MAF; Triton's Python backend runs ONNX Runtime; "
+                  f"the same seed gives samples {gap:.1e} apart between the two graphs):\n")
+            print("| batch | LogLikelihood rows/s | Sample, D steps | Sample, early exit "
+                  "| slow/fast, D steps | slow/fast, early exit |")
+            print("|---|---|---|---|---|---|")
+            for batch in BATCHES:
+                rows = heldout[np.random.default_rng(batch).integers(len(heldout), size=batch)]
+                calls = {"fast": lambda: client.log_likelihood("maf", rows),
+                         "D steps": lambda: client.sample("maf-d-steps", batch, seed=1),
+                         "early exit": lambda: client.sample("maf", batch, seed=1)}
+                rates = {name: 0.0 for name in calls}
+                for _ in range(rounds):
+                    for name, call in calls.items():
+                        rates[name] = max(rates[name], calls_per_second(call) * batch)
+                fast, slow, early = rates["fast"], rates["D steps"], rates["early exit"]
+                print(f"| {batch} | {fast:,.0f} | {slow:,.0f} | {early:,.0f} | {fast / slow:.1f}x | {fast / early:.1f}x |",
+                      flush=True)
+
+    with TritonServer(repository, folder / "triton") as triton:
+        config = GatewayConfig(repository, triton.grpc_url, host="127.0.0.1", port=0, metrics_port=free_port())
+
+        async def run() -> None:
+            async with Gateway(config, TritonBackend(config.triton_url)) as gateway:
+                await asyncio.to_thread(measure, f"127.0.0.1:{gateway.port}")
+
+        asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 256])
@@ -106,22 +173,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="training steps per flow")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the best is kept)")
+    parser.add_argument("--step-data", nargs="*", default=["moons", "breast-cancer"],
+                        help="more data sets whose flows only have their early-exit steps counted")
+    parser.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,
+                        help="also serve the D=64 MAF through Triton and the gateway")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"onnxruntime {ort.__version__} with {args.threads} intra-op thread(s)\n")
     print("| flow | D | batch | steps run per layer | fast rows/s | slow, D steps | slow, early exit "
           "| slow/fast, D steps | slow/fast, early exit | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    steps: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
+        served = None
         for dim in args.dims:
             data = data_file(dim, Path(folder))
             for family in args.families:
-                with contextlib.redirect_stdout(sys.stderr):  # the table alone on stdout
-                    checkpoint = train(family, data, steps=args.steps, output=Path(folder) / f"{family}-{dim}.pt")
-                model, saved = load_checkpoint(checkpoint)
-                model.eval()
-                heldout = saved.heldout_sample.reshape(len(saved.heldout_sample), -1).numpy()
+                model, heldout = trained(family, data, args.steps, Path(folder) / f"{family}-{dim}.pt")
                 runners = sessions(model, family, args.threads)
+                counts = []
                 for batch in BATCHES:
                     feeds = inputs(model, family, heldout, batch)
                     rates = {name: 0.0 for name in runners}
@@ -129,10 +199,25 @@ def main() -> None:
                         for name, session in runners.items():
                             rates[name] = max(rates[name], rows_per_second(session, feeds[name]))
                     fast, d_steps, early = rates["fast"], rates["D steps"], rates["early exit"]
-                    print(f"| {family} ({SLOW[family]} is slow) | {dim} | {batch} | "
-                          f"{steps_run(model, family, feeds['early exit'])} of {dim} | {fast:,.0f} | {d_steps:,.0f} | "
-                          f"{early:,.0f} | {fast / d_steps:.1f}x | {fast / early:.1f}x | {early / d_steps:.1f}x |",
-                          flush=True)
+                    counts.append(steps_run(model, family, feeds["early exit"]))
+                    print(f"| {family} ({SLOW[family]} is slow) | {dim} | {batch} | {counts[-1]} of {dim} | "
+                          f"{fast:,.0f} | {d_steps:,.0f} | {early:,.0f} | {fast / d_steps:.1f}x | "
+                          f"{fast / early:.1f}x | {early / d_steps:.1f}x |", flush=True)
+                steps.append(f"| {data.stem} | {dim} | {family} {SLOW[family]} | {' | '.join(counts)} |")
+                if family == "maf" and dim == 64:
+                    served = (model, heldout)
+        for name in args.step_data:
+            for family in args.families:
+                model, heldout = trained(family, name, args.steps, Path(folder) / f"{family}-{name}.pt")
+                counts = [steps_run(model, family, inputs(model, family, heldout, batch)["early exit"])
+                          for batch in BATCHES]
+                steps.append(f"| {name} | {model.dim} | {family} {SLOW[family]} | {' | '.join(counts)} |")
+        print("\nSteps the early exit ran per layer (eager PyTorch, fewest to most over the layers):\n")
+        print("| data | D | slow direction | " + " | ".join(f"batch {batch}" for batch in BATCHES) + " |")
+        print("|---|---|---|" + "---|" * len(BATCHES))
+        print("\n".join(steps), flush=True)
+        if args.gateway and served is not None:
+            gateway_rates(*served, Path(folder), args.rounds)
 
 
 if __name__ == "__main__":
