@@ -1,14 +1,15 @@
 """The sequential direction of MAF (generation) and IAF (density) against the one-pass
-direction, with the D-step loop and with the early exit, side by side in one run.
+direction: with the D-step loop, with the early exit, and with the cached inverse, side by
+side in one run.
 
 Trains each flow briefly (digits with uniform noise, D=64; and D=256: the digits
-upsampled to 16x16, then the noise), exports three ONNX graphs per flow (the fast
-direction, the slow one with D steps, the slow one with the early exit) and times them
-in-process with ONNX Runtime, in interleaved rounds, at batch sizes 1, 64 and 1024.
-Prints rows/s and the slow/fast ratios; then the steps the early exit ran per layer, for
-these flows and for flows trained on moons and breast-cancer; then the D=64 MAF served
-through Triton and the gateway (LogLikelihood, and Sample from the early-exit and the
-D-step graphs). Usage:
+upsampled to 16x16, then the noise), exports four ONNX graphs per flow (the fast
+direction, and the slow one with D steps, with the early exit, with the cached inverse)
+and times them in-process with ONNX Runtime, in interleaved rounds, at batch sizes 1, 64
+and 1024. Prints rows/s and the slow/fast ratios; then the steps the early exit ran per
+layer, for these flows and for flows trained on moons and breast-cancer; then the D=64
+MAF served through Triton and the gateway (LogLikelihood, and Sample from the D-step, the
+early-exit and the cached graphs). Usage:
 
     .venv/bin/python benchmarks/sequential.py [--dims 64 256] [--families maf iaf] [--steps 500]
         [--step-data moons breast-cancer] [--no-gateway]
@@ -35,11 +36,14 @@ import torch
 from flowserve.cli.build import train
 from flowserve.export.data import digits
 from flowserve.export.exporter.formats import export_onnx
+from flowserve.export.flows.autoregressive import use_cached_inverse
 from flowserve.export.flows.transforms import FixedPointInverse
 from flowserve.export.training import load_checkpoint
 from flowserve.spec import DENSITY, GENERATION
 
 BATCHES = (1, 64, 1024)
+CACHED_FROM = 256  # the served cached graph's minimum batch (the CLI's default)
+SAMPLED = ("maf-d-steps", "maf", "maf-cached")  # served models: D steps, early exit, cached
 SLOW = {"maf": GENERATION, "iaf": DENSITY}
 
 
@@ -61,13 +65,23 @@ def loops(model) -> list[FixedPointInverse]:
     return [module for module in model.modules() if isinstance(module, FixedPointInverse)]
 
 
+def with_loops(model, early_exit: bool = True, cached_from: int | None = None):
+    """A copy of ``model`` whose sequential inverses run the D-step loop, the early-exit loop,
+    or the cached inverse from ``cached_from`` rows."""
+    model = copy.deepcopy(model)
+    for loop in loops(model):
+        loop.early_exit = early_exit
+    if cached_from is not None:
+        use_cached_inverse(model, cached_from)
+    return model
+
+
 def sessions(model, family: str, threads: int) -> dict[str, ort.InferenceSession]:
-    d_steps = copy.deepcopy(model)
-    for loop in loops(d_steps):
-        loop.early_exit = False
+    """The fast direction, and the slow one with D steps, the early exit, the cached inverse."""
     fast = GENERATION if SLOW[family] == DENSITY else DENSITY
-    graphs = {"fast": export_onnx(model, fast), "D steps": export_onnx(d_steps, SLOW[family]),
-              "early exit": export_onnx(model, SLOW[family])}
+    graphs = {"fast": export_onnx(model, fast), "D steps": export_onnx(with_loops(model, False), SLOW[family]),
+              "early exit": export_onnx(model, SLOW[family]),
+              "cached": export_onnx(with_loops(model, cached_from=1), SLOW[family])}
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return {name: ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
@@ -105,7 +119,7 @@ def inputs(model, family: str, heldout: np.ndarray, batch: int) -> dict[str, np.
     data = heldout[rng.integers(len(heldout), size=batch)]
     noise = rng.standard_normal((batch, model.noise_dim), dtype=np.float32)
     slow, fast = (noise, data) if SLOW[family] == GENERATION else (data, noise)
-    return {"fast": fast, "D steps": slow, "early exit": slow}
+    return {"fast": fast, "D steps": slow, "early exit": slow, "cached": slow}
 
 
 def steps_run(model, family: str, rows: np.ndarray) -> str:
@@ -122,39 +136,40 @@ def gateway_rates(model, heldout: np.ndarray, folder: Path, rounds: int) -> None
     """The same MAF through Triton and the gateway: LogLikelihood, and Sample from the
     early-exit graphs and from the D-step graphs (exported as a second model)."""
     from flowserve.export.exporter.pipeline import export_model
+    from flowserve.export.exporter.triton_config import ServingConfig
     from flowserve.server.app import Gateway, GatewayConfig
     from flowserve.server.client import FlowClient
     from flowserve.server.launcher import TritonServer, free_port
     from flowserve.server.triton import TritonBackend
 
     repository = folder / "repository"
-    d_steps = copy.deepcopy(model)
-    for loop in loops(d_steps):
-        loop.early_exit = False
     with contextlib.redirect_stdout(sys.stderr):
         export_model(model, repository, name="maf", example_data=heldout[:256])
-        export_model(d_steps, repository, name="maf-d-steps", example_data=heldout[:256])
+        export_model(with_loops(model, False), repository, name="maf-d-steps", example_data=heldout[:256])
+        export_model(model, repository, name="maf-cached", example_data=heldout[:256],
+                     serving=ServingConfig(cached_inverse_min_batch=CACHED_FROM))
 
     def measure(target: str) -> None:
         with FlowClient(target, timeout=600) as client:
-            gap = np.abs(client.sample("maf", 1024, seed=7).x - client.sample("maf-d-steps", 1024, seed=7).x).max()
+            d_steps = client.sample("maf-d-steps", 1024, seed=7).x
+            gaps = {name: np.abs(client.sample(name, 1024, seed=7).x - d_steps).max() for name in SAMPLED[1:]}
             print(f"\nThrough the gateway (the D={model.dim} MAF; Triton's Python backend runs ONNX Runtime; "
-                  f"the same seed gives samples {gap:.1e} apart between the two graphs):\n")
-            print("| batch | LogLikelihood rows/s | Sample, D steps | Sample, early exit "
-                  "| slow/fast, D steps | slow/fast, early exit |")
-            print("|---|---|---|---|---|---|")
+                  f"with the same seed, 1024 samples of the early-exit graph are {gaps['maf']:.1e} from those of "
+                  f"the D-step graph, and of the cached graph {gaps['maf-cached']:.1e}):\n")
+            print("| batch | LogLikelihood rows/s | Sample rows/s: D steps | early exit | cached from "
+                  f"{CACHED_FROM} rows | slow/fast: D steps | early exit | cached from {CACHED_FROM} rows |")
+            print("|---|---|---|---|---|---|---|---|")
             for batch in BATCHES:
                 rows = heldout[np.random.default_rng(batch).integers(len(heldout), size=batch)]
-                calls = {"fast": lambda: client.log_likelihood("maf", rows),
-                         "D steps": lambda: client.sample("maf-d-steps", batch, seed=1),
-                         "early exit": lambda: client.sample("maf", batch, seed=1)}
+                calls = {name: (lambda name=name: client.sample(name, batch, seed=1)) for name in SAMPLED}
+                calls["density"] = lambda: client.log_likelihood("maf", rows)
                 rates = {name: 0.0 for name in calls}
                 for _ in range(rounds):
                     for name, call in calls.items():
                         rates[name] = max(rates[name], calls_per_second(call) * batch)
-                fast, slow, early = rates["fast"], rates["D steps"], rates["early exit"]
-                print(f"| {batch} | {fast:,.0f} | {slow:,.0f} | {early:,.0f} | {fast / slow:.1f}x | {fast / early:.1f}x |",
-                      flush=True)
+                fast, slow = rates["density"], [rates[name] for name in SAMPLED]
+                print(f"| {batch} | {fast:,.0f} | " + " | ".join(f"{rate:,.0f}" for rate in slow) + " | "
+                      + " | ".join(f"{fast / rate:.1f}x" for rate in slow) + " |", flush=True)
 
     with TritonServer(repository, folder / "triton") as triton:
         config = GatewayConfig(repository, triton.grpc_url, host="127.0.0.1", port=0, metrics_port=free_port())
@@ -180,8 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"onnxruntime {ort.__version__} with {args.threads} intra-op thread(s)\n")
-    print("| flow | D | batch | steps run per layer | fast rows/s | slow, D steps | slow, early exit "
-          "| slow/fast, D steps | slow/fast, early exit | speed-up |")
+    print("| flow | D | batch | fast rows/s | slow rows/s: D steps | early exit | cached "
+          "| slow/fast: D steps | early exit | cached |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     steps: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
@@ -198,11 +213,11 @@ def main() -> None:
                     for _ in range(args.rounds):
                         for name, session in runners.items():
                             rates[name] = max(rates[name], rows_per_second(session, feeds[name]))
-                    fast, d_steps, early = rates["fast"], rates["D steps"], rates["early exit"]
                     counts.append(steps_run(model, family, feeds["early exit"]))
-                    print(f"| {family} ({SLOW[family]} is slow) | {dim} | {batch} | {counts[-1]} of {dim} | "
-                          f"{fast:,.0f} | {d_steps:,.0f} | {early:,.0f} | {fast / d_steps:.1f}x | "
-                          f"{fast / early:.1f}x | {early / d_steps:.1f}x |", flush=True)
+                    slow = [rates[name] for name in ("D steps", "early exit", "cached")]
+                    print(f"| {family} ({SLOW[family]} is slow) | {dim} | {batch} | {rates['fast']:,.0f} | "
+                          + " | ".join(f"{rate:,.0f}" for rate in slow) + " | "
+                          + " | ".join(f"{rates['fast'] / rate:.1f}x" for rate in slow) + " |", flush=True)
                 steps.append(f"| {data.stem} | {dim} | {family} {SLOW[family]} | {' | '.join(counts)} |")
                 if family == "maf" and dim == 64:
                     served = (model, heldout)

@@ -224,6 +224,20 @@ def test_cli_export_rejects_a_format_the_backend_cannot_serve(checkpoint, tmp_pa
     assert "pytorch backend serves torchscript models, not onnx" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "torchscript"], "the cached inverse is exported to ONNX only"),
+    (["--cached-inverse", "0"], "minimum batch must be >= 1, got 0"),
+    ([], "RealNVP has no MADE inverse for the cached inverse to replace"),
+    (["--cached-inverse", "513"], "minimum batch must be at most 512"),
+])
+def test_cli_export_refuses_a_cached_inverse_it_cannot_build_or_check(checkpoint, tmp_path, capsys, extra, message):
+    code = cli.main(["export", str(checkpoint), "--model-repository", str(tmp_path / "repo"), "--cached-inverse",
+                     *extra])
+    assert code == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_checkpoint_with_unknown_path_is_a_clear_cli_error(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "missing.pt")]) == 1
     assert "missing.pt" in capsys.readouterr().err

@@ -19,13 +19,19 @@ import torch
 from flowserve import cli
 from flowserve.export.data import DATASETS, Dataset, train_test_split, two_moons
 from flowserve.export.exporter.formats import EXPORTERS, export_onnx, graph_stats, load_exported
+from flowserve.export.exporter.graphs import GRAPHS
 from flowserve.export.exporter.parity import check_parity, parity_inputs
+from flowserve.export.exporter.pipeline import export_model
+from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.export.flows.autoregressive import use_cached_inverse
 from flowserve.export.flows.base import Flow
+from flowserve.export.flows.cached_inverse import CachedMADEInverse
+from flowserve.export.flows.nets import MADE
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, family_class
 from flowserve.export.flows.transforms import FixedPointInverse
 from flowserve.export.quality import gaussian_baseline
 from flowserve.export.training import TrainConfig, load_checkpoint, mean_log_prob, save_checkpoint, train_flow
-from flowserve.spec import DENSITY, GENERATION
+from flowserve.spec import DENSITY, GENERATION, triton_model_name
 
 from conftest import add_weight_noise
 
@@ -269,18 +275,29 @@ def set_early_exit(model, early_exit: bool):
     return model
 
 
-def sequential_output(model, direction: str, rows: int = 256):
-    """The sequential direction of ``model`` on seeded inputs (data points or noise), eagerly."""
+def sequential_output(model, direction: str, rows: int = 256, dtype=torch.float32):
+    """The sequential direction of ``model`` on seeded float32 inputs (data points or
+    noise), eagerly, in ``dtype``."""
     context = contexts(model, rows, seed=4)
+    context = None if context is None else context.to(dtype)
     with torch.no_grad():
         if direction == GENERATION:
-            return model.sample_with_log_prob(standard_normal(rows, model.noise_dim, seed=3), context)
-        return (model.log_prob(data_points(model, rows, seed=3), context),)
+            return model.sample_with_log_prob(standard_normal(rows, model.noise_dim, seed=3).to(dtype), context)
+        return (model.log_prob(data_points(model, rows, seed=3).to(dtype), context),)
 
 
 AUTOREGRESSIVE = {**{name: config for name, config in FLOW_CONFIGS.items() if config["family"] in ("maf", "iaf")},
+                  "maf-image": {"family": "maf", "event_shape": [1, 4, 4], "preprocessing": PIXELS, "num_layers": 2,
+                                "hidden_features": [32, 32]},
                   "maf-64d": {"family": "maf", "event_shape": [64], "num_layers": 5, "hidden_features": [128]},
                   "iaf-64d": {"family": "iaf", "event_shape": [64], "num_layers": 5, "hidden_features": [128]}}
+
+
+def scaled_gap(got, expected) -> float:
+    """The largest ``|got - expected| / max(1, |expected|)``: float32 rounding of values of
+    any size."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    return float((np.abs(got - expected) / np.maximum(1.0, np.abs(expected))).max())
 
 
 @pytest.mark.parametrize("config", AUTOREGRESSIVE.values(), ids=AUTOREGRESSIVE.keys())
@@ -313,6 +330,69 @@ def test_sequential_direction_is_a_loop_not_unrolled(family, direction):
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     one_pass = graph_stats("onnx", export_onnx(model, DENSITY if direction == GENERATION else GENERATION))
     assert one_pass["loops"] == 0
+
+
+@pytest.mark.parametrize("config", AUTOREGRESSIVE.values(), ids=AUTOREGRESSIVE.keys())
+def test_cached_inverse_gives_the_d_step_result(config):
+    """Within 1e-6 of the D-step loop; where float32 rounding piles up (five D=64 layers) and
+    the loop itself is further than that from float64 arithmetic, about as close to float64
+    as the loop (the two then differ by up to both errors)."""
+    model = perturbed_model(config)
+    direction = GENERATION if config["family"] == "maf" else DENSITY
+    reference = set_early_exit(copy.deepcopy(model), False)
+    d_steps = sequential_output(reference, direction)
+    exact = sequential_output(copy.deepcopy(reference).double(), direction, dtype=torch.float64)
+    assert use_cached_inverse(model, min_batch=256) == len(sequential_loops(model)) > 0
+    cached = sequential_output(model, direction, rows=256)
+    assert not any(hasattr(loop, "passes_run") for loop in sequential_loops(model))  # no loop ran
+    for got, expected, truth in zip(cached, d_steps, exact, strict=True):
+        loop_error = scaled_gap(expected, truth)
+        assert scaled_gap(got, truth) <= max(1e-6, 1.5 * loop_error)
+        assert scaled_gap(got, expected) <= max(1e-6, 2.5 * loop_error)
+    fewer = sequential_output(model, direction, rows=255)  # below min_batch: the early-exit loop
+    assert all(hasattr(loop, "passes_run") for loop in sequential_loops(model))
+    for got, expected in zip(fewer, sequential_output(reference, direction, rows=255), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_cached_inverse_refuses_a_made_that_is_not_autoregressive():
+    made = MADE(3, [8])
+    made.rest[-1].mask.fill_(1.0)  # every output sees every feature
+    with pytest.raises(ValueError, match="not autoregressive"):
+        CachedMADEInverse(made, 3.0)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["maf-image", "iaf-4d-context"])
+def test_exported_cached_inverse_gives_the_d_step_result(name, tmp_path):
+    """Exported with the cached inverse from 100 rows (by export_model, which checks parity),
+    the slow direction's ONNX graph computes what the D-step graph computes, below and above
+    100 rows; each layer is an If over two Loops."""
+    model = perturbed_model(AUTOREGRESSIVE[name])
+    direction = GENERATION if model.family == "maf" else DENSITY
+    context = contexts(model, 300, seed=8)
+    export_model(model, tmp_path, name="flow", example_data=data_points(model, 64, seed=8).numpy(),
+                 example_context=None if context is None else context[:64].numpy(),
+                 serving=ServingConfig(cached_inverse_min_batch=100))
+    graph = (tmp_path / triton_model_name("flow", direction) / "1" / "model.onnx").read_bytes()
+    layers = len(sequential_loops(model))
+    stats = graph_stats("onnx", graph)
+    assert stats["loops"] == 2 * layers and stats["nodes"] < 400 * layers
+    reference = set_early_exit(copy.deepcopy(model), False)
+    d_steps = load_exported("onnx", export_onnx(reference, direction))
+    cached = load_exported("onnx", graph)
+    exact = GRAPHS[direction](reference.double())
+    points = standard_normal(300, model.noise_dim, seed=3) if direction == GENERATION else data_points(model, 300, 3)
+    for rows in (8, 300):
+        inputs = [points[:rows].reshape(rows, -1)] + ([] if context is None else [context[:rows]])
+        with torch.no_grad():
+            truths = exact(*(tensor.double() for tensor in inputs))
+        truths = truths if isinstance(truths, tuple) else (truths,)
+        numpy_inputs = [tensor.numpy() for tensor in inputs]
+        for got, expected, truth in zip(cached(*numpy_inputs), d_steps(*numpy_inputs), truths, strict=True):
+            loop_error = scaled_gap(expected, truth)  # as in test_cached_inverse_gives_the_d_step_result
+            assert scaled_gap(got, truth) <= max(1e-6, 1.5 * loop_error)
+            assert scaled_gap(got, expected) <= max(1e-6, 2.5 * loop_error)
 
 
 @all_models

@@ -69,9 +69,11 @@ def export_onnx(model: ServableModel, direction: str) -> bytes:
 
 def _script_sequential_loops(module: nn.Module) -> None:
     """Replace every ``FixedPointInverse`` below ``module`` by its scripted twin, in place,
-    so tracing keeps its loop (a trace would unroll it ``D`` times)."""
+    so tracing keeps its loop (a trace would unroll it ``D`` times). TorchScript keeps the
+    fixed-point loop for every batch: the cached inverse is ONNX's."""
     for name, child in module.named_children():
         if isinstance(child, FixedPointInverse):
+            child.cached = None
             setattr(module, name, torch.jit.script(child))
         else:
             _script_sequential_loops(child)

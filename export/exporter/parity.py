@@ -177,9 +177,13 @@ def check_parity(
     return report
 
 
+PARITY_ROWS = 512
+"""Samples and noise rows in :func:`parity_inputs`: every check runs batches this large."""
+
+
 def parity_inputs(
     model: ServableModel, heldout: torch.Tensor, heldout_context: torch.Tensor | None = None,
-    rows: int = 512, seed: int = 0,
+    rows: int = PARITY_ROWS, seed: int = 0,
 ) -> ParityInputs:
     """Held-out data plus the model's own samples, and fresh base noise; the samples and
     the noise take the held-out contexts in turn.

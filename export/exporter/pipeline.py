@@ -4,6 +4,7 @@ metadata file."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -20,11 +21,12 @@ from flowserve.metadata import EXACT, FlowMetadata
 from flowserve.spec import DIRECTIONS, triton_model_name, validate_flow_name
 
 from ..data import summarize
+from ..flows.autoregressive import use_cached_inverse
 from ..flows.base import ServableModel, servable_problem
 from ..training import HELDOUT_SAMPLE_ROWS, load_checkpoint
 from .formats import EXPORTERS, graph_stats
 from .graphs import model_spec
-from .parity import check_parity, parity_inputs
+from .parity import PARITY_ROWS, check_parity, parity_inputs
 from .triton_config import ServingConfig, write_model
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ def export_model(
         raise ValueError(f"{type(model).__name__} exports to {', '.join(formats)} only, not {serving.format}")
     name = validate_flow_name(name)
     heldout, heldout_context = _example_rows(model, example_data, example_context)
+    if serving.cached_inverse_min_batch is not None:
+        model = _with_cached_inverse(model, serving.cached_inverse_min_batch)
     started = time.perf_counter()
     steps = tqdm(total=len(DIRECTIONS) + 2, desc=f"export {name}", disable=not progress, unit="step")
     graphs, stats = {}, {}
@@ -113,6 +117,18 @@ def export_model(
     steps.close()
     log.info("exported %s to %s (parity worst %.2e)", name, repository, max(report.values()))
     return metadata
+
+
+def _with_cached_inverse(model: ServableModel, min_batch: int) -> ServableModel:
+    """A copy of ``model`` whose MADE inverses export with their cached twins."""
+    if min_batch > PARITY_ROWS:
+        raise ValueError(f"the cached inverse's minimum batch must be at most {PARITY_ROWS}: the export checks "
+                         f"batches of {PARITY_ROWS} rows, and checks what it exports")
+    model = copy.deepcopy(model)
+    if not use_cached_inverse(model, min_batch):
+        raise ValueError(f"{type(model).__name__} has no MADE inverse for the cached inverse to replace "
+                         "(flowserve's MAF and IAF have them)")
+    return model
 
 
 def _example_rows(model: ServableModel, data, context) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -41,6 +41,9 @@ class ServingConfig:
     instance_kind: str = "cpu"
     gpus: tuple[int, ...] = field(default_factory=tuple)
     intra_op_threads: int = 1
+    # MAF/IAF in ONNX: from this many rows, the slow direction runs the cached inverse
+    # (``flows.cached_inverse``) instead of the fixed-point loop; None: never.
+    cached_inverse_min_batch: int | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -54,6 +57,11 @@ class ServingConfig:
             raise ValueError(f"instance kind must be one of {sorted(INSTANCE_KINDS)}")
         if self.gpus and self.instance_kind != "gpu":
             raise ValueError("a gpus list needs instance kind 'gpu'")
+        if self.cached_inverse_min_batch is not None:
+            if self.format != "onnx":
+                raise ValueError("the cached inverse is exported to ONNX only; TorchScript keeps the loop")
+            if self.cached_inverse_min_batch < 1:
+                raise ValueError(f"the cached inverse's minimum batch must be >= 1, got {self.cached_inverse_min_batch}")
         if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
             raise ValueError("max_batch_size and instance_count must be >= 1, queue delay >= 0")
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from .base import Flow, widths
+from .cached_inverse import CachedMADEInverse
 from .nets import MADE
-from .transforms import AutoregressiveAffine, Flatten, Inverse, Permutation
+from .transforms import AutoregressiveAffine, FixedPointInverse, Flatten, Inverse, Permutation
 
 
 def _autoregressive_layers(dim, num_layers, hidden_features, context_dim, inverted: bool) -> list[nn.Module]:
@@ -50,3 +51,16 @@ class IAF(MAF):
 
     family = "iaf"
     inverted = True
+
+
+def use_cached_inverse(model: nn.Module, min_batch: int = 256) -> int:
+    """Give every MADE layer's sequential inverse below ``model`` a :class:`CachedMADEInverse`
+    built from its weights as they are now: the model's ONNX export then computes batches of
+    ``min_batch`` rows or more with it. Returns how many layers got one."""
+    if min_batch < 1:
+        raise ValueError(f"min_batch must be at least 1, got {min_batch}")
+    inverses = [module for module in model.modules()
+                if isinstance(module, FixedPointInverse) and isinstance(module.net, MADE)]
+    for inverse in inverses:
+        inverse.cached = CachedMADEInverse(inverse.net, inverse.log_scale_bound, min_batch=min_batch)
+    return len(inverses)

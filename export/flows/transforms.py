@@ -373,6 +373,9 @@ class FixedPointInverse(nn.Module):
         self.net = net
         self.log_scale_bound = log_scale_bound
         self.early_exit = True  # False: always D steps (the reference the tests compare with)
+        # Optional: a module with the same (x, log|det|) for batches of ``cached.min_batch``
+        # rows or more (a ``CachedMADEInverse``: see autoregressive.use_cached_inverse).
+        self.cached = None
 
     def params(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """``(shift, log_scale)`` of every feature given ``x``."""
@@ -384,24 +387,42 @@ class FixedPointInverse(nn.Module):
         return z * torch.exp(log_scale) + shift
 
     @torch.jit.unused
-    def _exported_loop(self, z: Tensor, context: Optional[Tensor]) -> Tensor:
-        return fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1], self.early_exit)
+    def _outside_torchscript(self, z: Tensor, context: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+        """While exporting to ONNX, the graph's inverse: one loop (a ``while_loop``), or with
+        ``cached`` set, an ``If`` of the loop and ``cached``. Eagerly, ``cached`` for large
+        enough batches, else None (the loop)."""
+        use_cached = self.cached is not None and self.early_exit
+        if not torch.compiler.is_compiling():
+            return self.cached(z, context) if use_cached and z.shape[0] >= self.cached.min_batch else None
+
+        def loop(z: Tensor) -> tuple[Tensor, Tensor]:
+            x = fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1], self.early_exit)
+            _, log_scale = self.params(x, context)
+            return x, log_scale.sum(1)
+
+        if not use_cached:
+            return loop(z)
+        cached = self.cached
+        return torch.cond(z.shape[0] >= cached.min_batch, lambda z: cached(z, context), loop, (z,))
 
     def forward(self, z: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """``(x, log|det dx/dz|)``; eagerly, ``passes_run`` then holds the steps the loop ran."""
-        if not torch.jit.is_scripting() and torch.compiler.is_compiling():
-            x = self._exported_loop(z, context)
-        else:  # scripted as it stands (TorchScript has no closures): see fixed_point_loop
-            x = torch.zeros_like(z)
-            passes = 0
-            for _ in range(z.shape[1]):
-                stepped = self._step(z, x, context)
-                passes += 1
-                if self.early_exit and torch.equal(stepped, x):
-                    break
-                x = stepped
-            if not torch.jit.is_scripting():
-                self.passes_run = passes
+        """``(x, log|det dx/dz|)``; ``passes_run`` then holds the steps the loop ran, if it ran
+        eagerly. With ``cached`` set, batches of ``cached.min_batch`` rows or more go to it."""
+        if not torch.jit.is_scripting():
+            inverse = self._outside_torchscript(z, context)
+            if inverse is not None:
+                return inverse
+        # Scripted as it stands (TorchScript has no closures): see fixed_point_loop.
+        x = torch.zeros_like(z)
+        passes = 0
+        for _ in range(z.shape[1]):
+            stepped = self._step(z, x, context)
+            passes += 1
+            if self.early_exit and torch.equal(stepped, x):
+                break
+            x = stepped
+        if not torch.jit.is_scripting():
+            self.passes_run = passes
         _, log_scale = self.params(x, context)
         return x, log_scale.sum(1)
 

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu")
     export.add_argument("--gpus", default="", help="comma-separated GPU ids for --instance-kind gpu")
     export.add_argument("--intra-op-threads", type=int, default=1)
+    export.add_argument("--cached-inverse", type=int, nargs="?", const=256, default=None, metavar="MIN_BATCH",
+                        help="MAF/IAF in ONNX: compute batches of MIN_BATCH (default 256) rows or more of the "
+                             "slow direction with the cached inverse (see docs/flows.md); exports take longer")
 
     serve = commands.add_parser("serve", help="start Triton (unless --triton-url) and the gateway")
     serve.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
