@@ -107,7 +107,10 @@ class CachedMADEInverse(nn.Module):
         """Features ``index * block`` onwards: ``totals`` are every layer's pre-activations
         ``[units + 1, B]`` so far, ``found`` the features found ``[blocks, block, B]``."""
         at = index.reshape(1)
-        pick = lambda table: torch.index_select(table, 0, at)[0]  # noqa: E731
+
+        def pick(table: Tensor) -> Tensor:  # this block's entry of a per-block table
+            return torch.index_select(table, 0, at)[0]
+
         running = [torch.index_select(total, 0, pick(rows)) for total, rows in zip(totals, self._tables("rows"))]
         within = [pick(table) for table in self._tables("within")]
         noise = pick(noise)
@@ -122,10 +125,11 @@ class CachedMADEInverse(nn.Module):
             values[0].append(x)
             running[0] = torch.addmm(running[0], within[0][:, step:step + 1], x)
             for layer, width in enumerate(self.widths):
-                h = self.activation(running[layer][step * width:(step + 1) * width])
+                units = slice(step * width, (step + 1) * width)  # the units of this step's reach
+                h = self.activation(running[layer][units])
                 values[layer + 1].append(h)
-                if layer + 1 < layers or step + 1 < self.block:  # the last step's outputs are read by later blocks
-                    running[layer + 1] = torch.addmm(running[layer + 1], within[layer + 1][:, step * width:(step + 1) * width], h)
+                if layer + 1 < layers or step + 1 < self.block:  # the last step's outputs: later blocks'
+                    running[layer + 1] = torch.addmm(running[layer + 1], within[layer + 1][:, units], h)
         inputs = [torch.cat(rows, 0) for rows in values]
         totals = [torch.addmm(total, pick(onward), block)
                   for total, onward, block in zip(totals, self._tables("onward"), inputs, strict=True)]
