@@ -17,12 +17,15 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from flowserve.export.data import load_dataset
+from flowserve.export.exporter.formats import export_onnx, load_exported
 from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, default_flow_config
+from flowserve.export.flows.transforms import FixedPointInverse
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.training import TrainConfig, load_checkpoint, save_checkpoint, train_flow
 from flowserve.server.client import FlowClient
 from flowserve.server.proto import flowserve_pb2 as pb
+from flowserve.spec import GENERATION
 
 from conftest import start_serve, stop_serve, wait_for_health
 
@@ -131,3 +134,19 @@ def test_served_samples_equal_pytorch_with_the_same_noise(zoo_server, zoo, name)
     assert result.x.shape == (ROWS, *model.event_shape)
     np.testing.assert_allclose(result.x, expected_x.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(result.log_prob, expected_log_prob.numpy(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.e2e
+def test_served_maf_samples_are_the_d_step_loops(zoo_server, zoo):
+    """The early exit changes no served sample: Sample through the gateway equals the
+    generation graph that runs all D steps, on the same seeded noise."""
+    model, _, _ = _heldout(zoo["maf-breast-cancer"])
+    for module in model.modules():
+        if isinstance(module, FixedPointInverse):
+            module.early_exit = False
+    d_steps = load_exported("onnx", export_onnx(model, GENERATION))
+    served = zoo_server.sample("maf-breast-cancer", ROWS, seed=11)
+    noise = np.random.Generator(np.random.PCG64(11)).standard_normal((ROWS, model.noise_dim), dtype=np.float32)
+    expected_x, expected_log_prob = d_steps(noise)
+    assert np.abs(served.x - expected_x).max() <= 1e-6 * np.abs(expected_x).max()
+    np.testing.assert_allclose(served.log_prob, expected_log_prob, rtol=0, atol=1e-6)
