@@ -133,8 +133,9 @@ def steps_run(model, family: str, rows: np.ndarray) -> str:
 
 
 def gateway_rates(model, heldout: np.ndarray, folder: Path, rounds: int) -> None:
-    """The same MAF through Triton and the gateway: LogLikelihood, and Sample from the
-    early-exit graphs and from the D-step graphs (exported as a second model)."""
+    """The same MAF exported three times (early exit, cached inverse from CACHED_FROM rows,
+    D steps) and served through Triton and the gateway: the generation graphs' sizes, how
+    far the samples of one seed lie from the D-step ones, and LogLikelihood and Sample rows/s."""
     from flowserve.export.exporter.pipeline import export_model
     from flowserve.export.exporter.triton_config import ServingConfig
     from flowserve.server.app import Gateway, GatewayConfig
