@@ -37,7 +37,7 @@ from flowserve.cli.build import train
 from flowserve.export.data import digits
 from flowserve.export.exporter.formats import export_onnx
 from flowserve.export.flows.autoregressive import use_cached_inverse
-from flowserve.export.flows.transforms import FixedPointInverse
+from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.training import load_checkpoint
 from flowserve.spec import DENSITY, GENERATION
 
@@ -61,15 +61,11 @@ def data_file(dim: int, folder: Path) -> Path:
     return path
 
 
-def loops(model) -> list[FixedPointInverse]:
-    return [module for module in model.modules() if isinstance(module, FixedPointInverse)]
-
-
 def with_loops(model, early_exit: bool = True, cached_from: int | None = None):
     """A copy of ``model`` whose sequential inverses run the D-step loop, the early-exit loop,
     or the cached inverse from ``cached_from`` rows."""
     model = copy.deepcopy(model)
-    for loop in loops(model):
+    for loop in fixed_point_inverses(model):
         loop.early_exit = early_exit
     if cached_from is not None:
         use_cached_inverse(model, cached_from)
@@ -128,7 +124,7 @@ def steps_run(model, family: str, rows: np.ndarray) -> str:
             model.sample_with_log_prob(torch.from_numpy(rows))
         else:
             model.log_prob(torch.from_numpy(rows))
-    counts = [loop.passes_run for loop in loops(model)]
+    counts = [loop.passes_run for loop in fixed_point_inverses(model)]
     return f"{min(counts)}-{max(counts)}"
 
 

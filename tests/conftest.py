@@ -28,6 +28,7 @@ from flowserve import cli
 from flowserve.export.data import train_test_split, two_moons
 from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.training import load_checkpoint
 from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
@@ -184,6 +185,13 @@ def add_weight_noise(module: torch.nn.Module, scale: float = 0.1) -> None:
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.add_(scale * torch.randn_like(parameter))
+
+
+def set_early_exit(model: torch.nn.Module, early_exit: bool) -> torch.nn.Module:
+    """``model`` with the early exit of every sequential inverse on or off (off: D steps)."""
+    for loop in fixed_point_inverses(model):
+        loop.early_exit = early_exit
+    return model
 
 
 def processes_mentioning(text: str) -> list[str]:

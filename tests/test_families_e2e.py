@@ -20,14 +20,13 @@ from flowserve.export.data import load_dataset
 from flowserve.export.exporter.formats import export_onnx, load_exported
 from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, default_flow_config
-from flowserve.export.flows.transforms import FixedPointInverse
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.training import TrainConfig, load_checkpoint, save_checkpoint, train_flow
 from flowserve.server.client import FlowClient
 from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.spec import GENERATION
 
-from conftest import start_serve, stop_serve, wait_for_health
+from conftest import set_early_exit, start_serve, stop_serve, wait_for_health
 
 
 @dataclass(frozen=True)
@@ -141,10 +140,7 @@ def test_served_maf_samples_are_the_d_step_loops(zoo_server, zoo):
     """The early exit changes no served sample: Sample through the gateway equals the
     generation graph that runs all D steps, on the same seeded noise."""
     model, _, _ = _heldout(zoo["maf-breast-cancer"])
-    for module in model.modules():
-        if isinstance(module, FixedPointInverse):
-            module.early_exit = False
-    d_steps = load_exported("onnx", export_onnx(model, GENERATION))
+    d_steps = load_exported("onnx", export_onnx(set_early_exit(model, False), GENERATION))
     served = zoo_server.sample("maf-breast-cancer", ROWS, seed=11)
     noise = np.random.Generator(np.random.PCG64(11)).standard_normal((ROWS, model.noise_dim), dtype=np.float32)
     expected_x, expected_log_prob = d_steps(noise)

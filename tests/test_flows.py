@@ -28,12 +28,12 @@ from flowserve.export.flows.base import Flow
 from flowserve.export.flows.cached_inverse import CachedMADEInverse
 from flowserve.export.flows.nets import MADE
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, family_class
-from flowserve.export.flows.transforms import FixedPointInverse
+from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.quality import gaussian_baseline
 from flowserve.export.training import TrainConfig, load_checkpoint, mean_log_prob, save_checkpoint, train_flow
 from flowserve.spec import DENSITY, GENERATION, triton_model_name
 
-from conftest import add_weight_noise
+from conftest import add_weight_noise, set_early_exit
 
 STANDARDIZE_3D = {"kind": "standardize", "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 1.0]}
 PIXELS = {"kind": "dequantize", "levels": 17}
@@ -265,16 +265,6 @@ def test_exported_graphs_match_pytorch(config, fmt, caplog):
     assert ("round_trip_x" in report) == isinstance(model, Flow)
 
 
-def sequential_loops(model) -> list[FixedPointInverse]:
-    return [module for module in model.modules() if isinstance(module, FixedPointInverse)]
-
-
-def set_early_exit(model, early_exit: bool):
-    for loop in sequential_loops(model):
-        loop.early_exit = early_exit
-    return model
-
-
 def sequential_output(model, direction: str, rows: int = 256, dtype=torch.float32):
     """The sequential direction of ``model`` on seeded float32 inputs (data points or
     noise), eagerly, in ``dtype``."""
@@ -315,11 +305,11 @@ def test_early_exit_gives_the_d_step_result_bit_for_bit(config):
     model = perturbed_model(config)
     direction = GENERATION if config["family"] == "maf" else DENSITY
     early = sequential_output(model, direction)
-    passes = [loop.passes_run for loop in sequential_loops(model)]
+    passes = [loop.passes_run for loop in fixed_point_inverses(model)]
     d_steps = sequential_output(set_early_exit(model, False), direction)
     for got, expected in zip(early, d_steps, strict=True):
         assert torch.equal(got, expected)
-    assert [loop.passes_run for loop in sequential_loops(model)] == [model.noise_dim] * len(passes)
+    assert [loop.passes_run for loop in fixed_point_inverses(model)] == [model.noise_dim] * len(passes)
     if model.noise_dim == 64:
         assert max(passes) < 32  # 15 to 17 of 64 here
 
@@ -349,13 +339,13 @@ def test_cached_inverse_gives_the_d_step_result(config):
     reference = set_early_exit(copy.deepcopy(model), False)
     d_steps = sequential_output(reference, direction)
     exact = sequential_output(copy.deepcopy(reference).double(), direction, dtype=torch.float64)
-    assert use_cached_inverse(model, min_batch=256) == len(sequential_loops(model)) > 0
+    assert use_cached_inverse(model, min_batch=256) == len(fixed_point_inverses(model)) > 0
     cached = sequential_output(model, direction, rows=256)
-    assert not any(hasattr(loop, "passes_run") for loop in sequential_loops(model))  # no loop ran
+    assert not any(hasattr(loop, "passes_run") for loop in fixed_point_inverses(model))  # no loop ran
     for got, loop, truth in zip(cached, d_steps, exact, strict=True):
         assert_like_the_loop(got, loop, truth)
     fewer = sequential_output(model, direction, rows=255)  # below min_batch: the early-exit loop
-    assert all(hasattr(loop, "passes_run") for loop in sequential_loops(model))
+    assert all(hasattr(loop, "passes_run") for loop in fixed_point_inverses(model))
     for got, expected in zip(fewer, sequential_output(reference, direction, rows=255), strict=True):
         assert torch.equal(got, expected)
 
@@ -373,28 +363,22 @@ def test_exported_cached_inverse_gives_the_d_step_result(tmp_path):
     which checks parity): the slow direction's ONNX graph computes what the D-step graph
     computes, below and above 100 rows; each layer is an If over two Loops."""
     model = perturbed_model(AUTOREGRESSIVE["iaf-4d-context"])
-    direction = GENERATION if model.family == "maf" else DENSITY
-    context = contexts(model, 300, seed=8)
-    export_model(model, tmp_path, name="flow", example_data=data_points(model, 64, seed=8).numpy(),
-                 example_context=None if context is None else context[:64].numpy(),
+    points, context = data_points(model, 300, seed=3), contexts(model, 300, seed=8)
+    export_model(model, tmp_path, name="flow", example_data=points[:64].numpy(), example_context=context[:64].numpy(),
                  serving=ServingConfig(cached_inverse_min_batch=100))
-    graph = (tmp_path / triton_model_name("flow", direction) / "1" / "model.onnx").read_bytes()
-    layers = len(sequential_loops(model))
+    graph = (tmp_path / triton_model_name("flow", DENSITY) / "1" / "model.onnx").read_bytes()
+    layers = len(fixed_point_inverses(model))
     stats = graph_stats("onnx", graph)
     assert stats["loops"] == 2 * layers and stats["nodes"] < 400 * layers
     reference = set_early_exit(copy.deepcopy(model), False)
-    d_steps = load_exported("onnx", export_onnx(reference, direction))
+    d_steps = load_exported("onnx", export_onnx(reference, DENSITY))
     cached = load_exported("onnx", graph)
-    exact = GRAPHS[direction](reference.double())
-    points = standard_normal(300, model.noise_dim, seed=3) if direction == GENERATION else data_points(model, 300, 3)
+    exact = GRAPHS[DENSITY](reference.double())
     for rows in (8, 300):
-        inputs = [points[:rows].reshape(rows, -1)] + ([] if context is None else [context[:rows]])
         with torch.no_grad():
-            truths = exact(*(tensor.double() for tensor in inputs))
-        truths = truths if isinstance(truths, tuple) else (truths,)
-        numpy_inputs = [tensor.numpy() for tensor in inputs]
-        for got, loop, truth in zip(cached(*numpy_inputs), d_steps(*numpy_inputs), truths, strict=True):
-            assert_like_the_loop(got, loop, truth)
+            truth = exact(points[:rows].double(), context[:rows].double())
+        inputs = (points[:rows].numpy(), context[:rows].numpy())
+        assert_like_the_loop(cached(*inputs)[0], d_steps(*inputs)[0], truth)
 
 
 @all_models

@@ -11,7 +11,7 @@ from torch import nn
 from .base import Flow, widths
 from .cached_inverse import CachedMADEInverse
 from .nets import MADE
-from .transforms import AutoregressiveAffine, FixedPointInverse, Flatten, Inverse, Permutation
+from .transforms import AutoregressiveAffine, Flatten, Inverse, Permutation, fixed_point_inverses
 
 
 def _autoregressive_layers(dim, num_layers, hidden_features, context_dim, inverted: bool) -> list[nn.Module]:
@@ -59,8 +59,7 @@ def use_cached_inverse(model: nn.Module, min_batch: int = 256) -> int:
     ``min_batch`` rows or more with it. Returns how many layers got one."""
     if min_batch < 1:
         raise ValueError(f"min_batch must be at least 1, got {min_batch}")
-    inverses = [module for module in model.modules()
-                if isinstance(module, FixedPointInverse) and isinstance(module.net, MADE)]
+    inverses = [inverse for inverse in fixed_point_inverses(model) if isinstance(inverse.net, MADE)]
     for inverse in inverses:
         inverse.cached = CachedMADEInverse(inverse.net, inverse.log_scale_bound, min_batch=min_batch)
     return len(inverses)

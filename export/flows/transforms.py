@@ -427,6 +427,11 @@ class FixedPointInverse(nn.Module):
         return x, log_scale.sum(1)
 
 
+def fixed_point_inverses(module: nn.Module) -> list[FixedPointInverse]:
+    """Every :class:`FixedPointInverse` below ``module``: its sequential inverses."""
+    return [child for child in module.modules() if isinstance(child, FixedPointInverse)]
+
+
 class AutoregressiveAffine(nn.Module):
     """Masked autoregressive affine transform (MAF's layer; IAF is its :class:`Inverse`).
 
