@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .backend import Backend
+from .batching import BatchingBackend
 from .catalog import ModelCatalog
 from .interceptor import ErrorAndMetricsInterceptor
 from .metrics import GatewayMetrics
@@ -56,7 +57,8 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.backend = backend
         self.catalog = ModelCatalog(config.model_repository)
-        self.service = FlowService(self.backend, self.catalog, config.limits)
+        batching = BatchingBackend(backend, config.limits.max_batches_in_flight_per_model)
+        self.service = FlowService(batching, self.catalog, config.limits)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__)],

@@ -26,6 +26,9 @@ class Backend(Protocol):
     async def max_batch_size(self, model: str) -> int:
         """The largest batch ``model`` accepts in one call."""
 
+    async def dynamic_batching(self, model: str) -> bool:
+        """Whether ``model`` may run several requests as one batch."""
+
     def forget_configs(self) -> None:
         """Drop what is cached about models' configs (flows were re-exported)."""
 

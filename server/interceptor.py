@@ -55,40 +55,60 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors to status codes and records every flowserve RPC's outcome.
 
     ``is_known_model`` bounds the ``model`` label: names that match no flow are recorded
-    as ``"unknown"``.
+    as ``"unknown"``. The wrapped handler of each method, and the labelled collectors of
+    each (method, model), are built once and reused: this runs on every RPC.
     """
 
     def __init__(self, metrics: GatewayMetrics, is_known_model: Callable[[str], bool]):
         self.metrics = metrics
         self.is_known_model = is_known_model
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._collectors: dict[tuple[str, str], tuple] = {}
+        self._counters: dict[tuple[str, str, grpc.StatusCode], object] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        if method in self._handlers:
+            return self._handlers[method]
+        handler = await continuation(handler_call_details)
         if handler is None or not method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        self._handlers[method] = grpc.unary_unary_rpc_method_handler(
             self._wrap(method.removeprefix(SERVICE_PREFIX), handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        return self._handlers[method]
+
+    def _collectors_of(self, method: str, model: str) -> tuple:
+        """The in-flight gauge, the latency and the rows histograms of (method, model)."""
+        key = (method, model)
+        if key not in self._collectors:
+            self._collectors[key] = (self.metrics.in_flight.labels(method), self.metrics.latency.labels(method, model),
+                                     self.metrics.rows.labels(method, model))
+        return self._collectors[key]
+
+    def _count(self, method: str, model: str, code: grpc.StatusCode) -> None:
+        key = (method, model, code)
+        if key not in self._counters:
+            self._counters[key] = self.metrics.requests.labels(method, model, code.name)
+        self._counters[key].inc()
 
     def _wrap(self, method: str, behaviour):
-        metrics = self.metrics
-
         async def wrapped(request, context: grpc.aio.ServicerContext):
             # ListModels has no model; every other RPC is labelled with a served flow or "unknown".
             name = getattr(request, "model", None)
             model = "" if name is None else (name if self.is_known_model(name) else UNKNOWN_MODEL)
+            in_flight, latency, rows_histogram = self._collectors_of(method, model)
             code = grpc.StatusCode.OK
             started = time.perf_counter()
             budget = context.time_remaining()
-            metrics.in_flight.labels(method).inc()
+            in_flight.inc()
             try:
                 response = await behaviour(request, context)
                 rows = _rows_of(response)
                 if rows:
-                    metrics.rows.labels(method, model).observe(rows)
+                    rows_histogram.observe(rows)
                 return response
             except FlowServeError as error:
                 code = status_of(error)
@@ -103,8 +123,8 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("%s failed", method)
                 await context.abort(code, f"internal error: {type(error).__name__}")
             finally:
-                metrics.in_flight.labels(method).dec()
-                metrics.requests.labels(method, model, code.name).inc()
-                metrics.latency.labels(method, model).observe(time.perf_counter() - started)
+                in_flight.dec()
+                self._count(method, model, code)
+                latency.observe(time.perf_counter() - started)
 
         return wrapped

@@ -46,10 +46,14 @@ class GatewayLimits:
     max_rows_per_request: int = 100_000
     max_rows_in_flight: int = 1_000_000
     max_chunks_in_flight_per_request: int = 8
+    max_batches_in_flight_per_model: int = 1
+    """Merged calls a model may have on Triton at once (``batching.BatchingBackend``)."""
 
     def __post_init__(self):
         if self.max_rows_per_request < 1 or self.max_rows_in_flight < self.max_rows_per_request:
             raise ValueError("need 1 <= max_rows_per_request <= max_rows_in_flight")
+        if self.max_chunks_in_flight_per_request < 1 or self.max_batches_in_flight_per_model < 1:
+            raise ValueError("need at least one chunk per request and one batch per model in flight")
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -183,6 +187,11 @@ class FlowService:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         chunk = await self.backend.max_batch_size(model)
+        if rows <= chunk:  # one chunk: no tasks to spread it over
+            if deadline is not None and deadline <= loop.time():
+                raise DeadlineExceeded(f"deadline exceeded before {model!r} was called")
+            inputs = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.dtype) for t in spec.inputs}
+            return await self.backend.infer(model, spec, inputs, None if deadline is None else deadline - loop.time())
         slots = asyncio.Semaphore(self.limits.max_chunks_in_flight_per_request)
 
         async def run_chunk(start: int) -> dict[str, np.ndarray]:

@@ -1,46 +1,42 @@
-"""Asyncio client of Triton's gRPC inference protocol, speaking domain errors."""
+"""Asyncio client of Triton's gRPC inference protocol, speaking domain errors.
+
+It calls Triton's generated stubs (``GRPCInferenceService``) directly: tensors go out as the
+request's raw bytes and come back as views of the response's raw bytes, with no wrapper
+objects and no copies in between.
+"""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
-import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as triton_pb
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from flowserve.spec import DirectionSpec
 
 from .domain import BackendError, BackendUnavailable, DeadlineExceeded, FlowServeError
 
-# Triton's answers by gRPC status code (tritonclient puts ``str(grpc.StatusCode.X)`` in
-# ``status()``). NOT_FOUND: the model is not loaded on Triton although its flow is in the
-# catalog, which is the server's state, not the client's fault.
+MAX_TRITON_MESSAGE_BYTES = 2**31 - 1
+# Triton's answers by gRPC status code. NOT_FOUND: the model is not loaded on Triton although
+# its flow is in the catalog, which is the server's state, not the client's fault.
 _ERROR_OF_STATUS = {
-    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
-    "StatusCode.UNAVAILABLE": BackendUnavailable,
-    "StatusCode.CANCELLED": BackendUnavailable,
-    "StatusCode.NOT_FOUND": BackendUnavailable,
-}
-# Fallback for errors tritonclient raises itself, without a gRPC status: its message text.
-_ERROR_OF_MESSAGE = {
-    "Deadline Exceeded": DeadlineExceeded,
-    "is not ready": BackendUnavailable,
-    "unknown model": BackendUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
+    grpc.StatusCode.CANCELLED: BackendUnavailable,
+    grpc.StatusCode.NOT_FOUND: BackendUnavailable,
 }
 
 
-def translate_error(exc: InferenceServerException, model: str) -> FlowServeError:
-    """The domain error of a tritonclient error: by gRPC status code, or, for errors that
-    carry no status, by the message text; anything else is a ``BackendError``."""
-    message = exc.message() or str(exc)
-    if exc.status():
-        error = _ERROR_OF_STATUS.get(exc.status(), BackendError)
-    else:
-        error = next((e for text, e in _ERROR_OF_MESSAGE.items() if text in message), BackendError)
+def translate_error(code: grpc.StatusCode, details: str, model: str) -> FlowServeError:
+    """The domain error of a failed call to Triton, by its gRPC status code; any code not
+    listed is a ``BackendError``."""
+    error = _ERROR_OF_STATUS.get(code, BackendError)
     if error is DeadlineExceeded:
         return DeadlineExceeded(f"deadline exceeded while {model!r} was running on Triton")
     if error is BackendUnavailable:
-        return BackendUnavailable(f"Triton cannot serve {model!r}: {message}")
-    return BackendError(f"Triton failed on {model!r}: {message}")
+        return BackendUnavailable(f"Triton cannot serve {model!r}: {details}")
+    return BackendError(f"Triton failed on {model!r}: {details}")
 
 
 class TritonBackend:
@@ -50,76 +46,85 @@ class TritonBackend:
         self.url = url
         # Round robin over every address the name resolves to: with a headless Service
         # ("dns:///triton:8001") requests spread over all Triton pods, not one connection.
-        self._client = triton_aio.InferenceServerClient(url, channel_args=[
-            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        self._channel = grpc.aio.insecure_channel(url, options=[
+            ("grpc.max_send_message_length", MAX_TRITON_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_TRITON_MESSAGE_BYTES),
             ("grpc.lb_policy_name", "round_robin"),
         ])
-        self._configs: dict[str, dict] = {}
+        self._stub = triton_grpc.GRPCInferenceServiceStub(self._channel)
+        self._configs: dict[str, mc.ModelConfig] = {}
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._channel.close()
+
+    async def _call(self, method, request, timeout: float | None, what: str):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise translate_error(exc.code(), exc.details() or "", what) from exc
 
     async def is_ready(self, timeout: float = 1.0) -> bool:
         """Whether Triton answers and reports itself ready."""
         try:
-            return await self._client.is_server_ready(client_timeout=timeout)
-        except InferenceServerException:
+            return (await self._call(self._stub.ServerReady, triton_pb.ServerReadyRequest(), timeout, "")).ready
+        except FlowServeError:
             return False
 
     async def model_versions(self) -> dict[str, list[str]]:
         """Ready versions of every model Triton has in its repository."""
-        try:
-            index = await self._client.get_model_repository_index(as_json=True, client_timeout=5.0)
-        except InferenceServerException as exc:
-            raise translate_error(exc, "the repository index") from exc
+        index = await self._call(self._stub.RepositoryIndex, triton_pb.RepositoryIndexRequest(), 5.0,
+                                 "the repository index")
         versions: dict[str, list[str]] = {}
-        for entry in index.get("models", []):
-            if entry.get("state") == "READY":
-                versions.setdefault(entry["name"], []).append(entry.get("version", ""))
+        for entry in index.models:
+            if entry.state == "READY":
+                versions.setdefault(entry.name, []).append(entry.version)
         return versions
 
     def forget_configs(self) -> None:
         """Drop the cached model configs; the next call of each model fetches its config again."""
         self._configs.clear()
 
-    async def _config(self, model: str) -> dict:
+    async def _config(self, model: str) -> mc.ModelConfig:
         """The model's config on Triton, cached per model."""
         if model not in self._configs:
-            try:
-                response = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
-            except InferenceServerException as exc:
-                raise translate_error(exc, model) from exc
-            self._configs[model] = response["config"]
+            response = await self._call(self._stub.ModelConfig, triton_pb.ModelConfigRequest(name=model), 5.0, model)
+            self._configs[model] = response.config
         return self._configs[model]
 
     async def max_batch_size(self, model: str) -> int:
         """``max_batch_size`` from the model's config on Triton."""
-        return int((await self._config(model)).get("max_batch_size", 0)) or 1
+        return (await self._config(model)).max_batch_size or 1
+
+    async def dynamic_batching(self, model: str) -> bool:
+        """Whether the model's config turns Triton's dynamic batcher on."""
+        return (await self._config(model)).HasField("dynamic_batching")
 
     async def _wire_names(self, model: str, spec: DirectionSpec) -> DirectionSpec:
         """The spec as Triton names its tensors: the spec's own names, or ``INPUT__<i>`` /
         ``OUTPUT__<i>`` when the model's config uses those (Triton's PyTorch backend)."""
         config = await self._config(model)
-        if [t["name"] for t in config.get("input", [])] == spec.positional().input_names:
+        if [t.name for t in config.input] == spec.positional().input_names:
             return spec.positional()
         return spec
 
     async def infer(
         self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
     ) -> dict[str, np.ndarray]:
-        """Run one batch through ``model``; outputs, keyed by the spec's names, are reshaped to [rows, *dims]."""
+        """Run one batch through ``model``; outputs, keyed by the spec's names, are read-only
+        [rows, *dims] views of Triton's response."""
         wire = await self._wire_names(model, spec)
-        requested = []
+        request = triton_pb.ModelInferRequest(model_name=model)
         for tensor, wire_tensor in zip(spec.inputs, wire.inputs):
             array = inputs[tensor.name]
-            infer_input = triton_aio.InferInput(wire_tensor.name, list(array.shape), tensor.triton_dtype)
-            infer_input.set_data_from_numpy(array)
-            requested.append(infer_input)
-        outputs = [triton_aio.InferRequestedOutput(t.name) for t in wire.outputs]
-        try:
-            result = await self._client.infer(model, requested, outputs=outputs, client_timeout=timeout)
-        except InferenceServerException as exc:
-            raise translate_error(exc, model) from exc
+            request.inputs.add(name=wire_tensor.name, datatype=tensor.triton_dtype, shape=array.shape)
+            request.raw_input_contents.append(np.ascontiguousarray(array, tensor.dtype).tobytes())
+        for wire_tensor in wire.outputs:
+            request.outputs.add(name=wire_tensor.name)
+        response = await self._call(self._stub.ModelInfer, request, timeout, model)
         rows = next(iter(inputs.values())).shape[0]
-        return {t.name: result.as_numpy(w.name).reshape(rows, *t.dims) for t, w in zip(spec.outputs, wire.outputs)}
+        position = {output.name: i for i, output in enumerate(response.outputs)}
+        try:
+            return {t.name: np.frombuffer(response.raw_output_contents[position[w.name]], t.dtype).reshape(rows, *t.dims)
+                    for t, w in zip(spec.outputs, wire.outputs)}
+        except (KeyError, ValueError) as exc:
+            raise BackendError(f"Triton's answer from {model!r} does not match the flow's outputs: {exc}") from exc

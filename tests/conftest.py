@@ -229,6 +229,7 @@ class InMemoryBackend:
         self.gate: asyncio.Event | None = None
         self.failure: Exception | None = None
         self.running = self.most_running = self.finished = 0
+        self.batching = True
 
     async def is_ready(self) -> bool:
         return True
@@ -238,6 +239,9 @@ class InMemoryBackend:
 
     async def max_batch_size(self, model: str) -> int:
         return self.chunk
+
+    async def dynamic_batching(self, model: str) -> bool:
+        return self.batching
 
     def forget_configs(self) -> None:
         self.forgotten += 1

@@ -313,25 +313,34 @@ def test_live_list_models_reports_no_context_and_an_exact_likelihood(live_server
     assert all(m.log_likelihood_kind == pb.LOG_LIKELIHOOD_KIND_EXACT for m in models)
 
 
-class RecordingTritonClient:
-    """Stands in for tritonclient's aio client: records the tensor names of each call."""
+class RecordingTritonStub:
+    """Stands in for Triton's gRPC stub: records the tensor names of each ModelInfer call
+    and answers sevens as raw bytes."""
 
     def __init__(self, input_names: list[str]):
         self.input_names = input_names
         self.calls = []
 
-    async def get_model_config(self, model, as_json, client_timeout):
-        return {"config": {"max_batch_size": 8, "input": [{"name": n} for n in self.input_names]}}
+    async def ModelConfig(self, request, timeout):
+        from tritonclient.grpc import service_pb2 as triton_pb
 
-    async def infer(self, model, inputs, outputs, client_timeout):
-        self.calls.append(([i.name() for i in inputs], [o.name() for o in outputs]))
-        rows = inputs[0].shape()[0]
+        response = triton_pb.ModelConfigResponse()
+        response.config.max_batch_size = 8
+        for name in self.input_names:
+            response.config.input.add(name=name)
+        return response
 
-        class Result:
-            def as_numpy(self, name):
-                return np.full((rows, 2 if name in ("x", "OUTPUT__0") else 1), 7.0, np.float32)
+    async def ModelInfer(self, request, timeout):
+        from tritonclient.grpc import service_pb2 as triton_pb
 
-        return Result()
+        self.calls.append(([i.name for i in request.inputs], [o.name for o in request.outputs]))
+        rows = request.inputs[0].shape[0]
+        response = triton_pb.ModelInferResponse()
+        for output in reversed(request.outputs):  # in another order than asked: found by name
+            response.outputs.add(name=output.name)
+            width = 2 if output.name in ("x", "OUTPUT__0") else 1
+            response.raw_output_contents.append(np.full((rows, width), 7.0, np.float32).tobytes())
+        return response
 
 
 @pytest.mark.parametrize("config_names, wire_inputs, wire_outputs", [
@@ -343,12 +352,13 @@ def test_triton_tensor_names_follow_the_models_config(config_names, wire_inputs,
     from flowserve.server.triton import TritonBackend
 
     backend = TritonBackend.__new__(TritonBackend)
-    backend._client, backend._configs = RecordingTritonClient(config_names), {}
+    backend._stub, backend._configs = RecordingTritonStub(config_names), {}
     spec = direction_spec(GENERATION, 2, noise_dim=3, context_dim=1)
     inputs = {"z": np.zeros((4, 3), np.float32), "context": np.zeros((4, 1), np.float32)}
     outputs = asyncio.run(backend.infer("m", spec, inputs, timeout=None))
-    assert backend._client.calls == [(wire_inputs, wire_outputs)]
+    assert backend._stub.calls == [(wire_inputs, wire_outputs)]
     assert outputs["x"].shape == (4, 2) and outputs["log_prob"].shape == (4,)
+    assert (outputs["x"] == 7).all() and (outputs["log_prob"] == 7).all()
 
 
 def test_a_changed_catalog_makes_the_backend_refetch_model_configs(conditional_repository, service, backend):
@@ -377,22 +387,16 @@ def test_pixel_values_outside_the_support_are_rejected(conditional_repository, s
 
 
 @pytest.mark.parametrize(("status", "message", "error", "text"), [
-    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", DeadlineExceeded, "deadline exceeded while 'm'"),
-    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", BackendUnavailable, "Triton cannot serve 'm'"),
-    ("StatusCode.NOT_FOUND", "Request for unknown model: 'm' is not found", BackendUnavailable, "cannot serve"),
-    ("StatusCode.CANCELLED", "Locally cancelled by application!", BackendUnavailable, "cannot serve"),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", DeadlineExceeded, "deadline exceeded while 'm'"),
+    ("UNAVAILABLE", "failed to connect to all addresses", BackendUnavailable, "Triton cannot serve 'm'"),
+    ("NOT_FOUND", "Request for unknown model: 'm' is not found", BackendUnavailable, "cannot serve"),
+    ("CANCELLED", "Locally cancelled by application!", BackendUnavailable, "cannot serve"),
     # The status decides, whatever the message says:
-    ("StatusCode.INVALID_ARGUMENT", "unknown model in the message", BackendError, "Triton failed on 'm'"),
-    ("StatusCode.INTERNAL", "is not ready", BackendError, "Triton failed on 'm'"),
-    # Errors tritonclient raises itself carry no status; only then does the message decide:
-    (None, "Deadline Exceeded", DeadlineExceeded, "deadline exceeded"),
-    (None, "model 'm' is not ready", BackendUnavailable, "cannot serve"),
-    (None, "something else", BackendError, "Triton failed on 'm': something else"),
+    ("INVALID_ARGUMENT", "unknown model in the message", BackendError, "Triton failed on 'm'"),
+    ("INTERNAL", "is not ready", BackendError, "Triton failed on 'm': is not ready"),
 ])
-def test_triton_errors_are_mapped_by_status_code_and_by_message_only_without_one(status, message, error, text):
-    from tritonclient.utils import InferenceServerException
-
+def test_triton_errors_are_mapped_by_status_code(status, message, error, text):
     from flowserve.server.triton import translate_error
 
-    translated = translate_error(InferenceServerException(msg=message, status=status), "m")
+    translated = translate_error(getattr(grpc.StatusCode, status), message, "m")
     assert type(translated) is error and text in str(translated)

@@ -19,6 +19,7 @@ FLAVOURS = {
     "python-gpu": ServingConfig(instance_kind="gpu", gpus=(0, 1), instance_count=2),
     "onnxruntime-gpu": ServingConfig(backend="onnxruntime", instance_kind="gpu", gpus=(0,), max_batch_size=4096),
     "onnxruntime-cpu": ServingConfig(backend="onnxruntime", max_queue_delay_us=0),
+    "python-unbatched": ServingConfig(dynamic_batching=False),
     "python-torchscript": ServingConfig(format="torchscript"),
     "pytorch-gpu": ServingConfig(backend="pytorch", format="torchscript", instance_kind="gpu", gpus=(0,)),
 }
@@ -39,7 +40,8 @@ def test_config_parses_with_tritons_schema(flavour, direction):
     assert config.backend == BACKEND_NAMES[serving.backend]
     assert config.default_model_filename == ("model.pt" if serving.format == "torchscript" else "model.onnx")
     assert config.max_batch_size == serving.max_batch_size
-    assert config.dynamic_batching.max_queue_delay_microseconds == serving.max_queue_delay_us
+    assert config.HasField("dynamic_batching") == serving.dynamic_batching
+    assert config.dynamic_batching.max_queue_delay_microseconds == (serving.max_queue_delay_us if serving.dynamic_batching else 0)
     (group,) = config.instance_group
     assert group.count == serving.instance_count
     expected_kind = mc.ModelInstanceGroup.KIND_GPU if serving.instance_kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU

@@ -37,6 +37,9 @@ class ServingConfig:
     format: str = "onnx"
     max_batch_size: int = 1024
     max_queue_delay_us: int = 500
+    # False: Triton runs every request on its own and the gateway does not coalesce them
+    # (the baseline that batching is measured against).
+    dynamic_batching: bool = True
     instance_count: int = 1
     instance_kind: str = "cpu"
     gpus: tuple[int, ...] = field(default_factory=tuple)
@@ -89,7 +92,8 @@ def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingCon
         if scalar:
             entry.reshape.SetInParent()
 
-    config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+    if serving.dynamic_batching:
+        config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
     config.instance_group.add(
         name=model_name,
         count=serving.instance_count,

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(NGC images, GPU clusters)")
     export.add_argument("--max-batch-size", type=int, default=1024)
     export.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batcher max queue delay")
+    export.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
+                        help="let Triton and the gateway merge concurrent requests into one batch; "
+                             "--no-dynamic-batching runs each request on its own")
     export.add_argument("--instances", type=int, default=1, help="instances per instance group")
     export.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu")
     export.add_argument("--gpus", default="", help="comma-separated GPU ids for --instance-kind gpu")

@@ -1,0 +1,276 @@
+"""What the gateway costs: ``flowserve serve`` measured side by side with Triton called
+directly, with in-process ONNX Runtime, and with itself (batching on and off), in one run.
+
+Trains RealNVP briefly on two moons (D=2) and on digits (D=64), exports six flows (the
+moons flow as ``realnvp``, again with ``--no-dynamic-batching``, three more copies, and
+the digits flow) and starts ``flowserve serve`` as a user would. Every comparison runs in
+interleaved rounds in this one process (gRPC asyncio clients; the best round is kept) and
+is printed as a ratio beside the issue's target:
+
+* LogLikelihood, 64 rows per call, 16 calls in flight: gateway rows/s / Triton-direct rows/s
+  (Triton's own gRPC API, the same rows as raw bytes);
+* one row at a time: p50 and p99 latency, gateway and Triton-direct;
+* one row per call, 64 calls in flight: batching on / off (``--no-dynamic-batching``);
+* 4096-row calls, one at a time: gateway rows/s / in-process ONNX Runtime rows/s on the
+  same graph with one intra-op thread per core;
+* Sample of 10^5 rows of the digits flow: what it adds to the gateway's peak RSS, against
+  the response's size; and 10^6 rows through SampleStream;
+* cold start (``flowserve serve`` until it answers) with one flow and with six.
+
+Usage (about 4 minutes on 2 cores)::
+
+    .venv/bin/python benchmarks/gateway.py [--seconds 3] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from tritonclient.grpc import service_pb2 as triton_pb
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
+
+from flowserve.cli.build import export, train
+from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.metadata import SUFFIX
+from flowserve.server.launcher import free_port
+from flowserve.server.proto import flowserve_pb2 as pb
+from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.server.tensors import MAX_MESSAGE_BYTES, encode
+
+MOONS, UNBATCHED, DIGITS = "realnvp", "realnvp-unbatched", "realnvp-digits"
+COPIES = ("realnvp-2", "realnvp-3", "realnvp-4")
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+def prepare(folder: Path, steps: int) -> tuple[Path, Path]:
+    """A repository with the six flows and one with the moons flow alone (kept from an
+    earlier run in the same folder)."""
+    six, one = folder / "six", folder / "one"
+    if (one / f"{MOONS}{SUFFIX}").exists() and (six / f"{DIGITS}{SUFFIX}").exists():
+        return six, one
+    with contextlib.redirect_stdout(sys.stderr):
+        moons = train("realnvp", "moons", steps=steps, output=folder / "moons.pt")
+        digits = train("realnvp", "digits", steps=steps, output=folder / "digits.pt")
+        export(moons, one, name=MOONS)
+        export(moons, six, name=MOONS)
+        export(moons, six, name=UNBATCHED, serving=ServingConfig(dynamic_batching=False))
+        for name in COPIES:
+            export(moons, six, name=name)
+        export(digits, six, name=DIGITS)
+    return six, one
+
+
+class Served:
+    """``flowserve serve`` in a child process, as a user starts it."""
+
+    def __init__(self, repository: Path, log: Path):
+        self.port, metrics_port = free_port(), free_port()
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
+             "--port", str(self.port), "--metrics-port", str(metrics_port)],
+            stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)
+        self.triton_url = None
+        for line in self.process.stdout:
+            if match := re.match(r"Triton ready: gRPC (\S+),", line):
+                self.triton_url = match.group(1)
+            if line.startswith("gateway ready"):
+                break
+        else:
+            raise SystemExit(f"flowserve serve exited with code {self.process.wait()}; see {log}")
+        self.ready_s = time.perf_counter() - started
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(60)
+
+    def reset_peak_rss(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def rss_mib(self, field: str) -> float:
+        """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of the gateway, in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024
+
+
+async def closed_loop(call, concurrency: int, seconds: float) -> tuple[int, list[float]]:
+    """``concurrency`` callers, each calling again as soon as its call returns, for ``seconds``:
+    the calls completed and their latencies in seconds."""
+    latencies: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def caller():
+        while (started := time.perf_counter()) < end:
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return len(latencies), latencies
+
+
+def triton_request(model: str, rows: np.ndarray) -> triton_pb.ModelInferRequest:
+    """Triton's own inference request for a density model: the rows as raw bytes."""
+    request = triton_pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=list(rows.shape))
+    request.outputs.add(name="log_prob")
+    request.raw_input_contents.append(np.ascontiguousarray(rows, np.float32).tobytes())
+    return request
+
+
+def table_row(what: str, gateway: str, reference: str, ratio: str, target: str) -> str:
+    return f"| {what} | {gateway} | {reference} | {ratio} | {target} |"
+
+
+async def measure(served: Served, args, points: np.ndarray) -> list[str]:
+    """Every comparison against the running ``served``; rows of the results table."""
+    rows = []
+    async with grpc.aio.insecure_channel(served.target, options=CHANNEL_OPTIONS) as gateway_channel, \
+            grpc.aio.insecure_channel(served.triton_url, options=CHANNEL_OPTIONS) as triton_channel:
+        gateway, triton = pb_grpc.FlowServiceStub(gateway_channel), triton_grpc.GRPCInferenceServiceStub(triton_channel)
+
+        def scores(model: str, n: int):
+            request = pb.LogLikelihoodRequest(model=model, x=encode(points[:n]))
+            return lambda: gateway.LogLikelihood(request)
+
+        def direct(n: int):
+            request = triton_request(f"{MOONS}-density", points[:n])
+            return lambda: triton.ModelInfer(request)
+
+        async def best_rates(calls: dict, rows_per_call: int, concurrency: int) -> dict[str, float]:
+            rates = dict.fromkeys(calls, 0.0)
+            for _ in range(args.rounds):
+                for name, call in calls.items():
+                    done, _ = await closed_loop(call, concurrency, args.seconds)
+                    rates[name] = max(rates[name], done * rows_per_call / args.seconds)
+            return rates
+
+        for call in (scores(MOONS, 64), scores(UNBATCHED, 1), direct(64)):  # warm up channels and models
+            await closed_loop(call, 4, 0.3)
+
+        rates = await best_rates({"gateway": scores(MOONS, 64), "direct": direct(64)}, 64, 16)
+        rows.append(table_row("LogLikelihood rows/s, 64 rows x 16 in flight (vs Triton-direct)",
+                              f"{rates['gateway']:,.0f}", f"{rates['direct']:,.0f}",
+                              f"{rates['gateway'] / rates['direct']:.2f}", ">= 0.7"))
+
+        latencies = {"gateway": [], "direct": []}
+        for _ in range(args.rounds):
+            for name, call in (("gateway", scores(MOONS, 1)), ("direct", direct(1))):
+                latencies[name] += (await closed_loop(call, 1, args.seconds / 2))[1]
+        p50 = {name: 1e3 * statistics.median(values) for name, values in latencies.items()}
+        p99 = {name: 1e3 * float(np.quantile(values, 0.99)) for name, values in latencies.items()}
+        rows.append(table_row("1-row latency p50, ms (vs Triton-direct)", f"{p50['gateway']:.2f}",
+                              f"{p50['direct']:.2f}", f"+{p50['gateway'] - p50['direct']:.2f} ms", "<= +0.6 ms"))
+        rows.append(table_row("1-row latency p99, ms (vs Triton-direct)", f"{p99['gateway']:.2f}",
+                              f"{p99['direct']:.2f}", f"+{p99['gateway'] - p99['direct']:.2f} ms", ""))
+
+        rates = await best_rates({"on": scores(MOONS, 1), "off": scores(UNBATCHED, 1)}, 1, 64)
+        rows.append(table_row("1-row LogLikelihood rows/s, 64 in flight (batching on vs off)",
+                              f"{rates['on']:,.0f}", f"{rates['off']:,.0f}", f"{rates['on'] / rates['off']:.2f}",
+                              ">= 4"))
+
+        rows += await large_requests(served, gateway, points, args)
+        rows += await sample_memory(served, gateway)
+    return rows
+
+
+async def large_requests(served: Served, gateway, points: np.ndarray, args) -> list[str]:
+    """4096-row calls through the gateway against the same graphs run in this process."""
+    cores = len(os.sched_getaffinity(0))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cores
+    repository = Path(served.process.args[served.process.args.index("--model-repository") + 1])
+    sessions = {d: ort.InferenceSession(str(repository / f"{MOONS}-{d}" / "1" / "model.onnx"), options)
+                for d in ("density", "generation")}
+    n = 4096
+    x = points[:n]
+    z = np.random.default_rng(0).standard_normal((n, 2), dtype=np.float32)
+    score = pb.LogLikelihoodRequest(model=MOONS, x=encode(x))
+    sample = pb.SampleRequest(model=MOONS, num_samples=n, seed=1, return_log_prob=True)
+    calls = {
+        "density gateway": lambda: gateway.LogLikelihood(score),
+        "density in-process": lambda: asyncio.to_thread(sessions["density"].run, None, {"x": x}),
+        "generation gateway": lambda: gateway.Sample(sample),
+        "generation in-process": lambda: asyncio.to_thread(sessions["generation"].run, None, {"z": z}),
+    }
+    rates = dict.fromkeys(calls, 0.0)
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            done, _ = await closed_loop(call, 1, args.seconds / 2)
+            rates[name] = max(rates[name], done * n / (args.seconds / 2))
+    return [table_row(f"{n}-row {rpc} rows/s, one at a time (vs in-process ONNX Runtime, {cores} threads)",
+                      f"{rates[f'{d} gateway']:,.0f}", f"{rates[f'{d} in-process']:,.0f}",
+                      f"{rates[f'{d} gateway'] / rates[f'{d} in-process']:.2f}", ">= 0.85")
+            for rpc, d in (("LogLikelihood", "density"), ("Sample", "generation"))]
+
+
+async def sample_memory(served: Served, gateway) -> list[str]:
+    """What one 10^5-row Sample of the D=64 flow adds to the gateway's peak RSS."""
+    n = 100_000
+    await gateway.Sample(pb.SampleRequest(model=DIGITS, num_samples=1000, seed=0))
+    before = served.rss_mib("VmRSS")
+    served.reset_peak_rss()
+    response = await gateway.Sample(pb.SampleRequest(model=DIGITS, num_samples=n, seed=0, return_log_prob=True))
+    added = served.rss_mib("VmHWM") - before
+    size = (len(response.samples.data) + 4 * len(response.log_prob)) / 2**20
+    return [table_row(f"Sample of {n:,} rows (D=64): added peak RSS, MiB (vs response size)",
+                      f"{added:.0f}", f"{size:.1f}", f"{added / size:.1f}x", "<= ~2x")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one timed round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the best is kept)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per flow")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the trained and exported flows here and reuse them in later runs "
+                             "(default: a temporary folder)")
+    args = parser.parse_args()
+    print(f"# {platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
+          f"grpcio {grpc.__version__}, onnxruntime {ort.__version__}\n", flush=True)
+    with contextlib.ExitStack() as stack:
+        folder = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowserve-bench-")))
+        folder.mkdir(parents=True, exist_ok=True)
+        six, one = prepare(folder, args.steps)
+        points = moons_points()
+        served = Served(six, folder / "serve.log")
+        try:
+            rows = asyncio.run(measure(served, args, points))
+        finally:
+            served.stop()
+        cold = {"one": [], "six": []}
+        for _ in range(2):
+            for name, repository in (("one", one), ("six", six)):
+                start = Served(repository, folder / f"cold-{name}.log")
+                cold[name].append(start.ready_s)
+                start.stop()
+        rows.append(table_row("cold start, s: six flows (vs one flow)", f"{min(cold['six']):.1f}",
+                              f"{min(cold['one']):.1f}", f"{min(cold['six']) / min(cold['one']):.2f}", "six <= 5 s"))
+    print("| measure | gateway | reference | ratio | target |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def moons_points(n: int = 4096) -> np.ndarray:
+    from flowserve.export.data import two_moons
+
+    return two_moons(n, noise=0.05, seed=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The gateway's own batcher: concurrent calls of one model become one Triton call.
+
+Each call to Triton costs the gateway about the same CPU whatever its rows (building the
+request, the outbound gRPC call, its callbacks), so merging the calls that wait at the same
+moment pays that cost once per batch. No call waits on a timer: a model's calls go out at
+once while fewer than ``max_batches_in_flight`` of its batches run, and the calls that come
+in meanwhile leave together, up to the model's ``max_batch_size`` rows, as soon as one
+returns. At low load a call goes out alone and at once; under load batches grow by themselves.
+
+Rows are independent in every flow direction, so a row's result does not depend on the
+batch it ran in; models whose config turns dynamic batching off are called one call at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flowserve.spec import DirectionSpec
+
+from .backend import Backend
+from .domain import DeadlineExceeded
+
+
+@dataclass(eq=False)  # compared by identity: a call is removed from the queue by itself
+class _Call:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    timeout_at: float | None
+    result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class _ModelQueue:
+    """The waiting calls of one model and its batches in flight."""
+
+    def __init__(self, backend: Backend, model: str, spec: DirectionSpec, max_rows: int, max_in_flight: int):
+        self.backend, self.model, self.spec = backend, model, spec
+        self.max_rows, self.max_in_flight = max_rows, max_in_flight
+        self.waiting: deque[_Call] = deque()
+        self.in_flight = 0
+
+    def dispatch(self) -> None:
+        """Send the waiting calls, as batches of at most ``max_rows`` rows, while a batch slot is free."""
+        while self.waiting and self.in_flight < self.max_in_flight:
+            batch = [self.waiting.popleft()]
+            rows = batch[0].rows
+            while self.waiting and rows + self.waiting[0].rows <= self.max_rows:
+                batch.append(self.waiting.popleft())
+                rows += batch[-1].rows
+            self.in_flight += 1
+            asyncio.ensure_future(self._run(batch))
+
+    async def _run(self, batch: list[_Call]) -> None:
+        try:
+            batch = [call for call in batch if not call.result.done()]  # cancelled while waiting
+            if not batch:
+                return
+            loop = asyncio.get_running_loop()
+            timeouts = [call.timeout_at for call in batch]
+            timeout = None if None in timeouts else max(timeouts) - loop.time()
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {name: np.concatenate([call.inputs[name] for call in batch]) for name in self.spec.input_names}
+            try:
+                outputs = await self.backend.infer(self.model, self.spec, inputs, timeout)
+            except Exception as error:  # every call of the batch gets the batch's error
+                for call in batch:
+                    if not call.result.done():
+                        call.result.set_exception(error)
+                return
+            start = 0
+            for call in batch:
+                if not call.result.done():
+                    call.result.set_result({name: value[start:start + call.rows] for name, value in outputs.items()})
+                start += call.rows
+        finally:
+            self.in_flight -= 1
+            self.dispatch()
+
+
+class BatchingBackend:
+    """A :class:`~flowserve.server.backend.Backend` that merges concurrent ``infer`` calls of
+    a model (each at most its ``max_batch_size`` rows) before they reach ``backend``."""
+
+    def __init__(self, backend: Backend, max_batches_in_flight: int = 2):
+        if max_batches_in_flight < 1:
+            raise ValueError(f"max_batches_in_flight must be >= 1, got {max_batches_in_flight}")
+        self.backend = backend
+        self.max_batches_in_flight = max_batches_in_flight
+        self._queues: dict[str, _ModelQueue] = {}
+
+    async def is_ready(self) -> bool:
+        return await self.backend.is_ready()
+
+    async def model_versions(self) -> dict[str, list[str]]:
+        return await self.backend.model_versions()
+
+    async def max_batch_size(self, model: str) -> int:
+        return await self.backend.max_batch_size(model)
+
+    async def dynamic_batching(self, model: str) -> bool:
+        return await self.backend.dynamic_batching(model)
+
+    def forget_configs(self) -> None:
+        self.backend.forget_configs()
+        self._queues.clear()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    async def infer(
+        self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        queue = self._queues.get(model)
+        if queue is None or queue.spec != spec:
+            if not await self.backend.dynamic_batching(model):
+                return await self.backend.infer(model, spec, inputs, timeout)
+            queue = self._queues[model] = _ModelQueue(
+                self.backend, model, spec, await self.backend.max_batch_size(model), self.max_batches_in_flight)
+        loop = asyncio.get_running_loop()
+        call = _Call(inputs, next(iter(inputs.values())).shape[0], None if timeout is None else loop.time() + timeout)
+        queue.waiting.append(call)
+        queue.dispatch()
+        try:
+            # Cancelled or timed out, the call's future is cancelled and its batch drops it.
+            return await (call.result if timeout is None else asyncio.wait_for(call.result, timeout))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded while {model!r} was running on Triton") from None
+        finally:
+            if call.result.cancelled() and call in queue.waiting:
+                queue.waiting.remove(call)

@@ -1,0 +1,125 @@
+"""The gateway's batcher on an in-memory backend: concurrent calls of a model merge into
+one backend call, each gets its own rows back, and failures, cancellations and deadlines
+stay with the calls they belong to."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from flowserve.server.batching import BatchingBackend
+from flowserve.server.domain import BackendError, DeadlineExceeded
+from flowserve.spec import DENSITY, direction_spec
+
+from conftest import InMemoryBackend
+
+SPEC = direction_spec(DENSITY, 2)
+
+
+def row_sums(spec, inputs):
+    return {"log_prob": inputs["x"].sum(axis=1)}
+
+
+def rows(start: int, count: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(2 * start, 2 * (start + count), dtype=np.float32).reshape(count, 2)}
+
+
+async def calls(batching: BatchingBackend, sizes: list[int], timeout: float | None = None):
+    """One call per size, all started at once; their results (or errors) in order."""
+    starts = np.cumsum([0, *sizes[:-1]])
+    return await asyncio.gather(*(batching.infer("m", SPEC, rows(int(start), size), timeout)
+                                  for start, size in zip(starts, sizes)), return_exceptions=True)
+
+
+def test_calls_waiting_behind_a_batch_leave_together_and_get_their_own_rows():
+    backend = InMemoryBackend(row_sums, max_batch_size=8)
+    backend.delay = 0.01
+    results = asyncio.run(calls(BatchingBackend(backend, max_batches_in_flight=1), [1, 2, 3, 1, 2]))
+    # The first call leaves at once; the four that came in meanwhile fit in one batch of 8 rows.
+    assert [len(chunk) for chunk in backend.chunks("x")] == [1, 8]
+    expected = rows(0, 9)["x"].sum(axis=1)
+    np.testing.assert_array_equal(np.concatenate([r["log_prob"] for r in results]), expected)
+    assert [len(r["log_prob"]) for r in results] == [1, 2, 3, 1, 2]
+
+
+def test_batches_stay_within_the_max_batch_size_and_the_batches_in_flight():
+    backend = InMemoryBackend(row_sums, max_batch_size=4)
+    backend.delay = 0.01
+    results = asyncio.run(calls(BatchingBackend(backend, max_batches_in_flight=2), [3, 3, 2, 2, 1, 4]))
+    assert [len(chunk) for chunk in backend.chunks("x")] == [3, 3, 4, 1, 4]
+    assert backend.most_running == 2
+    np.testing.assert_array_equal(np.concatenate([r["log_prob"] for r in results]), rows(0, 15)["x"].sum(axis=1))
+
+
+def test_a_model_without_dynamic_batching_gets_every_call_on_its_own():
+    backend = InMemoryBackend(row_sums, max_batch_size=8)
+    backend.batching, backend.delay = False, 0.01
+    asyncio.run(calls(BatchingBackend(backend, max_batches_in_flight=1), [1, 2, 3]))
+    assert [len(chunk) for chunk in backend.chunks("x")] == [1, 2, 3]
+
+
+def test_a_failed_batch_fails_its_calls_only():
+    def fails_on_negative_rows(spec, inputs):
+        if (inputs["x"] < 0).any():
+            raise BackendError("Triton failed")
+        return row_sums(spec, inputs)
+
+    backend = InMemoryBackend(fails_on_negative_rows, max_batch_size=8)
+    backend.delay = 0.01
+    batching = BatchingBackend(backend, max_batches_in_flight=1)
+
+    async def scenario():
+        first = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 1), None))
+        await asyncio.sleep(0)
+        # Both wait behind the first call and leave in one batch, which fails on the negative rows.
+        failed = await asyncio.gather(batching.infer("m", SPEC, rows(1, 2), None),
+                                      batching.infer("m", SPEC, {"x": -rows(3, 1)["x"]}, None),
+                                      return_exceptions=True)
+        return await first, failed, await batching.infer("m", SPEC, rows(5, 1), None)
+
+    first, failed, after = asyncio.run(scenario())
+    assert [len(chunk) for chunk in backend.chunks("x")] == [1, 3, 1]
+    assert first["log_prob"].tolist() == [1.0] and after["log_prob"].tolist() == [21.0]
+    assert [type(error) for error in failed] == [BackendError, BackendError]
+
+
+def test_a_cancelled_waiting_call_leaves_its_batch():
+    backend = InMemoryBackend(row_sums, max_batch_size=8)
+    backend.delay = 0.02
+    batching = BatchingBackend(backend, max_batches_in_flight=1)
+
+    async def scenario():
+        first = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 1), None))
+        await asyncio.sleep(0)
+        gone = asyncio.ensure_future(batching.infer("m", SPEC, rows(1, 3), None))
+        kept = asyncio.ensure_future(batching.infer("m", SPEC, rows(4, 2), None))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await first, await kept, gone.cancelled()
+
+    first, kept, cancelled = asyncio.run(scenario())
+    assert cancelled and [len(chunk) for chunk in backend.chunks("x")] == [1, 2]
+    np.testing.assert_array_equal(kept["log_prob"], rows(4, 2)["x"].sum(axis=1))
+
+
+def test_a_call_whose_deadline_passes_in_a_longer_batch_gets_deadline_exceeded():
+    backend = InMemoryBackend(row_sums, max_batch_size=8)
+    backend.delay = 0.2
+    batching = BatchingBackend(backend, max_batches_in_flight=1)
+
+    async def scenario():
+        slow = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 1), None))
+        await asyncio.sleep(0)
+        with pytest.raises(DeadlineExceeded, match="deadline exceeded while 'm'"):
+            await batching.infer("m", SPEC, rows(1, 1), 0.05)
+        return await slow
+
+    assert asyncio.run(scenario())["log_prob"].tolist() == [1.0]
+    assert backend.timeouts == [None]  # the short call never reached the backend: it waited behind the slow one
+
+
+def test_at_least_one_batch_in_flight():
+    with pytest.raises(ValueError, match="max_batches_in_flight must be >= 1"):
+        BatchingBackend(InMemoryBackend(row_sums), max_batches_in_flight=0)
