@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -58,16 +59,18 @@ class FlowClient:
         temperature: float | None = None, return_log_prob: bool = True, context: np.ndarray | None = None,
     ) -> Samples:
         """Draw samples; ``context`` is [*context_shape] (one for all) or [num_samples, *context_shape]."""
-        request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
-        if seed is not None:
-            request.seed = seed
-        if temperature is not None:
-            request.temperature = temperature
-        if context is not None:
-            request.context.CopyFrom(tensors.encode(context))
-        response = self.stub.Sample(request, timeout=self.timeout)
-        log_prob = np.asarray(response.log_prob, dtype=np.float32) if return_log_prob else None
-        return Samples(tensors.decode(response.samples, "samples"), log_prob, response.seed)
+        request = _sample_request(model, num_samples, seed, temperature, return_log_prob, context)
+        return _samples(self.stub.Sample(request, timeout=self.timeout), return_log_prob)
+
+    def sample_stream(
+        self, model: str, num_samples: int, seed: int | None = None,
+        temperature: float | None = None, return_log_prob: bool = True, context: np.ndarray | None = None,
+    ) -> Iterator[Samples]:
+        """Draw any number of samples, in consecutive chunks as the gateway sends them: the same
+        seed gives the rows of :meth:`sample`. The client's timeout bounds the whole stream."""
+        request = _sample_request(model, num_samples, seed, temperature, return_log_prob, context)
+        for response in self.stub.SampleStream(request, timeout=self.timeout):
+            yield _samples(response, return_log_prob)
 
     def log_likelihood(self, model: str, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         """log p(x | context) of each row of ``x``; see :meth:`score` for bits/dim."""
@@ -83,3 +86,20 @@ class FlowClient:
         response = self.stub.LogLikelihood(request, timeout=self.timeout)
         bits_per_dim = np.asarray(response.bits_per_dim, dtype=np.float32) if return_bits_per_dim else None
         return Scores(np.asarray(response.log_prob, dtype=np.float32), bits_per_dim)
+
+
+def _sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,
+                    return_log_prob: bool, context: np.ndarray | None) -> pb.SampleRequest:
+    request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
+    if seed is not None:
+        request.seed = seed
+    if temperature is not None:
+        request.temperature = temperature
+    if context is not None:
+        request.context.CopyFrom(tensors.encode(context))
+    return request
+
+
+def _samples(response: pb.SampleResponse, return_log_prob: bool) -> Samples:
+    log_prob = np.asarray(response.log_prob, dtype=np.float32) if return_log_prob else None
+    return Samples(tensors.decode(response.samples, "samples"), log_prob, response.seed)

@@ -71,14 +71,25 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if method in self._handlers:
             return self._handlers[method]
         handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
+        if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        self._handlers[method] = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method.removeprefix(SERVICE_PREFIX), handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        return self._handlers[method]
+        name = method.removeprefix(SERVICE_PREFIX)
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(name, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(name, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        else:
+            return handler
+        self._handlers[method] = wrapped
+        return wrapped
 
     def _collectors_of(self, method: str, model: str) -> tuple:
         """The in-flight gauge, the latency and the rows histograms of (method, model)."""
@@ -88,43 +99,68 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                                      self.metrics.rows.labels(method, model))
         return self._collectors[key]
 
-    def _count(self, method: str, model: str, code: grpc.StatusCode) -> None:
+    def count(self, method: str, model: str, code: grpc.StatusCode) -> None:
         key = (method, model, code)
         if key not in self._counters:
             self._counters[key] = self.metrics.requests.labels(method, model, code.name)
         self._counters[key].inc()
 
-    def _wrap(self, method: str, behaviour):
+    def _wrap_unary(self, method: str, behaviour):
         async def wrapped(request, context: grpc.aio.ServicerContext):
-            # ListModels has no model; every other RPC is labelled with a served flow or "unknown".
-            name = getattr(request, "model", None)
-            model = "" if name is None else (name if self.is_known_model(name) else UNKNOWN_MODEL)
-            in_flight, latency, rows_histogram = self._collectors_of(method, model)
-            code = grpc.StatusCode.OK
-            started = time.perf_counter()
-            budget = context.time_remaining()
-            in_flight.inc()
-            try:
+            async with _Recorded(self, method, request, context) as record:
                 response = await behaviour(request, context)
-                rows = _rows_of(response)
-                if rows:
-                    rows_histogram.observe(rows)
+                record.rows = _rows_of(response)
                 return response
-            except FlowServeError as error:
-                code = status_of(error)
-                await context.abort(code, str(error))
-            except asyncio.CancelledError:
-                elapsed = time.perf_counter() - started
-                expired = budget is not None and elapsed >= budget - DEADLINE_SLACK_S
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-                raise
-            except Exception as error:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", method)
-                await context.abort(code, f"internal error: {type(error).__name__}")
-            finally:
-                in_flight.dec()
-                self._count(method, model, code)
-                latency.observe(time.perf_counter() - started)
 
         return wrapped
+
+    def _wrap_stream(self, method: str, behaviour):
+        async def wrapped(request, context: grpc.aio.ServicerContext):
+            async with _Recorded(self, method, request, context) as record:
+                async for response in behaviour(request, context):
+                    record.rows += _rows_of(response)
+                    yield response
+
+        return wrapped
+
+
+class _Recorded:
+    """One RPC's outcome: its status code (domain errors become aborts), latency, rows and
+    the in-flight gauge. ListModels has no model; every other RPC is labelled with a served
+    flow or "unknown"."""
+
+    def __init__(self, interceptor: ErrorAndMetricsInterceptor, method: str, request, context):
+        self.interceptor, self.method, self.context = interceptor, method, context
+        name = getattr(request, "model", None)
+        self.model = "" if name is None else (name if interceptor.is_known_model(name) else UNKNOWN_MODEL)
+        self.in_flight, self.latency, self.rows_histogram = interceptor._collectors_of(method, self.model)
+        self.rows = 0
+
+    async def __aenter__(self) -> "_Recorded":
+        self.started = time.perf_counter()
+        self.budget = self.context.time_remaining()
+        self.in_flight.inc()
+        return self
+
+    async def __aexit__(self, error_type, error, traceback) -> bool:
+        code = grpc.StatusCode.OK
+        try:
+            if error is None:
+                if self.rows:
+                    self.rows_histogram.observe(self.rows)
+            elif isinstance(error, FlowServeError):
+                code = status_of(error)
+                await self.context.abort(code, str(error))
+            elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # a stream the reader left
+                elapsed = time.perf_counter() - self.started
+                expired = self.budget is not None and elapsed >= self.budget - DEADLINE_SLACK_S
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            elif isinstance(error, Exception):
+                code = grpc.StatusCode.INTERNAL
+                log.error("%s failed", self.method, exc_info=(error_type, error, traceback))
+                await self.context.abort(code, f"internal error: {error_type.__name__}")
+        finally:
+            self.in_flight.dec()
+            self.interceptor.count(self.method, self.model, code)
+            self.latency.observe(time.perf_counter() - self.started)
+        return False

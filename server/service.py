@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,10 +51,14 @@ class GatewayLimits:
     max_chunks_in_flight_per_request: int = 8
     max_batches_in_flight_per_model: int = 1
     """Merged calls a model may have on Triton at once (``batching.BatchingBackend``)."""
+    max_rows_per_stream: int = 10**9
+    """SampleStream's limit: its memory in the gateway is a few chunks whatever the rows."""
 
     def __post_init__(self):
         if self.max_rows_per_request < 1 or self.max_rows_in_flight < self.max_rows_per_request:
             raise ValueError("need 1 <= max_rows_per_request <= max_rows_in_flight")
+        if self.max_rows_per_stream < 1:
+            raise ValueError("need max_rows_per_stream >= 1")
         if self.max_chunks_in_flight_per_request < 1 or self.max_batches_in_flight_per_model < 1:
             raise ValueError("need at least one chunk per request and one batch per model in flight")
 
@@ -98,22 +105,68 @@ class FlowService:
     async def sample(self, query: SampleQuery, timeout: float | None = None) -> SampleResult:
         """Draw ``num_samples`` samples; the base noise comes from the seed alone.
 
-        The noise is [num_samples, noise_dim] standard normal from PCG64(seed), times the temperature.
+        The noise is [num_samples, noise_dim] standard normal from PCG64(seed), times the
+        temperature, drawn chunk by chunk as the chunks go to Triton; the results are written
+        into the response's arrays as they come back.
         """
         flow = self.catalog.get(query.model)
         self._check_rows("num_samples", query.num_samples, flow)
+        self._check_message_rows("num_samples", query.num_samples, flow)
+        context, seed = self._sample_setup(flow, query)
+        n = query.num_samples
+        samples = np.empty((n, flow.dim), np.float32)
+        log_prob = np.empty(n, np.float32)
+        with self._reserve(n):
+            async for start, outputs in self._generate(flow, query, seed, context, timeout):
+                rows = len(outputs["log_prob"])
+                samples[start:start + rows] = outputs["x"]
+                log_prob[start:start + rows] = outputs["log_prob"]
+        return SampleResult(samples.reshape(n, *flow.event_shape), log_prob if query.return_log_prob else None, seed)
+
+    async def sample_stream(self, query: SampleQuery, timeout: float | None = None) -> AsyncIterator[SampleResult]:
+        """The samples of :meth:`sample` for the same query and seed, as consecutive chunks of
+        Triton's ``max_batch_size`` rows, up to ``max_rows_per_stream`` in all. At most
+        ``max_chunks_in_flight_per_request`` chunks are in the gateway at once, and none is
+        drawn before the reader has taken the ones before: memory does not grow with the rows."""
+        flow = self.catalog.get(query.model)
+        if not 1 <= query.num_samples <= self.limits.max_rows_per_stream:
+            raise InvalidArgument(f"num_samples must be in 1..{self.limits.max_rows_per_stream} for a stream, "
+                                  f"got {query.num_samples}")
+        chunk = await self.backend.max_batch_size(flow.models[GENERATION])
+        self._check_message_rows("a stream's chunk", min(chunk, query.num_samples), flow)
+        context, seed = self._sample_setup(flow, query)
+        held = min(query.num_samples, chunk * self.limits.max_chunks_in_flight_per_request)
+        with self._reserve(held):
+            async for _, outputs in self._generate(flow, query, seed, context, timeout):
+                samples = outputs["x"].reshape(-1, *flow.event_shape)
+                yield SampleResult(samples, outputs["log_prob"] if query.return_log_prob else None, seed)
+
+    def _sample_setup(self, flow: FlowMetadata, query: SampleQuery) -> tuple[np.ndarray | None, int]:
+        """The query's context rows and its seed (a fresh one when unset); checks the temperature."""
         if not (math.isfinite(query.temperature) and query.temperature > 0):
             raise InvalidArgument(f"temperature must be a finite number > 0, got {query.temperature}")
         context = _context_rows(flow, query.context, query.num_samples, "num_samples")
-        seed = secrets.randbits(64) if query.seed is None else query.seed
-        with self._reserve(query.num_samples):
-            rng = np.random.Generator(np.random.PCG64(seed))
-            noise = rng.standard_normal((query.num_samples, flow.noise_dim), dtype=np.float32)
-            noise *= np.float32(query.temperature)
-            outputs = await self._run(flow, GENERATION, _inputs(flow.spec(GENERATION), noise, context), timeout)
-        samples = outputs["x"].reshape(query.num_samples, *flow.event_shape)
-        log_prob = outputs["log_prob"] if query.return_log_prob else None
-        return SampleResult(samples=samples, log_prob=log_prob, seed=seed)
+        return context, secrets.randbits(64) if query.seed is None else query.seed
+
+    async def _generate(
+        self, flow: FlowMetadata, query: SampleQuery, seed: int, context: np.ndarray | None, timeout: float | None
+    ) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
+        """(first row, outputs) of each chunk of the generation direction, in order."""
+        spec = flow.spec(GENERATION)
+        chunk = await self.backend.max_batch_size(flow.models[GENERATION])
+        rng = np.random.Generator(np.random.PCG64(seed))
+        temperature = np.float32(query.temperature)
+
+        def chunks() -> Iterator[dict[str, np.ndarray]]:
+            for start in range(0, query.num_samples, chunk):
+                noise = rng.standard_normal((min(chunk, query.num_samples - start), flow.noise_dim), dtype=np.float32)
+                noise *= temperature
+                yield _inputs(spec, noise, None if context is None else context[start:start + chunk])
+
+        start = 0
+        async for outputs in self._run(flow, GENERATION, chunks(), timeout):
+            yield start, outputs
+            start += len(outputs["log_prob"])
 
     async def log_likelihood(self, query: LogLikelihoodQuery, timeout: float | None = None) -> LogLikelihoodResult:
         """log p(x | context) of each row of ``query.x`` (a lower bound where the flow says so),
@@ -139,8 +192,12 @@ class FlowService:
                 )
         context = _context_rows(flow, query.context, rows, "x.shape[0]")
         with self._reserve(rows):
-            inputs = _inputs(flow.spec(DENSITY), x.reshape(rows, flow.dim), context)
-            log_prob = (await self._run(flow, DENSITY, inputs, timeout))["log_prob"]
+            spec = flow.spec(DENSITY)
+            chunk = await self.backend.max_batch_size(flow.models[DENSITY])
+            flat = x.reshape(rows, flow.dim)
+            chunks = iter([_inputs(spec, flat[start:start + chunk], None if context is None else context[start:start + chunk])
+                           for start in range(0, rows, chunk)])
+            log_prob = np.concatenate([outputs["log_prob"] async for outputs in self._run(flow, DENSITY, chunks, timeout)])
         bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
         return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
 
@@ -151,6 +208,10 @@ class FlowService:
             raise InvalidArgument(
                 f"{field} is {rows}, above this gateway's limit of {self.limits.max_rows_per_request} rows per request"
             )
+        self._check_message_rows(field, rows, flow)
+
+    @staticmethod
+    def _check_message_rows(field: str, rows: int, flow: FlowMetadata) -> None:
         # A row costs its D event values, its context values and its log_prob on the wire.
         values = flow.dim + flow.context_dim + 1
         max_rows = (MAX_MESSAGE_BYTES - _MESSAGE_HEADROOM_BYTES) // (values * WIRE_DTYPE.itemsize)
@@ -174,45 +235,44 @@ class FlowService:
             self._rows_in_flight -= rows
 
     async def _run(
-        self, flow: FlowMetadata, direction: str, inputs: dict[str, np.ndarray], timeout: float | None
-    ) -> dict[str, np.ndarray]:
-        """Run the rows of ``inputs`` (every input of the direction's spec, by name, with the
-        same number of rows) through one direction in chunks of Triton's max_batch_size, concurrently."""
+        self, flow: FlowMetadata, direction: str, chunks: Iterator[dict[str, np.ndarray]], timeout: float | None
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """The outputs of each chunk of ``chunks`` (every input of the direction's spec, by
+        name, at most Triton's max_batch_size rows), in order. Chunks are taken from the
+        iterator only as room opens: at most ``max_chunks_in_flight_per_request`` are on
+        Triton at once. If one fails, or the caller stops early, the others are cancelled and
+        waited for, so their rows are not released while still on Triton."""
         if self._catalog_version != self.catalog.version:  # re-exported flows: Triton configs may differ
             self.backend.forget_configs()
             self._catalog_version = self.catalog.version
         model = flow.models[direction]
         spec = flow.spec(direction)
-        rows = inputs[spec.input_names[0]].shape[0]
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        chunk = await self.backend.max_batch_size(model)
-        if rows <= chunk:  # one chunk: no tasks to spread it over
-            if deadline is not None and deadline <= loop.time():
+
+        def call(inputs: dict[str, np.ndarray]):
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before {model!r} was called")
             inputs = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.dtype) for t in spec.inputs}
-            return await self.backend.infer(model, spec, inputs, None if deadline is None else deadline - loop.time())
-        slots = asyncio.Semaphore(self.limits.max_chunks_in_flight_per_request)
+            return self.backend.infer(model, spec, inputs, remaining)
 
-        async def run_chunk(start: int) -> dict[str, np.ndarray]:
-            async with slots:
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(f"deadline exceeded before {model!r} was called")
-                sliced = {t.name: np.ascontiguousarray(inputs[t.name][start:start + chunk], dtype=t.dtype)
-                          for t in spec.inputs}
-                return await self.backend.infer(model, spec, sliced, remaining)
-
-        tasks = [asyncio.ensure_future(run_chunk(start)) for start in range(0, rows, chunk)]
+        first, second = next(chunks), next(chunks, None)
+        if second is None:  # one chunk: no task to spread it over
+            yield await call(first)
+            return
+        running: deque[asyncio.Future] = deque()
         try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
+            for inputs in itertools.chain((first, second), chunks):
+                if len(running) == self.limits.max_chunks_in_flight_per_request:
+                    yield await running.popleft()
+                running.append(asyncio.ensure_future(call(inputs)))
+            while running:
+                yield await running.popleft()
+        finally:
+            for task in running:
                 task.cancel()
-            # Wait for the cancelled chunks, so their rows are not released while still on Triton.
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        return {name: np.concatenate([r[name] for r in results]) for name in spec.output_names}
+            await asyncio.gather(*running, return_exceptions=True)
 
 
 def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, rows_field: str) -> np.ndarray | None:

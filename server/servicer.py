@@ -9,7 +9,7 @@ from flowserve.metadata import EXACT, LOWER_BOUND
 from flowserve.spec import DENSITY, GENERATION
 
 from . import tensors
-from .domain import LogLikelihoodQuery, SampleQuery
+from .domain import LogLikelihoodQuery, SampleQuery, SampleResult
 from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService
@@ -26,6 +26,25 @@ def _context(request: pb.SampleRequest | pb.LogLikelihoodRequest) -> np.ndarray 
     if not request.HasField("context"):
         return None
     return tensors.decode(request.context, "context", "[*context_shape] or [N, *context_shape]")
+
+
+def _sample_query(request: pb.SampleRequest) -> SampleQuery:
+    return SampleQuery(
+        model=request.model,
+        num_samples=request.num_samples,
+        seed=request.seed if request.HasField("seed") else None,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        return_log_prob=request.return_log_prob,
+        context=_context(request),
+    )
+
+
+def _sample_response(result: SampleResult) -> pb.SampleResponse:
+    return pb.SampleResponse(
+        samples=tensors.encode(result.samples),
+        log_prob=[] if result.log_prob is None else result.log_prob.tolist(),
+        seed=result.seed,
+    )
 
 
 class FlowServicer(pb_grpc.FlowServiceServicer):
@@ -52,20 +71,12 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         ])
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
-        query = SampleQuery(
-            model=request.model,
-            num_samples=request.num_samples,
-            seed=request.seed if request.HasField("seed") else None,
-            temperature=request.temperature if request.HasField("temperature") else 1.0,
-            return_log_prob=request.return_log_prob,
-            context=_context(request),
-        )
-        result = await self.service.sample(query, timeout=context.time_remaining())
-        return pb.SampleResponse(
-            samples=tensors.encode(result.samples),
-            log_prob=[] if result.log_prob is None else result.log_prob.tolist(),
-            seed=result.seed,
-        )
+        result = await self.service.sample(_sample_query(request), timeout=context.time_remaining())
+        return _sample_response(result)
+
+    async def SampleStream(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
+        async for chunk in self.service.sample_stream(_sample_query(request), timeout=context.time_remaining()):
+            yield _sample_response(chunk)
 
     async def LogLikelihood(self, request: pb.LogLikelihoodRequest, context: grpc.aio.ServicerContext):
         query = LogLikelihoodQuery(

@@ -87,6 +87,57 @@ def test_samples_match_pytorch_and_do_not_depend_on_chunking(live_server, traine
     np.testing.assert_allclose(small.log_prob, log_prob, rtol=0, atol=1e-4)
 
 
+def test_sample_stream_gives_the_samples_of_sample_in_chunks(live_server, trained_flow):
+    n, seed = 3 * SMALL_BATCH + 17, 77
+    with FlowClient(live_server.target) as client:
+        chunks = list(client.sample_stream(SMALL_CHUNKS, n, seed=seed))
+        whole = client.sample(SMALL_CHUNKS, n, seed=seed)
+    assert [len(c.x) for c in chunks] == [SMALL_BATCH] * 3 + [17] and {c.seed for c in chunks} == {seed}
+    np.testing.assert_allclose(np.concatenate([c.x for c in chunks]), whole.x, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([c.log_prob for c in chunks]), whole.log_prob, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(whole.x, expected_samples(trained_flow, seed, n)[0], rtol=0, atol=1e-4)
+
+
+def peak_rss_added_mib(process: subprocess.Popen, work) -> float:
+    """How far ``work()`` raises the peak RSS (VmHWM) of ``process`` above its RSS before."""
+    status = f"/proc/{process.pid}/status"
+
+    def read(field: str) -> float:
+        with open(status) as file:
+            return next(int(line.split()[1]) for line in file if line.startswith(field + ":")) / 1024
+
+    before = read("VmRSS")
+    with open(f"/proc/{process.pid}/clear_refs", "w") as file:
+        file.write("5")  # resets VmHWM to the RSS now
+    work()
+    return read("VmHWM") - before
+
+
+def test_sample_stream_memory_does_not_grow_with_the_rows(live_server):
+    """10^6 samples cost the gateway no more memory than 10^5: 12 MB of samples pass through
+    it, a few chunks at a time (a Sample of 10^6 would hold them all)."""
+    def drain(n: int):
+        def work():
+            with FlowClient(live_server.target, timeout=300) as client:
+                rows = sum(len(chunk.x) for chunk in client.sample_stream(LARGE_CHUNKS, n, seed=1))
+            assert rows == n
+        return work
+
+    drain(10_000)()  # warm: channels, buffers and allocator pools
+    small = peak_rss_added_mib(live_server.process, drain(100_000))
+    large = peak_rss_added_mib(live_server.process, drain(1_000_000))
+    assert large - small < 6, (small, large)
+    assert large < 20, (small, large)
+
+
+def test_a_stream_beyond_the_stream_limit_or_of_no_rows_is_invalid(live_stub):
+    for n in (0, 10**9 + 1):
+        with pytest.raises(grpc.RpcError) as info:
+            list(live_stub.SampleStream(pb.SampleRequest(model=LARGE_CHUNKS, num_samples=n), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "num_samples must be in 1..1000000000 for a stream" in info.value.details()
+
+
 def test_sample_without_seed_returns_the_fresh_seed_it_used(live_server, trained_flow):
     with FlowClient(live_server.target) as client:
         first = client.sample(SMALL_CHUNKS, 10)
@@ -289,6 +340,13 @@ def test_cli_sample_and_score(live_server, tmp_path, trained_flow):
     assert out.returncode == 0, out.stderr
     samples = np.load(samples_path)
     np.testing.assert_allclose(samples, expected_samples(trained_flow, 0, 300)[0], rtol=0, atol=1e-4)
+
+    streamed_path = tmp_path / "streamed.npy"
+    out = subprocess.run([*run, "sample", *target, "--model", SMALL_CHUNKS, "-n", "300", "--seed", "0", "--stream",
+                          "-o", str(streamed_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "300 samples from moons-small-chunks (seed 0), streamed" in out.stdout
+    np.testing.assert_allclose(np.load(streamed_path), samples, rtol=0, atol=1e-6)
 
     scores_path = tmp_path / "scores.npy"
     out = subprocess.run([*run, "score", *target, "--model", SMALL_CHUNKS, str(samples_path),

@@ -112,3 +112,36 @@ def test_without_a_deadline_the_backend_gets_none(flow_repository):
     service, backend = make_service(flow_repository)
     asyncio.run(service.log_likelihood(LogLikelihoodQuery(FLOW, np.zeros((5, DIM), np.float32))))
     assert backend.timeouts == [None, None]
+
+
+def test_a_stream_gives_the_samples_of_sample_for_the_same_seed_bit_for_bit(flow_repository):
+    service, backend = make_service(flow_repository, max_batch_size=4)
+    query = SampleQuery(FLOW, 10, seed=5, return_log_prob=True)
+
+    async def scenario():
+        chunks = [chunk async for chunk in service.sample_stream(query)]
+        return chunks, await service.sample(query)
+
+    chunks, whole = asyncio.run(scenario())
+    assert [len(chunk.samples) for chunk in chunks] == [4, 4, 2] and {chunk.seed for chunk in chunks} == {5}
+    np.testing.assert_array_equal(np.concatenate([chunk.samples for chunk in chunks]), whole.samples)
+    np.testing.assert_array_equal(np.concatenate([chunk.log_prob for chunk in chunks]), whole.log_prob)
+    noise = np.random.Generator(np.random.PCG64(5)).standard_normal((10, DIM), dtype=np.float32)
+    np.testing.assert_array_equal(whole.samples, 2 * noise)
+
+
+def test_a_stream_holds_a_few_chunks_of_the_budget_and_gives_them_back_when_the_reader_leaves(flow_repository):
+    limits = GatewayLimits(100, 100, max_chunks_in_flight_per_request=2)
+    service, backend = make_service(flow_repository, limits, max_batch_size=4)
+
+    async def scenario():
+        stream = service.sample_stream(SampleQuery(FLOW, 10**6, seed=0))
+        first = await anext(stream)
+        held = service._rows_in_flight
+        await stream.aclose()  # the reader leaves after one chunk
+        return first, held
+
+    first, held = asyncio.run(scenario())
+    assert len(first.samples) == 4 and held == 8  # two chunks of four rows, not 10^6
+    assert service._rows_in_flight == 0 and backend.running == 0
+    assert len(backend.calls) <= 3  # chunks are drawn as the reader takes them

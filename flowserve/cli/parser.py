@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=None)
     sample.add_argument("--context", type=_float_list, default=None, metavar="V1,V2,...",
                         help="one context for every sample, e.g. a one-hot label: 0,0,1,0,0,0,0,0,0,0")
+    sample.add_argument("--stream", action="store_true",
+                        help="SampleStream: any number of samples, in chunks, written to --output as they come "
+                             "(raise --timeout for very many)")
     sample.add_argument("-o", "--output", type=Path, help="write samples to this .npy file")
 
     score = commands.add_parser("score", help="log-likelihood of each row of a .npy file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ def sample_command(args) -> None:
     from flowserve.server.client import FlowClient
 
     with FlowClient(args.target, timeout=args.timeout) as client:
+        if args.stream:
+            _sample_stream(client, args)
+            return
         result = client.sample(args.model, args.num_samples, seed=args.seed, temperature=args.temperature,
                                context=args.context)
     print(f"{len(result.x)} samples from {args.model} (seed {result.seed}); "
@@ -26,6 +30,34 @@ def sample_command(args) -> None:
     print(np.array2string(result.x[:5], precision=4))
     if args.output:
         np.save(args.output, result.x)
+        print(f"wrote {args.output}")
+
+
+def _sample_stream(client, args) -> None:
+    """SampleStream: chunks go straight into the .npy file (memory-mapped), so any number of
+    samples fits in a few chunks of memory here too; progress on a terminal."""
+    output, seed, total, log_prob_sum = None, None, 0, 0.0
+    show_progress = sys.stderr.isatty()
+    try:
+        for chunk in client.sample_stream(args.model, args.num_samples, seed=args.seed,
+                                          temperature=args.temperature, context=args.context):
+            if args.output and output is None:
+                output = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32,
+                                                   shape=(args.num_samples, *chunk.x.shape[1:]))
+            if output is not None:
+                output[total:total + len(chunk.x)] = chunk.x
+            if total == 0:
+                print(np.array2string(chunk.x[:5], precision=4))
+            seed, total, log_prob_sum = chunk.seed, total + len(chunk.x), log_prob_sum + float(chunk.log_prob.sum())
+            if show_progress:
+                print(f"\rSampleStream: {total:,} of {args.num_samples:,} rows", end="", file=sys.stderr, flush=True)
+    finally:
+        if show_progress:
+            print(file=sys.stderr)
+        if output is not None:
+            output.flush()
+    print(f"{total} samples from {args.model} (seed {seed}), streamed; mean log p(x) {log_prob_sum / total:.4f}")
+    if output is not None:
         print(f"wrote {args.output}")
 
 

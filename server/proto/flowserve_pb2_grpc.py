@@ -45,6 +45,11 @@ class FlowServiceStub:
                 request_serializer=flowserve__pb2.SampleRequest.SerializeToString,
                 response_deserializer=flowserve__pb2.SampleResponse.FromString,
                 _registered_method=True)
+        self.SampleStream = channel.unary_stream(
+                '/flowserve.v1.FlowService/SampleStream',
+                request_serializer=flowserve__pb2.SampleRequest.SerializeToString,
+                response_deserializer=flowserve__pb2.SampleResponse.FromString,
+                _registered_method=True)
         self.LogLikelihood = channel.unary_unary(
                 '/flowserve.v1.FlowService/LogLikelihood',
                 request_serializer=flowserve__pb2.LogLikelihoodRequest.SerializeToString,
@@ -70,6 +75,15 @@ class FlowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SampleStream(self, request, context):
+        """Sample for any number of samples, delivered in order as consecutive chunks of rows:
+        the same seed gives the same samples as Sample for the same num_samples. Every chunk
+        carries the seed; a chunk's log_prob is empty unless return_log_prob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LogLikelihood(self, request, context):
         """Log-density log p(x) of each row of x: exact, or a lower bound where
         ModelInfo.log_likelihood_kind says so.
@@ -88,6 +102,11 @@ def add_FlowServiceServicer_to_server(servicer, server):
             ),
             'Sample': grpc.unary_unary_rpc_method_handler(
                     servicer.Sample,
+                    request_deserializer=flowserve__pb2.SampleRequest.FromString,
+                    response_serializer=flowserve__pb2.SampleResponse.SerializeToString,
+            ),
+            'SampleStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.SampleStream,
                     request_deserializer=flowserve__pb2.SampleRequest.FromString,
                     response_serializer=flowserve__pb2.SampleResponse.SerializeToString,
             ),
@@ -150,6 +169,33 @@ class FlowService:
             request,
             target,
             '/flowserve.v1.FlowService/Sample',
+            flowserve__pb2.SampleRequest.SerializeToString,
+            flowserve__pb2.SampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flowserve.v1.FlowService/SampleStream',
             flowserve__pb2.SampleRequest.SerializeToString,
             flowserve__pb2.SampleResponse.FromString,
             options,
