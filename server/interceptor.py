@@ -1,4 +1,5 @@
-"""One interceptor for every RPC: domain errors to gRPC status codes, and metrics."""
+"""One interceptor for every RPC: domain errors to gRPC status codes, and metrics; its
+handlers send ``tensors.Serialized`` responses as they are."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .domain import (
     ResourceExhausted,
 )
 from .metrics import UNKNOWN_MODEL, GatewayMetrics
+from .tensors import Serialized, serializer
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,7 @@ DEADLINE_SLACK_S = 0.05
 
 def _rows_of(response) -> int:
     """Rows a Sample or LogLikelihood response carries (0 for other RPCs)."""
-    if hasattr(response, "samples") and response.samples.shape:
-        return response.samples.shape[0]
-    return len(getattr(response, "log_prob", ()))
+    return response.rows if isinstance(response, Serialized) else 0
 
 
 def status_of(error: FlowServeError) -> grpc.StatusCode:
@@ -78,13 +78,13 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             wrapped = grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(name, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer(handler.response_serializer),
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(name, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer(handler.response_serializer),
             )
         else:
             return handler

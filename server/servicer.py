@@ -1,4 +1,8 @@
-"""The thin gRPC servicer: protos to domain objects, the service, and back."""
+"""The thin gRPC servicer: protos to domain objects, the service, and back.
+
+Sample, SampleStream and LogLikelihood answer with ``tensors.Serialized`` responses, already
+in protobuf's wire format (one copy of the arrays instead of four); the handlers that the
+interceptor builds send them as they are."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from flowserve.metadata import EXACT, LOWER_BOUND
 from flowserve.spec import DENSITY, GENERATION
 
 from . import tensors
-from .domain import LogLikelihoodQuery, SampleQuery, SampleResult
+from .domain import LogLikelihoodQuery, SampleQuery
 from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService
@@ -39,14 +43,6 @@ def _sample_query(request: pb.SampleRequest) -> SampleQuery:
     )
 
 
-def _sample_response(result: SampleResult) -> pb.SampleResponse:
-    return pb.SampleResponse(
-        samples=tensors.encode(result.samples),
-        log_prob=[] if result.log_prob is None else result.log_prob.tolist(),
-        seed=result.seed,
-    )
-
-
 class FlowServicer(pb_grpc.FlowServiceServicer):
     """flowserve.v1.FlowService over a FlowService."""
 
@@ -72,11 +68,11 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
         result = await self.service.sample(_sample_query(request), timeout=context.time_remaining())
-        return _sample_response(result)
+        return tensors.sample_response(result.samples, result.log_prob, result.seed)
 
     async def SampleStream(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
         async for chunk in self.service.sample_stream(_sample_query(request), timeout=context.time_remaining()):
-            yield _sample_response(chunk)
+            yield tensors.sample_response(chunk.samples, chunk.log_prob, chunk.seed)
 
     async def LogLikelihood(self, request: pb.LogLikelihoodRequest, context: grpc.aio.ServicerContext):
         query = LogLikelihoodQuery(
@@ -86,7 +82,4 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             return_bits_per_dim=request.return_bits_per_dim,
         )
         result = await self.service.log_likelihood(query, timeout=context.time_remaining())
-        return pb.LogLikelihoodResponse(
-            log_prob=result.log_prob.tolist(),
-            bits_per_dim=[] if result.bits_per_dim is None else result.bits_per_dim.tolist(),
-        )
+        return tensors.log_likelihood_response(result.log_prob, result.bits_per_dim)

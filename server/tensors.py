@@ -38,3 +38,73 @@ def decode(tensor: pb.Tensor, field: str, expected_shape: str = "[N, *event_shap
     if math.prod(shape) == 0:
         raise InvalidArgument(f"{field} is empty: shape {shape}")
     return np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(shape)
+
+
+class Serialized:
+    """A response message already in protobuf's wire format, built by :func:`sample_response`
+    or :func:`log_likelihood_response`; :func:`serializer` passes it through as it is.
+
+    Building a large response as a message costs a copy per step (array to bytes, bytes into
+    the Tensor, the Tensor into the response, the response to the wire); joining the arrays'
+    buffers into the wire format costs one.
+    """
+
+    __slots__ = ("data", "rows")
+
+    def __init__(self, data: bytes, rows: int):
+        self.data = data
+        self.rows = rows
+
+
+def serializer(serialize):
+    """``serialize`` (a message's SerializeToString) that passes :class:`Serialized` through."""
+    return lambda message: message.data if isinstance(message, Serialized) else serialize(message)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(message, field: str, wire_type: int) -> bytes:
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type)
+
+
+_LENGTH_DELIMITED, _VARINT = 2, 0
+
+
+def _length_delimited(message, field: str, parts: list) -> list:
+    """``parts`` (buffers) as the length-delimited field ``field``; nothing when empty, as proto3 writes it."""
+    size = sum(memoryview(part).nbytes for part in parts)
+    return [_key(message, field, _LENGTH_DELIMITED), _varint(size), *parts] if size else []
+
+
+def _tensor(array: np.ndarray) -> list:
+    array = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
+    shape = b"".join(_varint(d) for d in array.shape)
+    return (_length_delimited(pb.Tensor, "shape", [shape])
+            + _length_delimited(pb.Tensor, "data", [memoryview(array).cast("B")]))
+
+
+def _floats(array: np.ndarray | None) -> list:
+    return [] if array is None else [memoryview(np.ascontiguousarray(array, dtype=WIRE_DTYPE)).cast("B")]
+
+
+def sample_response(samples: np.ndarray, log_prob: np.ndarray | None, seed: int) -> Serialized:
+    """A ``SampleResponse`` on the wire, the samples' bytes copied once."""
+    parts = _length_delimited(pb.SampleResponse, "samples", _tensor(samples))
+    parts += _length_delimited(pb.SampleResponse, "log_prob", _floats(log_prob))
+    if seed:
+        parts += [_key(pb.SampleResponse, "seed", _VARINT), _varint(seed)]
+    return Serialized(b"".join(parts), len(samples))
+
+
+def log_likelihood_response(log_prob: np.ndarray, bits_per_dim: np.ndarray | None) -> Serialized:
+    """A ``LogLikelihoodResponse`` on the wire."""
+    parts = _length_delimited(pb.LogLikelihoodResponse, "log_prob", _floats(log_prob))
+    parts += _length_delimited(pb.LogLikelihoodResponse, "bits_per_dim", _floats(bits_per_dim))
+    return Serialized(b"".join(parts), len(log_prob))
