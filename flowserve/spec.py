@@ -8,6 +8,7 @@ can use it.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ CONTEXT = "context"
 """Name of the optional per-row conditioning input (e.g. a one-hot class label)."""
 
 
+@functools.lru_cache(maxsize=1024)  # specs are frozen; the gateway asks on every request
 def direction_spec(direction: str, event_dim: int, *, noise_dim: int | None = None,
                    context_dim: int = 0) -> DirectionSpec:
     """Tensor spec of ``direction`` for a flow over ``event_dim``-dimensional events.

@@ -86,7 +86,7 @@ class BatchingBackend:
     """A :class:`~flowserve.server.backend.Backend` that merges concurrent ``infer`` calls of
     a model (each at most its ``max_batch_size`` rows) before they reach ``backend``."""
 
-    def __init__(self, backend: Backend, max_batches_in_flight: int = 2):
+    def __init__(self, backend: Backend, max_batches_in_flight: int = 1):
         if max_batches_in_flight < 1:
             raise ValueError(f"max_batches_in_flight must be >= 1, got {max_batches_in_flight}")
         self.backend = backend
@@ -121,6 +121,14 @@ class BatchingBackend:
                 return await self.backend.infer(model, spec, inputs, timeout)
             queue = self._queues[model] = _ModelQueue(
                 self.backend, model, spec, await self.backend.max_batch_size(model), self.max_batches_in_flight)
+        if not queue.waiting and queue.in_flight < queue.max_in_flight:
+            # A free slot and nobody waiting: the call is a batch of its own, run in the caller's task.
+            queue.in_flight += 1
+            try:
+                return await self.backend.infer(model, spec, inputs, timeout)
+            finally:
+                queue.in_flight -= 1
+                queue.dispatch()
         loop = asyncio.get_running_loop()
         call = _Call(inputs, next(iter(inputs.values())).shape[0], None if timeout is None else loop.time() + timeout)
         queue.waiting.append(call)

@@ -197,7 +197,8 @@ class FlowService:
             flat = x.reshape(rows, flow.dim)
             chunks = iter([_inputs(spec, flat[start:start + chunk], None if context is None else context[start:start + chunk])
                            for start in range(0, rows, chunk)])
-            log_prob = np.concatenate([outputs["log_prob"] async for outputs in self._run(flow, DENSITY, chunks, timeout)])
+            parts = [outputs["log_prob"] async for outputs in self._run(flow, DENSITY, chunks, timeout)]
+            log_prob = parts[0] if len(parts) == 1 else np.concatenate(parts)
         bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
         return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
 

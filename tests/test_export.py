@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 import types
@@ -179,7 +180,7 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
     config = parse_config_text((repo / "prod-generation" / "config.pbtxt").read_text())
     assert config.backend == "onnxruntime"
     assert list(config.instance_group[0].gpus) == [0, 1] and config.instance_group[0].count == 2
-    assert config.parameters["intra_op_thread_count"].string_value == "1"  # the ORT backend's own key
+    assert config.parameters["intra_op_thread_count"].string_value == "0"  # the ORT backend's own key: its default
     assert "intra_op_num_threads" not in config.parameters
     assert FlowMetadata.read(repo / "prod.flowserve.json").backend == "onnxruntime"
 
@@ -192,6 +193,18 @@ def load_runner(monkeypatch):
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
     return runner
+
+
+@pytest.mark.parametrize("parameter, instances, expected", [
+    ("0", [1], None), ("0", [2], "half"), ("", [1, 1], "half"), ("3", [2], 3),
+])
+def test_the_runner_divides_the_cores_among_the_instances_unless_told(monkeypatch, parameter, instances, expected):
+    cores = 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    config = {"parameters": {"intra_op_num_threads": {"string_value": parameter}},
+              "instance_group": [{"count": count} for count in instances]}
+    threads = load_runner(monkeypatch)._threads(config)
+    assert threads == {None: cores, "half": cores // 2}.get(expected, expected)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")

@@ -35,15 +35,20 @@ class ServingConfig:
 
     backend: str = "python"
     format: str = "onnx"
-    max_batch_size: int = 1024
-    max_queue_delay_us: int = 500
+    # 4096 rows: a large request is one call on Triton, not four. No queue delay: the gateway
+    # merges concurrent requests itself without a timer (``server/batching.py``), and Triton
+    # still batches whatever queues up while an instance is busy.
+    max_batch_size: int = 4096
+    max_queue_delay_us: int = 0
     # False: Triton runs every request on its own and the gateway does not coalesce them
     # (the baseline that batching is measured against).
     dynamic_batching: bool = True
     instance_count: int = 1
     instance_kind: str = "cpu"
     gpus: tuple[int, ...] = field(default_factory=tuple)
-    intra_op_threads: int = 1
+    # 0: chosen when the model loads, from the cores the instance may use divided by the
+    # instance count (flowserve's runner) or ONNX Runtime's own default (its native backend).
+    intra_op_threads: int = 0
     # MAF/IAF in ONNX: from this many rows, the slow direction runs the cached inverse
     # (``flows.cached_inverse``) instead of the fixed-point loop; None: never.
     cached_inverse_min_batch: int | None = None
@@ -67,6 +72,8 @@ class ServingConfig:
                 raise ValueError(f"the cached inverse's minimum batch must be >= 1, got {self.cached_inverse_min_batch}")
         if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
             raise ValueError("max_batch_size and instance_count must be >= 1, queue delay >= 0")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be >= 0 (0: from the cores), got {self.intra_op_threads}")
 
 
 def _tensor_dims(tensor: TensorSpec) -> tuple[list[int], bool]:
@@ -109,7 +116,8 @@ def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingCon
             )
     thread_key = {"python": "intra_op_num_threads", "onnxruntime": "intra_op_thread_count",
                   "pytorch": "INTRA_OP_THREAD_COUNT"}[serving.backend]
-    config.parameters[thread_key].string_value = str(serving.intra_op_threads)
+    if serving.intra_op_threads or serving.backend != "pytorch":  # left out, the PyTorch backend keeps torch's default
+        config.parameters[thread_key].string_value = str(serving.intra_op_threads)
     return config
 
 

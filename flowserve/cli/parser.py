@@ -78,15 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="python: flowserve's runner for either format (works with the pytriton wheel); "
                              "onnxruntime / pytorch: Triton's native backends for onnx / torchscript "
                              "(NGC images, GPU clusters)")
-    export.add_argument("--max-batch-size", type=int, default=1024)
-    export.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batcher max queue delay")
+    export.add_argument("--max-batch-size", type=int, default=4096, help="largest batch Triton runs in one call")
+    export.add_argument("--queue-delay-us", type=int, default=0,
+                        help="dynamic batcher max queue delay (default 0: the gateway merges concurrent requests "
+                             "itself, and Triton batches what queues while an instance is busy)")
     export.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                         help="let Triton and the gateway merge concurrent requests into one batch; "
                              "--no-dynamic-batching runs each request on its own")
     export.add_argument("--instances", type=int, default=1, help="instances per instance group")
     export.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu")
     export.add_argument("--gpus", default="", help="comma-separated GPU ids for --instance-kind gpu")
-    export.add_argument("--intra-op-threads", type=int, default=1)
+    export.add_argument("--intra-op-threads", type=int, default=0,
+                        help="threads per instance (default 0: the cores Triton's process may use, divided by "
+                             "--instances, when the model loads)")
     export.add_argument("--cached-inverse", type=int, nargs="?", const=256, default=None, metavar="MIN_BATCH",
                         help="MAF/IAF in ONNX: compute batches of MIN_BATCH (default 256) rows or more of the "
                              "slow direction with the cached inverse (see docs/flows.md); exports take longer")

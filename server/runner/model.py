@@ -30,6 +30,16 @@ def _parameter(model_config, key, default):
     return default if value in (None, "") else value
 
 
+def _threads(model_config):
+    """Intra-op threads per instance: the config's ``intra_op_num_threads``, or for 0 the cores
+    this process may use divided by the model's instance count."""
+    threads = int(_parameter(model_config, "intra_op_num_threads", "0"))
+    if threads > 0:
+        return threads
+    instances = sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])) or 1
+    return max(1, len(os.sched_getaffinity(0)) // instances)
+
+
 class OnnxSession:
     """ONNX Runtime on the instance's device."""
 
@@ -37,6 +47,8 @@ class OnnxSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle threads would spin between calls, taking the cores from Triton and the gateway.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device_id is not None:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
@@ -75,7 +87,7 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         filename = model_config.get("default_model_filename") or DEFAULT_MODEL_FILENAME
         path = os.path.join(args["model_repository"], args["model_version"], filename)
-        threads = int(_parameter(model_config, "intra_op_num_threads", "1"))
+        threads = _threads(model_config)
         gpu = args["model_instance_kind"] == "GPU"
         device_id = int(args["model_instance_device_id"]) if gpu else None
         session_type = SESSIONS.get(os.path.splitext(filename)[1])
@@ -89,7 +101,7 @@ class TritonPythonModel:
         }
         pb_utils.Logger.log_info(
             f"flowserve_runner: loaded {path} on {self.session.device} "
-            f"(instance kind {args['model_instance_kind']})"
+            f"(instance kind {args['model_instance_kind']}, {threads} intra-op thread(s))"
         )
 
     def execute(self, requests):
