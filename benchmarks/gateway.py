@@ -227,13 +227,14 @@ async def measure(served: Served, empty_target: str, args, points: np.ndarray) -
                               f"{rates['on']:,.0f}", f"{rates['off']:,.0f}", f"{rates['on'] / rates['off']:.2f}",
                               ">= 4"))
 
-        rows += await large_requests(served, gateway, points, args)
+        rows += await large_requests(served, gateway, triton, points, args)
         rows += await sample_memory(served, gateway)
     return rows
 
 
-async def large_requests(served: Served, gateway, points: np.ndarray, args) -> list[str]:
-    """4096-row calls through the gateway against the same graphs run in this process."""
+async def large_requests(served: Served, gateway, triton, points: np.ndarray, args) -> list[str]:
+    """4096-row calls through the gateway against the same graphs run in this process, and
+    (for the density) through Triton directly."""
     cores = len(os.sched_getaffinity(0))
     options = ort.SessionOptions()
     options.intra_op_num_threads = cores
@@ -245,8 +246,10 @@ async def large_requests(served: Served, gateway, points: np.ndarray, args) -> l
     z = np.random.default_rng(0).standard_normal((n, 2), dtype=np.float32)
     score = pb.LogLikelihoodRequest(model=MOONS, x=encode(x))
     sample = pb.SampleRequest(model=MOONS, num_samples=n, seed=1, return_log_prob=True)
+    direct = triton_request(f"{MOONS}-density", x)
     calls = {
         "density gateway": lambda: gateway.LogLikelihood(score),
+        "density Triton-direct": lambda: triton.ModelInfer(direct),
         "density in-process": lambda: asyncio.to_thread(sessions["density"].run, None, {"x": x}),
         "generation gateway": lambda: gateway.Sample(sample),
         "generation in-process": lambda: asyncio.to_thread(sessions["generation"].run, None, {"z": z}),
@@ -259,7 +262,10 @@ async def large_requests(served: Served, gateway, points: np.ndarray, args) -> l
     return [table_row(f"{n}-row {rpc} rows/s, one at a time (vs in-process ONNX Runtime, {cores} threads)",
                       f"{rates[f'{d} gateway']:,.0f}", f"{rates[f'{d} in-process']:,.0f}",
                       f"{rates[f'{d} gateway'] / rates[f'{d} in-process']:.2f}", ">= 0.85")
-            for rpc, d in (("LogLikelihood", "density"), ("Sample", "generation"))]
+            for rpc, d in (("LogLikelihood", "density"), ("Sample", "generation"))] + [
+        table_row(f"the same {n}-row density through Triton-direct (vs in-process ONNX Runtime)",
+                  f"{rates['density Triton-direct']:,.0f}", f"{rates['density in-process']:,.0f}",
+                  f"{rates['density Triton-direct'] / rates['density in-process']:.2f}", "")]
 
 
 async def sample_memory(served: Served, gateway) -> list[str]:
