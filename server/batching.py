@@ -41,6 +41,7 @@ class _ModelQueue:
         self.max_rows, self.max_in_flight = max_rows, max_in_flight
         self.waiting: deque[_Call] = deque()
         self.in_flight = 0
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     def dispatch(self) -> None:
         """Send the waiting calls, as batches of at most ``max_rows`` rows, while a batch slot is free."""
@@ -51,7 +52,9 @@ class _ModelQueue:
                 batch.append(self.waiting.popleft())
                 rows += batch[-1].rows
             self.in_flight += 1
-            asyncio.ensure_future(self._run(batch))
+            task = asyncio.ensure_future(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Call]) -> None:
         try:

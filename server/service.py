@@ -111,13 +111,13 @@ class FlowService:
         """
         flow = self.catalog.get(query.model)
         self._check_rows("num_samples", query.num_samples, flow)
-        self._check_message_rows("num_samples", query.num_samples, flow)
         context, seed = self._sample_setup(flow, query)
         n = query.num_samples
-        samples = np.empty((n, flow.dim), np.float32)
-        log_prob = np.empty(n, np.float32)
         with self._reserve(n):
-            async for start, outputs in self._generate(flow, query, seed, context, timeout):
+            chunk = await self.backend.max_batch_size(flow.models[GENERATION])
+            samples = np.empty((n, flow.dim), np.float32)
+            log_prob = np.empty(n, np.float32)
+            async for start, outputs in self._generate(flow, query, seed, context, chunk, timeout):
                 rows = len(outputs["log_prob"])
                 samples[start:start + rows] = outputs["x"]
                 log_prob[start:start + rows] = outputs["log_prob"]
@@ -127,17 +127,16 @@ class FlowService:
         """The samples of :meth:`sample` for the same query and seed, as consecutive chunks of
         Triton's ``max_batch_size`` rows, up to ``max_rows_per_stream`` in all. At most
         ``max_chunks_in_flight_per_request`` chunks are in the gateway at once, and none is
-        drawn before the reader has taken the ones before: memory does not grow with the rows."""
+        drawn before the reader has taken the ones before: memory does not grow with the rows.
+        A chunk also fits in one message (fewer rows for very wide flows)."""
         flow = self.catalog.get(query.model)
         if not 1 <= query.num_samples <= self.limits.max_rows_per_stream:
             raise InvalidArgument(f"num_samples must be in 1..{self.limits.max_rows_per_stream} for a stream, "
                                   f"got {query.num_samples}")
-        chunk = await self.backend.max_batch_size(flow.models[GENERATION])
-        self._check_message_rows("a stream's chunk", min(chunk, query.num_samples), flow)
         context, seed = self._sample_setup(flow, query)
-        held = min(query.num_samples, chunk * self.limits.max_chunks_in_flight_per_request)
-        with self._reserve(held):
-            async for _, outputs in self._generate(flow, query, seed, context, timeout):
+        chunk = min(await self.backend.max_batch_size(flow.models[GENERATION]), _message_rows(flow))
+        with self._reserve(min(query.num_samples, chunk * self.limits.max_chunks_in_flight_per_request)):
+            async for _, outputs in self._generate(flow, query, seed, context, chunk, timeout):
                 samples = outputs["x"].reshape(-1, *flow.event_shape)
                 yield SampleResult(samples, outputs["log_prob"] if query.return_log_prob else None, seed)
 
@@ -149,11 +148,11 @@ class FlowService:
         return context, secrets.randbits(64) if query.seed is None else query.seed
 
     async def _generate(
-        self, flow: FlowMetadata, query: SampleQuery, seed: int, context: np.ndarray | None, timeout: float | None
+        self, flow: FlowMetadata, query: SampleQuery, seed: int, context: np.ndarray | None, chunk: int,
+        timeout: float | None,
     ) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
-        """(first row, outputs) of each chunk of the generation direction, in order."""
+        """(first row, outputs) of each chunk of ``chunk`` rows of the generation direction, in order."""
         spec = flow.spec(GENERATION)
-        chunk = await self.backend.max_batch_size(flow.models[GENERATION])
         rng = np.random.Generator(np.random.PCG64(seed))
         temperature = np.float32(query.temperature)
 
@@ -209,17 +208,12 @@ class FlowService:
             raise InvalidArgument(
                 f"{field} is {rows}, above this gateway's limit of {self.limits.max_rows_per_request} rows per request"
             )
-        self._check_message_rows(field, rows, flow)
-
-    @staticmethod
-    def _check_message_rows(field: str, rows: int, flow: FlowMetadata) -> None:
-        # A row costs its D event values, its context values and its log_prob on the wire.
-        values = flow.dim + flow.context_dim + 1
-        max_rows = (MAX_MESSAGE_BYTES - _MESSAGE_HEADROOM_BYTES) // (values * WIRE_DTYPE.itemsize)
+        max_rows = _message_rows(flow)
         if rows > max_rows:
             raise InvalidArgument(
-                f"{field} is {rows}: at {values} float32 values per row (event, context and log_prob) that exceeds "
-                f"the {MAX_MESSAGE_BYTES >> 20} MiB message limit; send at most {max_rows} rows per request"
+                f"{field} is {rows}: at {flow.dim + flow.context_dim + 1} float32 values per row (event, context and "
+                f"log_prob) that exceeds the {MAX_MESSAGE_BYTES >> 20} MiB message limit; send at most {max_rows} "
+                "rows per request"
             )
 
     @contextlib.contextmanager
@@ -274,6 +268,13 @@ class FlowService:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+
+
+def _message_rows(flow: FlowMetadata) -> int:
+    """The most rows of ``flow`` one message can carry: a row costs its event values, its
+    context values and its log_prob."""
+    values = flow.dim + flow.context_dim + 1
+    return (MAX_MESSAGE_BYTES - _MESSAGE_HEADROOM_BYTES) // (values * WIRE_DTYPE.itemsize)
 
 
 def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, rows_field: str) -> np.ndarray | None:

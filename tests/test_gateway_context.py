@@ -250,6 +250,11 @@ def test_context_travels_through_grpc_servicer_and_client(conditional_repository
             np.testing.assert_allclose(samples.x.reshape(6, EVENT_DIM), x, rtol=1e-6)
             np.testing.assert_allclose(samples.log_prob, log_prob, rtol=1e-6)
 
+            chunks = list(client.sample_stream(CONDITIONAL, 6, seed=11, context=context))
+            assert [len(chunk.x) for chunk in chunks] == [CHUNK, 2]
+            np.testing.assert_array_equal(np.concatenate([chunk.x for chunk in chunks]), samples.x)
+            np.testing.assert_array_equal(np.concatenate([chunk.log_prob for chunk in chunks]), samples.log_prob)
+
             scores = client.score(CONDITIONAL, samples.x, context=rows, return_bits_per_dim=True)
             log_prob = fake_density(samples.x.reshape(6, EVENT_DIM), rows)
             np.testing.assert_allclose(scores.log_prob, log_prob, rtol=1e-6)
@@ -272,10 +277,14 @@ def test_context_travels_through_grpc_servicer_and_client(conditional_repository
                                metrics_port=free_port())
         async with Gateway(config, backend) as gateway:
             await asyncio.to_thread(calls, f"127.0.0.1:{gateway.port}")
+            return gateway.metrics.registry
 
-    asyncio.run(scenario())
-    # Sample (2 chunks) and the two scorings (2 chunks each) reached the backend; the bad requests did not.
-    assert len(backend.calls) == 6
+    registry = asyncio.run(scenario())
+    # Sample, SampleStream and the two scorings (2 chunks each) reached the backend; the bad requests did not.
+    assert len(backend.calls) == 8
+    stream = {"method": "SampleStream", "model": CONDITIONAL}
+    assert registry.get_sample_value("flowserve_requests_total", {**stream, "code": "OK"}) == 1
+    assert registry.get_sample_value("flowserve_request_rows_sum", stream) == 6
 
 
 @pytest.mark.e2e
