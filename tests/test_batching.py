@@ -26,6 +26,13 @@ def rows(start: int, count: int) -> dict[str, np.ndarray]:
     return {"x": np.arange(2 * start, 2 * (start + count), dtype=np.float32).reshape(count, 2)}
 
 
+def batcher(answer=row_sums, max_batch_size: int = 8, delay=0.01, in_flight: int = 1):
+    """An in-memory backend whose calls take ``delay`` seconds, and the batcher in front of it."""
+    backend = InMemoryBackend(answer, max_batch_size=max_batch_size)
+    backend.delay = delay
+    return backend, BatchingBackend(backend, max_batches_in_flight=in_flight)
+
+
 async def calls(batching: BatchingBackend, sizes: list[int], timeout: float | None = None):
     """One call per size, all started at once; their results (or errors) in order."""
     starts = np.cumsum([0, *sizes[:-1]])
@@ -34,9 +41,8 @@ async def calls(batching: BatchingBackend, sizes: list[int], timeout: float | No
 
 
 def test_calls_waiting_behind_a_batch_leave_together_and_get_their_own_rows():
-    backend = InMemoryBackend(row_sums, max_batch_size=8)
-    backend.delay = 0.01
-    results = asyncio.run(calls(BatchingBackend(backend, max_batches_in_flight=1), [1, 2, 3, 1, 2]))
+    backend, batching = batcher()
+    results = asyncio.run(calls(batching, [1, 2, 3, 1, 2]))
     # The first call leaves at once; the four that came in meanwhile fit in one batch of 8 rows.
     assert [len(chunk) for chunk in backend.chunks("x")] == [1, 8]
     expected = rows(0, 9)["x"].sum(axis=1)
@@ -45,18 +51,17 @@ def test_calls_waiting_behind_a_batch_leave_together_and_get_their_own_rows():
 
 
 def test_batches_stay_within_the_max_batch_size_and_the_batches_in_flight():
-    backend = InMemoryBackend(row_sums, max_batch_size=4)
-    backend.delay = 0.01
-    results = asyncio.run(calls(BatchingBackend(backend, max_batches_in_flight=2), [3, 3, 2, 2, 1, 4]))
+    backend, batching = batcher(max_batch_size=4, in_flight=2)
+    results = asyncio.run(calls(batching, [3, 3, 2, 2, 1, 4]))
     assert [len(chunk) for chunk in backend.chunks("x")] == [3, 3, 4, 1, 4]
     assert backend.most_running == 2
     np.testing.assert_array_equal(np.concatenate([r["log_prob"] for r in results]), rows(0, 15)["x"].sum(axis=1))
 
 
 def test_a_model_without_dynamic_batching_gets_every_call_on_its_own():
-    backend = InMemoryBackend(row_sums, max_batch_size=8)
-    backend.batching, backend.delay = False, 0.01
-    asyncio.run(calls(BatchingBackend(backend, max_batches_in_flight=1), [1, 2, 3]))
+    backend, batching = batcher()
+    backend.batching = False
+    asyncio.run(calls(batching, [1, 2, 3]))
     assert [len(chunk) for chunk in backend.chunks("x")] == [1, 2, 3]
 
 
@@ -66,9 +71,7 @@ def test_a_failed_batch_fails_its_calls_only():
             raise BackendError("Triton failed")
         return row_sums(spec, inputs)
 
-    backend = InMemoryBackend(fails_on_negative_rows, max_batch_size=8)
-    backend.delay = 0.01
-    batching = BatchingBackend(backend, max_batches_in_flight=1)
+    backend, batching = batcher(fails_on_negative_rows)
 
     async def scenario():
         first = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 1), None))
@@ -86,9 +89,7 @@ def test_a_failed_batch_fails_its_calls_only():
 
 
 def test_a_cancelled_waiting_call_leaves_its_batch():
-    backend = InMemoryBackend(row_sums, max_batch_size=8)
-    backend.delay = 0.02
-    batching = BatchingBackend(backend, max_batches_in_flight=1)
+    backend, batching = batcher(delay=0.02)
 
     async def scenario():
         first = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 1), None))
@@ -105,9 +106,7 @@ def test_a_cancelled_waiting_call_leaves_its_batch():
 
 
 def test_a_call_whose_deadline_passes_in_a_longer_batch_gets_deadline_exceeded():
-    backend = InMemoryBackend(row_sums, max_batch_size=8)
-    backend.delay = 0.2
-    batching = BatchingBackend(backend, max_batches_in_flight=1)
+    backend, batching = batcher(delay=0.2)
 
     async def scenario():
         slow = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 1), None))

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embedded Triton's backend directory and log (default: a temporary directory)")
     serve.add_argument("--max-rows-per-request", type=int, default=100_000)
     serve.add_argument("--max-rows-in-flight", type=int, default=1_000_000)
+    serve.add_argument("--max-rows-per-stream", type=int, default=10**9,
+                       help="SampleStream's limit; a stream holds only a few chunks in the gateway at a time")
     serve.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton")
 
     sample = commands.add_parser("sample", help="draw samples from a served flow")

@@ -24,7 +24,8 @@ def serve_command(args) -> None:
 
     if not args.model_repository.is_dir():
         raise FileNotFoundError(f"model repository {args.model_repository} does not exist; run flowserve export first")
-    limits = GatewayLimits(args.max_rows_per_request, args.max_rows_in_flight)
+    limits = GatewayLimits(args.max_rows_per_request, args.max_rows_in_flight,
+                           max_rows_per_stream=args.max_rows_per_stream)
     triton = None
     triton_url = args.triton_url
     if not triton_url:
