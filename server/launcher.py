@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import os
 import re
@@ -51,14 +52,14 @@ class TritonInstallation:
     @classmethod
     def find(cls) -> "TritonInstallation":
         """Locate ``tritonserver`` and its pieces in the installed wheel."""
-        try:
-            import pytriton
-        except ImportError as exc:
+        # Found, not imported: importing pytriton loads its client (and gevent), which serve does not use.
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
             raise TritonLaunchError(
                 "no embedded Triton: nvidia-pytriton is not installed. Pass --triton-url (or FLOWSERVE_TRITON_URL) "
                 "to use a running Triton, or pip install nvidia-pytriton"
-            ) from exc
-        root = Path(pytriton.__file__).parent / "tritonserver"
+            )
+        root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
         python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
         found = cls(
             binary=root / "bin" / "tritonserver",
