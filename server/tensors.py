@@ -1,4 +1,5 @@
-"""Conversion between numpy arrays and the ``flowserve.v1.Tensor`` message."""
+"""Conversion between numpy arrays and the ``flowserve.v1.Tensor`` message, and the large
+responses (Sample, LogLikelihood) written in protobuf's wire format straight from arrays."""
 
 from __future__ import annotations
 
