@@ -48,7 +48,10 @@ class GatewayLimits:
 
     max_rows_per_request: int = 100_000
     max_rows_in_flight: int = 1_000_000
-    max_chunks_in_flight_per_request: int = 8
+    max_chunks_in_flight_per_request: int = 2
+    """Chunks of one request on their way to Triton: one running and one ready behind it is
+    enough while the batcher runs one batch per model at a time; each holds its noise and
+    its bytes (at 4096 rows of D=64, 2 MiB)."""
     max_batches_in_flight_per_model: int = 1
     """Merged calls a model may have on Triton at once (``batching.BatchingBackend``)."""
     max_rows_per_stream: int = 10**9

@@ -81,7 +81,8 @@ def test_the_in_flight_budget_refuses_work_beyond_it_and_is_given_back(flow_repo
 
 
 def test_a_failed_chunk_cancels_the_others_and_gives_the_rows_back_once_they_stopped(flow_repository):
-    service, backend = make_service(flow_repository, GatewayLimits(100, 100), max_batch_size=10)
+    service, backend = make_service(flow_repository, GatewayLimits(100, 100, max_chunks_in_flight_per_request=8),
+                                    max_batch_size=10)
     backend.delay = lambda index: 0.0 if index == 0 else 10.0
     backend.failure = BackendError("Triton failed")
 
