@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flowserve.metadata import FlowMetadata, read_all
 
-from .domain import InvalidArgument, ModelNotFound
+from .domain import InvalidArgument, ModelNotFound, quoted
 
 
 class ModelCatalog:
@@ -45,7 +45,7 @@ class ModelCatalog:
         try:
             return self._flows[name]
         except KeyError:
-            raise ModelNotFound(f"model {name!r} is not served; served models: {self.names()}") from None
+            raise ModelNotFound(f"model {quoted(name)} is not served; served models: {self.names()}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._flows

@@ -13,6 +13,18 @@ import numpy as np
 from flowserve.metadata import EXACT
 
 
+QUOTE_LIMIT = 64
+"""Characters of client input an error message quotes at most."""
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters with its length said:
+    a message never echoes unbounded client input (gRPC caps the metadata that carries it)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class FlowServeError(Exception):
     """Base of every error the gateway reports to a client."""
 

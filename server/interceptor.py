@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .domain import (
     BackendError,
@@ -63,8 +64,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         self.metrics = metrics
         self.is_known_model = is_known_model
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self._collectors: dict[tuple[str, str], tuple] = {}
-        self._counters: dict[tuple[str, str, grpc.StatusCode], object] = {}
+        self._children: dict[tuple, object] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -74,16 +74,16 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         name = method.removeprefix(SERVICE_PREFIX)
+        # Requests arrive as bytes and are parsed inside the wrapper, where a message that does
+        # not parse becomes INVALID_ARGUMENT and is counted (gRPC itself would answer UNKNOWN).
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(name, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(name, handler.unary_unary, handler.request_deserializer),
                 response_serializer=serializer(handler.response_serializer),
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(name, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(name, handler.unary_stream, handler.request_deserializer),
                 response_serializer=serializer(handler.response_serializer),
             )
         else:
@@ -91,33 +91,38 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._handlers[method] = wrapped
         return wrapped
 
-    def _collectors_of(self, method: str, model: str) -> tuple:
-        """The in-flight gauge, the latency and the rows histograms of (method, model)."""
-        key = (method, model)
-        if key not in self._collectors:
-            self._collectors[key] = (self.metrics.in_flight.labels(method), self.metrics.latency.labels(method, model),
-                                     self.metrics.rows.labels(method, model))
-        return self._collectors[key]
+    def _labelled(self, collector, *labels: str):
+        """``collector.labels(*labels)``, looked up once per label set."""
+        key = (collector, labels)
+        if key not in self._children:
+            self._children[key] = collector.labels(*labels)
+        return self._children[key]
+
+    def in_flight_of(self, method: str):
+        return self._labelled(self.metrics.in_flight, method)
+
+    def latency_of(self, method: str, model: str):
+        return self._labelled(self.metrics.latency, method, model)
+
+    def rows_of(self, method: str, model: str):
+        return self._labelled(self.metrics.rows, method, model)
 
     def count(self, method: str, model: str, code: grpc.StatusCode) -> None:
-        key = (method, model, code)
-        if key not in self._counters:
-            self._counters[key] = self.metrics.requests.labels(method, model, code.name)
-        self._counters[key].inc()
+        self._labelled(self.metrics.requests, method, model, code.name).inc()
 
-    def _wrap_unary(self, method: str, behaviour):
-        async def wrapped(request, context: grpc.aio.ServicerContext):
-            async with _Recorded(self, method, request, context) as record:
-                response = await behaviour(request, context)
+    def _wrap_unary(self, method: str, behaviour, deserialize):
+        async def wrapped(raw: bytes, context: grpc.aio.ServicerContext):
+            async with _Recorded(self, method, context) as record:
+                response = await behaviour(record.parse(raw, deserialize), context)
                 record.rows = _rows_of(response)
                 return response
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behaviour):
-        async def wrapped(request, context: grpc.aio.ServicerContext):
-            async with _Recorded(self, method, request, context) as record:
-                async for response in behaviour(request, context):
+    def _wrap_stream(self, method: str, behaviour, deserialize):
+        async def wrapped(raw: bytes, context: grpc.aio.ServicerContext):
+            async with _Recorded(self, method, context) as record:
+                async for response in behaviour(record.parse(raw, deserialize), context):
                     record.rows += _rows_of(response)
                     yield response
 
@@ -129,16 +134,28 @@ class _Recorded:
     the in-flight gauge. ListModels has no model; every other RPC is labelled with a served
     flow or "unknown"."""
 
-    def __init__(self, interceptor: ErrorAndMetricsInterceptor, method: str, request, context):
+    def __init__(self, interceptor: ErrorAndMetricsInterceptor, method: str, context):
         self.interceptor, self.method, self.context = interceptor, method, context
-        name = getattr(request, "model", None)
-        self.model = "" if name is None else (name if interceptor.is_known_model(name) else UNKNOWN_MODEL)
-        self.in_flight, self.latency, self.rows_histogram = interceptor._collectors_of(method, self.model)
+        self.model = UNKNOWN_MODEL  # until the request is parsed
         self.rows = 0
+
+    def parse(self, raw: bytes, deserialize):
+        """The request message of ``raw``; InvalidArgument if it does not parse."""
+        try:
+            request = deserialize(raw)
+        except DecodeError:
+            raise InvalidArgument(
+                f"the {self.method} request does not parse as a flowserve.v1 message ({len(raw)} bytes): "
+                "malformed protobuf, or a string field that is not UTF-8"
+            ) from None
+        name = getattr(request, "model", None)
+        self.model = "" if name is None else (name if self.interceptor.is_known_model(name) else UNKNOWN_MODEL)
+        return request
 
     async def __aenter__(self) -> "_Recorded":
         self.started = time.perf_counter()
         self.budget = self.context.time_remaining()
+        self.in_flight = self.interceptor.in_flight_of(self.method)
         self.in_flight.inc()
         return self
 
@@ -147,7 +164,7 @@ class _Recorded:
         try:
             if error is None:
                 if self.rows:
-                    self.rows_histogram.observe(self.rows)
+                    self.interceptor.rows_of(self.method, self.model).observe(self.rows)
             elif isinstance(error, FlowServeError):
                 code = status_of(error)
                 await self.context.abort(code, str(error))
@@ -162,5 +179,5 @@ class _Recorded:
         finally:
             self.in_flight.dec()
             self.interceptor.count(self.method, self.model, code)
-            self.latency.observe(time.perf_counter() - self.started)
+            self.interceptor.latency_of(self.method, self.model).observe(time.perf_counter() - self.started)
         return False

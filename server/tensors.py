@@ -13,6 +13,8 @@ from .proto import flowserve_pb2 as pb
 WIRE_DTYPE = np.dtype("<f4")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest gRPC message the gateway and its client accept or send."""
+MAX_DIMS = 16
+"""Most dimensions a request's tensor may have (a batch of images has four)."""
 
 
 def encode(array: np.ndarray) -> pb.Tensor:
@@ -26,6 +28,8 @@ def decode(tensor: pb.Tensor, field: str, expected_shape: str = "[N, *event_shap
 
     ``expected_shape`` describes the shape to send, for the message when the shape is missing.
     """
+    if len(tensor.shape) > MAX_DIMS:
+        raise InvalidArgument(f"{field}.shape has {len(tensor.shape)} dimensions; at most {MAX_DIMS}: send {expected_shape}")
     shape = list(tensor.shape)
     if not shape:
         raise InvalidArgument(f"{field}.shape is missing: send {expected_shape}")

@@ -287,6 +287,50 @@ def test_context_travels_through_grpc_servicer_and_client(conditional_repository
     assert registry.get_sample_value("flowserve_request_rows_sum", stream) == 6
 
 
+def test_messages_that_do_not_parse_and_oversized_input_get_precise_bounded_errors(
+        conditional_repository, backend, caplog):
+    """Bytes that are no protobuf message, a model name that is not UTF-8, a 100 KB model name
+    and a tensor of 100 dimensions: each gets its own status and a short message, is counted,
+    logs no traceback, and the gateway serves the next good request."""
+    long_name = "m" * 100_000
+    many_dims = pb.LogLikelihoodRequest(model=UNCONDITIONAL, x=pb.Tensor(shape=[1] * 100, data=b"\0\0\0\0"))
+
+    def calls(target: str) -> list[tuple[grpc.StatusCode, str]]:
+        answers = []
+        with grpc.insecure_channel(target) as channel:
+            raw_sample = channel.unary_unary("/flowserve.v1.FlowService/Sample")  # bytes in, bytes out
+            for request in (b"\xff\xff\xff\xff", b"\x0a\x02\xff\xfe", pb.SampleRequest(model=long_name,
+                            num_samples=1).SerializeToString()):
+                with pytest.raises(grpc.RpcError) as info:
+                    raw_sample(request, timeout=30)
+                answers.append((info.value.code(), info.value.details()))
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/flowserve.v1.FlowService/LogLikelihood")(many_dims.SerializeToString(), timeout=30)
+            answers.append((info.value.code(), info.value.details()))
+        with FlowClient(target, timeout=30) as client:
+            assert client.sample(UNCONDITIONAL, 3, seed=1).x.shape == (3, *EVENT_SHAPE)
+        return answers
+
+    async def scenario():
+        config = GatewayConfig(conditional_repository, triton_url="in-memory", host="127.0.0.1", port=0,
+                               metrics_port=free_port())
+        async with Gateway(config, backend) as gateway:
+            return await asyncio.to_thread(calls, f"127.0.0.1:{gateway.port}"), gateway.metrics.registry
+
+    with caplog.at_level(logging.INFO):
+        (garbage, not_utf8, long_model, dims), registry = asyncio.run(scenario())
+    for code, details in (garbage, not_utf8):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the Sample request does not parse as a flowserve.v1 message" in details
+    assert long_model[0] == grpc.StatusCode.NOT_FOUND and len(long_model[1]) < 300
+    assert "'mmmm" in long_model[1] and "... (100000 characters) is not served" in long_model[1]
+    assert dims == (grpc.StatusCode.INVALID_ARGUMENT,
+                    "x.shape has 100 dimensions; at most 16: send [N, *event_shape]")
+    invalid = {"method": "Sample", "model": "unknown", "code": "INVALID_ARGUMENT"}
+    assert registry.get_sample_value("flowserve_requests_total", invalid) == 2
+    assert "Traceback" not in caplog.text
+
+
 @pytest.mark.e2e
 def test_live_bits_per_dim_is_log_prob_in_bits_per_dimension(live_server, live_stub, moons):
     x = moons["test"][:300]
