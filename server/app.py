@@ -8,7 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -130,9 +130,13 @@ class Gateway:
         log.info("gateway stopped")
 
 
-async def run_gateway(config: GatewayConfig, backend_alive: Callable[[], bool] | None = None) -> int:
-    """Serve until SIGINT or SIGTERM (exit code 0) or until ``backend_alive()`` turns
-    false (exit code 1, e.g. the embedded Triton died), then shut down gracefully."""
+async def run_gateway(config: GatewayConfig, supervise: Callable[[Callable[[], None]], Awaitable[None]] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM (exit code 0), then shut down gracefully.
+
+    ``supervise(on_restart)``, when given, runs beside the gateway: the embedded Triton's
+    supervisor, which calls ``on_restart()`` as each restart begins. If it raises (it gave up),
+    the gateway shuts down gracefully with exit code 1.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # kept until shutdown is over: a second signal waits too
@@ -142,13 +146,16 @@ async def run_gateway(config: GatewayConfig, backend_alive: Callable[[], bool] |
         async with Gateway(config, TritonBackend(config.triton_url)) as gateway:
             print(f"gateway ready: gRPC {config.host}:{gateway.port}, "
                   f"metrics http://{config.host}:{config.metrics_port}/metrics", flush=True)
-            while not stop.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
-                if backend_alive is not None and not backend_alive():
-                    log.error("the embedded Triton exited; shutting the gateway down")
+            stopped = asyncio.ensure_future(stop.wait())
+            watched = [asyncio.ensure_future(supervise(gateway.metrics.triton_restarts.inc))] if supervise else []
+            await asyncio.wait([stopped, *watched], return_when=asyncio.FIRST_COMPLETED)
+            for task in (stopped, *watched):
+                task.cancel()
+            for task in watched:
+                if not task.cancelled() and task.done() and task.exception() is not None:
+                    log.error("%s; shutting the gateway down", task.exception())
                     exit_code = 1
-                    break
+            await asyncio.gather(stopped, *watched, return_exceptions=True)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -163,7 +163,7 @@ class TritonServer:
             f"--model-load-thread-count={max(4, len(list(repository.glob('*/config.pbtxt'))))}",
         ]
         log.info("starting Triton: %s (log: %s)", " ".join(command), self.log_path)
-        with open(self.log_path, "wb") as log_file:
+        with open(self.log_path, "ab") as log_file:  # appended: a restart keeps the crash's lines
             self.process = subprocess.Popen(
                 command,
                 env=install.environment(),
@@ -230,6 +230,62 @@ class TritonServer:
     def is_running(self) -> bool:
         """Whether the tritonserver process is alive."""
         return self.process is not None and self.process.poll() is None
+
+    def restart(self, ready_timeout: float = 120.0) -> "TritonServer":
+        """Stop what is left of Triton (its stubs too) and start it again on the same ports."""
+        self.stop()
+        return self.start(ready_timeout)
+
+
+class TritonGaveUp(RuntimeError):
+    """The embedded Triton died more often than the supervisor may restart it."""
+
+
+@dataclass
+class TritonSupervisor:
+    """Restarts the embedded Triton when its process dies.
+
+    Restarts wait a backoff that doubles from ``first_backoff_s`` up to ``max_backoff_s``, and
+    falls back to the first after ``stable_s`` of uptime. After ``max_restarts`` restarts
+    without such a stable spell, :meth:`watch` raises :class:`TritonGaveUp`. The gateway stays
+    up meanwhile: calls get UNAVAILABLE and health reports NOT_SERVING until Triton is back.
+    """
+
+    triton: TritonServer
+    max_restarts: int = 5
+    ready_timeout: float = 120.0
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    stable_s: float = 60.0
+    poll_s: float = 0.2
+
+    async def watch(self, on_restart=lambda: None) -> None:
+        """Watch and restart until cancelled; ``on_restart()`` is called as each restart begins."""
+        import asyncio
+
+        restarts, backoff, up_since = 0, self.first_backoff_s, time.monotonic()
+        while True:
+            await asyncio.sleep(self.poll_s)
+            if self.triton.is_running():
+                if time.monotonic() - up_since >= self.stable_s:
+                    restarts, backoff = 0, self.first_backoff_s
+                continue
+            code = self.triton.process.returncode
+            if restarts >= self.max_restarts:
+                raise TritonGaveUp(f"Triton exited with code {code} after {restarts} restart(s); giving up. "
+                                   f"Last lines of {self.triton.log_path}:\n{self.triton.log_tail()}")
+            log.error("Triton exited with code %s; restarting it in %.1f s (restart %d of at most %d)",
+                      code, backoff, restarts + 1, self.max_restarts)
+            await asyncio.sleep(backoff)
+            restarts, backoff = restarts + 1, min(2 * backoff, self.max_backoff_s)
+            on_restart()
+            try:
+                await asyncio.to_thread(self.triton.restart, self.ready_timeout)
+            except TritonLaunchError as exc:
+                log.error("Triton did not come back: %s", exc)
+                continue
+            up_since = time.monotonic()
+            log.warning("Triton restarted on %s", self.triton.grpc_url)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

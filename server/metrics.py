@@ -97,6 +97,9 @@ class GatewayMetrics:
         self.triton_ready = Gauge(
             "flowserve_triton_ready", "1 when the gateway's Triton reports ready", registry=self.registry
         )
+        self.triton_restarts = Counter(
+            "flowserve_triton_restarts", "Restarts of the embedded Triton after it died", registry=self.registry
+        )
         self.registry.register(GpuMemoryCollector(nvml))
 
     def serve_http(self, port: int, address: str = "0.0.0.0"):

@@ -50,6 +50,11 @@ class TritonBackend:
             ("grpc.max_send_message_length", MAX_TRITON_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_TRITON_MESSAGE_BYTES),
             ("grpc.lb_policy_name", "round_robin"),
+            # Reconnect within a second once a restarted Triton listens again (gRPC's default
+            # backoff grows to two minutes).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ])
         self._stub = triton_grpc.GRPCInferenceServiceStub(self._channel)
         self._configs: dict[str, mc.ModelConfig] = {}

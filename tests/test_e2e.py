@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -378,7 +379,6 @@ def test_gateway_without_triton_reports_unavailable(repository, tmp_path):
             models = client.list_models()  # still lists what it would serve
             assert {m.name for m in models} == {SMALL_CHUNKS, LARGE_CHUNKS}
             assert not any(m.ready for m in models)
-        import urllib.request
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         assert metric_value(text, "flowserve_triton_ready") == 0
         assert metric_value(text, "flowserve_requests_total", method="Sample", code="UNAVAILABLE") == 1
@@ -429,18 +429,55 @@ def test_in_flight_budget_gets_resource_exhausted(live_server, repository):
     asyncio.run(scenario())
 
 
-def test_serve_exits_nonzero_when_its_triton_dies(repository, tmp_path):
-    process, port, private_repo = serve_a_private_copy(repository, tmp_path)
+def serve_and_kill_its_triton(repository, tmp_path, *extra: str):
+    """``flowserve serve`` over a private copy, SERVING, whose tritonserver then gets SIGKILL;
+    returns the process, its gateway and metrics ports, the repository and the kill's time."""
+    private_repo = tmp_path / "repo"
+    shutil.copytree(repository, private_repo)
+    process, port, metrics_port = start_serve(private_repo, tmp_path / "work", *extra)
+    wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
+    (triton_pid,) = [int(p.split(":")[0]) for p in processes_mentioning(str(private_repo)) if "bin/tritonserver" in p]
+    os.kill(triton_pid, signal.SIGKILL)
+    return process, port, metrics_port, private_repo, time.monotonic()
+
+
+def test_serve_restarts_a_killed_triton_and_serves_again_without_help(repository, tmp_path):
+    process, port, metrics_port, private_repo, killed = serve_and_kill_its_triton(repository, tmp_path)
+    answers = []  # (seconds after the kill, seconds the call took, status)
     try:
-        wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
-        (triton_pid,) = [int(p.split(":")[0]) for p in processes_mentioning(str(private_repo))
-                         if "bin/tritonserver" in p]
-        os.kill(triton_pid, signal.SIGKILL)
+        with FlowClient(f"127.0.0.1:{port}", timeout=2.0) as client:
+            while time.monotonic() - killed < 30:
+                started = time.monotonic()
+                try:
+                    client.sample(SMALL_CHUNKS, 5, seed=0)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as error:
+                    code = error.code()
+                answers.append((started - killed, time.monotonic() - started, code))
+                if code == grpc.StatusCode.OK:
+                    break
+                time.sleep(0.05)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert process.poll() is None  # the gateway stayed up
+    finally:
+        stop_serve(process)
+    assert answers[0][2] == grpc.StatusCode.UNAVAILABLE and answers[0][0] + answers[0][1] < 1.0, answers[:3]
+    assert {code for _, _, code in answers[:-1]} == {grpc.StatusCode.UNAVAILABLE}
+    assert max(took for _, took, _ in answers) < 2.5  # no call outlived its 2 s deadline by much
+    assert answers[-1][2] == grpc.StatusCode.OK and answers[-1][0] < 10.0, answers[-1]
+    assert metric_value(metrics, "flowserve_triton_restarts_total") == 1
+    assert processes_mentioning(str(private_repo)) == []
+    assert "restarting it" in (tmp_path / "work" / "serve.log").read_text()
+
+
+def test_serve_exits_nonzero_when_its_triton_dies_beyond_its_restarts(repository, tmp_path):
+    process, _, _, private_repo, _ = serve_and_kill_its_triton(repository, tmp_path, "--triton-max-restarts", "0")
+    try:
         assert process.wait(timeout=60) == 1
     finally:
         stop_serve(process)
     assert processes_mentioning(str(private_repo)) == []
-    assert "Triton exited" in (tmp_path / "work" / "serve.log").read_text()
+    assert "was not restarted (--triton-max-restarts 0)" in (tmp_path / "work" / "serve.log").read_text()
 
 
 def test_the_service_passes_the_remaining_time_to_triton(live_server, repository):

@@ -1,15 +1,24 @@
-"""The Triton launcher: environment, backend directory, and clear errors."""
+"""The Triton launcher: environment, backend directory, clear errors, and the supervisor."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
 
 from flowserve.spec import RUNNER_BACKEND
-from flowserve.server.launcher import TritonInstallation, TritonLaunchError, TritonServer
+from flowserve.server.launcher import (
+    TritonGaveUp,
+    TritonInstallation,
+    TritonLaunchError,
+    TritonServer,
+    TritonSupervisor,
+)
 
 from conftest import processes_mentioning
 
@@ -53,3 +62,45 @@ def test_serve_without_a_repository_is_a_clear_cli_error(tmp_path, capsys):
 
     assert cli.main(["serve", "--model-repository", str(tmp_path / "nope"), "--triton-url", "127.0.0.1:1"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+class DyingTriton:
+    """Stands in for TritonServer: dies whenever the test says so, comes back on restart."""
+
+    def __init__(self):
+        self.running, self.restarts = True, 0
+        self.process = types.SimpleNamespace(returncode=-9)
+        self.grpc_url, self.log_path = "127.0.0.1:1", Path("tritonserver.log")
+
+    def is_running(self) -> bool:
+        return self.running
+
+    def restart(self, ready_timeout: float):
+        self.restarts += 1
+        self.running = True
+
+    def log_tail(self) -> str:
+        return "E1204 the last words"
+
+
+def test_the_supervisor_restarts_a_dead_triton_with_a_growing_backoff_then_gives_up():
+    triton = DyingTriton()
+    supervisor = TritonSupervisor(triton, max_restarts=2, first_backoff_s=0.05, max_backoff_s=0.1, poll_s=0.01)
+    begun = []
+
+    async def scenario():
+        watch = asyncio.ensure_future(supervisor.watch(lambda: begun.append(time.monotonic())))
+        deaths = []
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            deaths.append(time.monotonic())
+            triton.running = False
+            while not triton.running and not watch.done():
+                await asyncio.sleep(0.01)
+        with pytest.raises(TritonGaveUp, match=r"(?s)code -9 after 2 restart\(s\); giving up.*the last words"):
+            await asyncio.wait_for(watch, 5)
+        return deaths
+
+    deaths = asyncio.run(scenario())
+    assert triton.restarts == 2 and len(begun) == 2
+    assert 0.05 <= begun[0] - deaths[0] < 0.5 and 0.1 <= begun[1] - deaths[1] < 0.6  # 0.05 s, then doubled

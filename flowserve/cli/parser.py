@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rows-per-stream", type=int, default=10**9,
                        help="SampleStream's limit; a stream holds only a few chunks in the gateway at a time")
     serve.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton")
+    serve.add_argument("--triton-max-restarts", type=int, default=5,
+                       help="restarts of a dying embedded Triton (backoff 0.5 s doubling to 8 s) before serve "
+                            "exits with code 1; the count starts again after 60 s up")
 
     sample = commands.add_parser("sample", help="draw samples from a served flow")
     _add_target(sample)

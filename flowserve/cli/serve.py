@@ -19,7 +19,7 @@ def run_event_loop(main):
 
 def serve_command(args) -> None:
     from flowserve.server.app import GatewayConfig, run_gateway
-    from flowserve.server.launcher import TritonServer
+    from flowserve.server.launcher import TritonServer, TritonSupervisor
     from flowserve.server.service import GatewayLimits
 
     if not args.model_repository.is_dir():
@@ -40,9 +40,12 @@ def serve_command(args) -> None:
         metrics_port=args.metrics_port, limits=limits,
     )
     try:
-        exit_code = run_event_loop(run_gateway(config, triton.is_running if triton else None))
+        supervisor = None if triton is None else TritonSupervisor(
+            triton, max_restarts=args.triton_max_restarts, ready_timeout=args.ready_timeout)
+        exit_code = run_event_loop(run_gateway(config, supervisor.watch if supervisor else None))
     finally:
         if triton is not None:
             triton.stop()
     if exit_code:
-        raise SystemExit(f"flowserve serve: Triton exited; see {triton.log_path}")
+        raise SystemExit(f"flowserve serve: Triton exited and was not restarted (--triton-max-restarts "
+                         f"{args.triton_max_restarts}); see {triton.log_path}")
