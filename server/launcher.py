@@ -236,6 +236,12 @@ class TritonServer:
         self.stop()
         return self.start(ready_timeout)
 
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 class TritonGaveUp(RuntimeError):
     """The embedded Triton died more often than the supervisor may restart it."""
@@ -286,9 +292,3 @@ class TritonSupervisor:
                 continue
             up_since = time.monotonic()
             log.warning("Triton restarted on %s", self.triton.grpc_url)
-
-    def __enter__(self) -> "TritonServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
