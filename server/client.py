@@ -59,7 +59,7 @@ class FlowClient:
         temperature: float | None = None, return_log_prob: bool = True, context: np.ndarray | None = None,
     ) -> Samples:
         """Draw samples; ``context`` is [*context_shape] (one for all) or [num_samples, *context_shape]."""
-        request = _sample_request(model, num_samples, seed, temperature, return_log_prob, context)
+        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context)
         return _samples(self.stub.Sample(request, timeout=self.timeout), return_log_prob)
 
     def sample_stream(
@@ -68,7 +68,7 @@ class FlowClient:
     ) -> Iterator[Samples]:
         """Draw any number of samples, in consecutive chunks as the gateway sends them: the same
         seed gives the rows of :meth:`sample`. The client's timeout bounds the whole stream."""
-        request = _sample_request(model, num_samples, seed, temperature, return_log_prob, context)
+        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context)
         for response in self.stub.SampleStream(request, timeout=self.timeout):
             yield _samples(response, return_log_prob)
 
@@ -88,15 +88,17 @@ class FlowClient:
         return Scores(np.asarray(response.log_prob, dtype=np.float32), bits_per_dim)
 
 
-def _sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,
-                    return_log_prob: bool, context: np.ndarray | None) -> pb.SampleRequest:
+def sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,
+                   return_log_prob: bool, context: np.ndarray | pb.Tensor | None) -> pb.SampleRequest:
+    """A SampleRequest; ``seed`` and ``temperature`` stay unset when None, as does ``context``
+    (an array, or a Tensor message as it is)."""
     request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
     if seed is not None:
         request.seed = seed
     if temperature is not None:
         request.temperature = temperature
     if context is not None:
-        request.context.CopyFrom(tensors.encode(context))
+        request.context.CopyFrom(context if isinstance(context, pb.Tensor) else tensors.encode(context))
     return request
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowserve.server.app import Gateway, GatewayConfig
-from flowserve.server.client import FlowClient
+from flowserve.server.client import FlowClient, sample_request
 from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.server.service import GatewayLimits
@@ -87,17 +87,6 @@ CONTEXTS = st.none() | tensors([3], [-1, 3])
 NUM_SAMPLES = st.one_of(st.integers(-5, 40), st.sampled_from([0, 1_001, 10**9, 2**62]))
 
 
-def _sample(model, num_samples, seed, temperature, return_log_prob, context) -> pb.SampleRequest:
-    request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
-    if seed is not None:
-        request.seed = seed
-    if temperature is not None:
-        request.temperature = temperature
-    if context is not None:
-        request.context.CopyFrom(context)
-    return request
-
-
 def _score(model, x, context, bits) -> pb.LogLikelihoodRequest:
     request = pb.LogLikelihoodRequest(model=model, x=x, return_bits_per_dim=bits)
     if context is not None:
@@ -105,7 +94,7 @@ def _score(model, x, context, bits) -> pb.LogLikelihoodRequest:
     return request
 
 
-samples = st.builds(_sample, MODELS, NUM_SAMPLES, st.none() | st.integers(0, 2**64 - 1),
+samples = st.builds(sample_request, MODELS, NUM_SAMPLES, st.none() | st.integers(0, 2**64 - 1),
                     st.none() | st.floats(0.25, 2, width=32) | st.floats(width=32), st.booleans(), CONTEXTS)
 scores = st.builds(_score, MODELS, tensors([-1, 1, 2, 2]), CONTEXTS, st.booleans())
 calls = st.one_of(
