@@ -386,16 +386,17 @@ def test_gateway_without_triton_reports_unavailable(repository, tmp_path):
         assert stop_serve(process) == 0
 
 
-def serve_a_private_copy(repository, tmp_path):
-    """``flowserve serve`` over a copy of ``repository``, so its processes can be told apart."""
+def serve_a_private_copy(repository, tmp_path, *extra: str):
+    """``flowserve serve`` (with options ``extra``) over a copy of ``repository``, so its
+    processes can be told apart; returns the process, its gateway and metrics ports and the copy."""
     private_repo = tmp_path / "repo"
     shutil.copytree(repository, private_repo)
-    process, port, _ = start_serve(private_repo, tmp_path / "work")
-    return process, port, private_repo
+    process, port, metrics_port = start_serve(private_repo, tmp_path / "work", *extra)
+    return process, port, metrics_port, private_repo
 
 
 def test_serve_stops_cleanly_and_leaves_no_processes(repository, tmp_path):
-    process, port, private_repo = serve_a_private_copy(repository, tmp_path)
+    process, port, _, private_repo = serve_a_private_copy(repository, tmp_path)
     try:
         wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
         assert any("tritonserver" in p for p in processes_mentioning(str(private_repo)))
@@ -432,9 +433,7 @@ def test_in_flight_budget_gets_resource_exhausted(live_server, repository):
 def serve_and_kill_its_triton(repository, tmp_path, *extra: str):
     """``flowserve serve`` over a private copy, SERVING, whose tritonserver then gets SIGKILL;
     returns the process, its gateway and metrics ports, the repository and the kill's time."""
-    private_repo = tmp_path / "repo"
-    shutil.copytree(repository, private_repo)
-    process, port, metrics_port = start_serve(private_repo, tmp_path / "work", *extra)
+    process, port, metrics_port, private_repo = serve_a_private_copy(repository, tmp_path, *extra)
     wait_for_health(f"127.0.0.1:{port}", process, health_pb2.HealthCheckResponse.SERVING)
     (triton_pid,) = [int(p.split(":")[0]) for p in processes_mentioning(str(private_repo)) if "bin/tritonserver" in p]
     os.kill(triton_pid, signal.SIGKILL)
