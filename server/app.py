@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from .backend import Backend
 from .batching import BatchingBackend
 from .catalog import ModelCatalog
+from .health import FlowHealth
 from .interceptor import ErrorAndMetricsInterceptor
 from .metrics import GatewayMetrics
 from .proto import flowserve_pb2 as pb
@@ -29,6 +30,15 @@ from .triton import TritonBackend
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowService"].full_name
+
+
+def flow_health_service(flow: str) -> str:
+    """The gRPC health service name that reports one flow: ``flowserve.v1.FlowService/<flow>``."""
+    return f"{SERVICE_NAME}/{flow}"
+
+
+def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus:
+    return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -57,8 +67,9 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.backend = backend
         self.catalog = ModelCatalog(config.model_repository)
+        self.flow_health = FlowHealth(backend, self.catalog, self.metrics)
         batching = BatchingBackend(backend, config.limits.max_batches_in_flight_per_model)
-        self.service = FlowService(batching, self.catalog, config.limits)
+        self.service = FlowService(batching, self.catalog, config.limits, self.flow_health)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__)],
@@ -101,11 +112,13 @@ class Gateway:
         )
 
     async def _update_health(self) -> None:
+        """The server's health (Triton ready) and each flow's (its models answer)."""
         ready = await self.backend.is_ready()
         self.metrics.triton_ready.set(1.0 if ready else 0.0)
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
-            await self.health.set(service, status)
+            await self.health.set(service, _status(ready))
+        for flow, flow_ready in (await self.flow_health.check(ready)).items():
+            await self.health.set(flow_health_service(flow), _status(flow_ready))
 
     async def _watch_health(self) -> None:
         while True:
@@ -123,6 +136,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         await self.server.stop(self.config.shutdown_grace_s)
+        await self.flow_health.close()
         await self.backend.close()
         if self._metrics_http is not None:
             await self.metrics.stop_http(self._metrics_http)

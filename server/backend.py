@@ -23,6 +23,18 @@ class Backend(Protocol):
     async def model_versions(self) -> dict[str, list[str]]:
         """Ready versions of every model the server has."""
 
+    async def model_ready(self, model: str) -> bool:
+        """Whether the server reports ``model`` ready (a dead worker may still count as ready)."""
+
+    async def probe(self, model: str, spec: DirectionSpec, timeout: float) -> None:
+        """Run one row of zeros through ``model``; raises if it does not answer."""
+
+    async def load_model(self, model: str) -> None:
+        """Load ``model``, or its new files if it is loaded; calls in flight finish on the old."""
+
+    async def unload_model(self, model: str) -> None:
+        """Unload ``model``."""
+
     async def max_batch_size(self, model: str) -> int:
         """The largest batch ``model`` accepts in one call."""
 

@@ -102,6 +102,18 @@ class BatchingBackend:
     async def model_versions(self) -> dict[str, list[str]]:
         return await self.backend.model_versions()
 
+    async def model_ready(self, model: str) -> bool:
+        return await self.backend.model_ready(model)
+
+    async def probe(self, model: str, spec: DirectionSpec, timeout: float) -> None:
+        await self.backend.probe(model, spec, timeout)
+
+    async def load_model(self, model: str) -> None:
+        await self.backend.load_model(model)
+
+    async def unload_model(self, model: str) -> None:
+        await self.backend.unload_model(model)
+
     async def max_batch_size(self, model: str) -> int:
         return await self.backend.max_batch_size(model)
 

@@ -156,8 +156,17 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--metrics-address=127.0.0.1",
             "--exit-on-error=true",
-            "--strict-readiness=true",
+            # Ready means up: model by model readiness is the gateway's (server/health.py), and a
+            # strict server would turn unready while any one model reloads.
+            "--strict-readiness=false",
+            # Explicit control: every model loads at start, and the gateway loads new versions
+            # and reloads broken models through the repository API (server/health.py).
+            "--model-control-mode=explicit",
+            "--load-model=*",
             "--log-verbose=0",
+            # The gateway has drained its calls when Triton is stopped. A model whose stub
+            # was killed never finishes unloading, and Triton would wait 30 s for it.
+            "--exit-timeout-secs=5",
             # One loading thread per model: Triton's default (4) loads a repository of six
             # flows (twelve models, a stub process each) in about 5.3 s here instead of 3.6 s.
             f"--model-load-thread-count={max(4, len(list(repository.glob('*/config.pbtxt'))))}",

@@ -100,6 +100,14 @@ class GatewayMetrics:
         self.triton_restarts = Counter(
             "flowserve_triton_restarts", "Restarts of the embedded Triton after it died", registry=self.registry
         )
+        self.flow_ready = Gauge(
+            "flowserve_flow_ready", "1 when every Triton model of the flow answered the last health check",
+            ["model"], registry=self.registry,
+        )
+        self.model_reloads = Counter(
+            "flowserve_model_reloads", "Reloads of a flow's Triton model that stopped answering",
+            ["model", "direction"], registry=self.registry,
+        )
         self.registry.register(GpuMemoryCollector(nvml))
 
     def serve_http(self, port: int, address: str = "0.0.0.0"):

@@ -34,6 +34,7 @@ from .domain import (
     SampleQuery,
     SampleResult,
 )
+from .health import FlowHealth
 from .tensors import MAX_MESSAGE_BYTES, WIRE_DTYPE
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,15 @@ def _dims(shape: tuple[int, ...]) -> str:
 
 
 class FlowService:
-    """Sample and LogLikelihood for every flow of the catalog, run on Triton."""
+    """Sample and LogLikelihood for every flow of the catalog, run on Triton. ``health``, when
+    given, says which flows answer (ListModels' ``ready``)."""
 
-    def __init__(self, backend: Backend, catalog: ModelCatalog, limits: GatewayLimits):
+    def __init__(self, backend: Backend, catalog: ModelCatalog, limits: GatewayLimits,
+                 health: FlowHealth | None = None):
         self.backend = backend
         self.catalog = catalog
         self.limits = limits
+        self.health = health
         self._rows_in_flight = 0
         self._catalog_version = catalog.version
 
@@ -98,7 +102,7 @@ class FlowService:
                 event_shape=flow.event_shape,
                 directions=directions,
                 versions=tuple(sorted(set.intersection(*per_direction), key=int)),
-                ready=all(per_direction),
+                ready=all(per_direction) and (self.health is None or self.health.is_ready(name)),
                 context_shape=flow.context_shape,
                 log_likelihood=flow.log_likelihood,
                 metadata=flow.listing(),

@@ -18,6 +18,7 @@ from flowserve.spec import DirectionSpec
 from .domain import BackendError, BackendUnavailable, DeadlineExceeded, FlowServeError
 
 MAX_TRITON_MESSAGE_BYTES = 2**31 - 1
+_LOAD_TIMEOUT_S = 300.0  # a model load runs its warm-up batches, up to max_batch_size rows
 # Triton's answers by gRPC status code. NOT_FOUND: the model is not loaded on Triton although
 # its flow is in the catalog, which is the server's state, not the client's fault.
 _ERROR_OF_STATUS = {
@@ -28,10 +29,17 @@ _ERROR_OF_STATUS = {
 }
 
 
+# A Python-backend model whose stub process died answers INTERNAL with this until it is
+# reloaded (server/health.py does): the client may retry.
+_DEAD_STUB = "is not healthy"
+
+
 def translate_error(code: grpc.StatusCode, details: str, model: str) -> FlowServeError:
     """The domain error of a failed call to Triton, by its gRPC status code; any code not
     listed is a ``BackendError``."""
     error = _ERROR_OF_STATUS.get(code, BackendError)
+    if code == grpc.StatusCode.INTERNAL and _DEAD_STUB in details:
+        error = BackendUnavailable
     if error is DeadlineExceeded:
         return DeadlineExceeded(f"deadline exceeded while {model!r} was running on Triton")
     if error is BackendUnavailable:
@@ -84,6 +92,25 @@ class TritonBackend:
             if entry.state == "READY":
                 versions.setdefault(entry.name, []).append(entry.version)
         return versions
+
+    async def model_ready(self, model: str) -> bool:
+        """Whether Triton reports ``model`` ready."""
+        return (await self._call(self._stub.ModelReady, triton_pb.ModelReadyRequest(name=model), 2.0, model)).ready
+
+    async def probe(self, model: str, spec: DirectionSpec, timeout: float) -> None:
+        """Run one row of zeros through ``model``; raises the domain error of its failure."""
+        await self.infer(model, spec, {t.name: np.zeros((1, *t.dims), t.dtype) for t in spec.inputs}, timeout)
+
+    async def load_model(self, model: str) -> None:
+        """Load ``model`` (Triton in explicit model control mode): new versions or files of a
+        loaded model are loaded beside it, and its old version serves until they are ready."""
+        await self._call(self._stub.RepositoryModelLoad, triton_pb.RepositoryModelLoadRequest(model_name=model),
+                         _LOAD_TIMEOUT_S, model)
+
+    async def unload_model(self, model: str) -> None:
+        """Unload ``model`` (Triton in explicit model control mode)."""
+        await self._call(self._stub.RepositoryModelUnload, triton_pb.RepositoryModelUnloadRequest(model_name=model),
+                         _LOAD_TIMEOUT_S, model)
 
     def forget_configs(self) -> None:
         """Drop the cached model configs; the next call of each model fetches its config again."""

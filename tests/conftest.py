@@ -30,6 +30,7 @@ from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.training import load_checkpoint
+from flowserve.server.domain import BackendUnavailable
 from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
 from flowserve.spec import DirectionSpec
@@ -230,12 +231,34 @@ class InMemoryBackend:
         self.failure: Exception | None = None
         self.running = self.most_running = self.finished = 0
         self.batching = True
+        self.unready: set[str] = set()
+        """Models that report not ready until loaded again (``loads`` records "-m" for unload m, "m" for load)."""
+        self.broken: set[str] = set()
+        """Models that report ready but fail their probes until loaded again (``probes`` records them)."""
+        self.loads: list[str] = []
+        self.probes: list[str] = []
 
     async def is_ready(self) -> bool:
         return True
 
     async def model_versions(self) -> dict[str, list[str]]:
         return self.versions
+
+    async def model_ready(self, model: str) -> bool:
+        return model not in self.unready
+
+    async def probe(self, model: str, spec: DirectionSpec, timeout: float) -> None:
+        self.probes.append(model)
+        if model in self.broken:
+            raise BackendUnavailable(f"{model} is broken")
+
+    async def load_model(self, model: str) -> None:
+        self.loads.append(model)
+        self.unready.discard(model)
+        self.broken.discard(model)
+
+    async def unload_model(self, model: str) -> None:
+        self.loads.append(f"-{model}")
 
     async def max_batch_size(self, model: str) -> int:
         return self.chunk

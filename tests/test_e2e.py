@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowserve.server.app import flow_health_service
 from flowserve.server.client import FlowClient
 from flowserve.server.domain import DeadlineExceeded, ResourceExhausted, SampleQuery
 from flowserve.server.catalog import ModelCatalog
@@ -477,6 +478,46 @@ def test_serve_exits_nonzero_when_its_triton_dies_beyond_its_restarts(repository
         stop_serve(process)
     assert processes_mentioning(str(private_repo)) == []
     assert "was not restarted (--triton-max-restarts 0)" in (tmp_path / "work" / "serve.log").read_text()
+
+
+def test_a_flow_whose_stub_is_killed_is_not_serving_then_serves_again_after_its_reload(repository, tmp_path):
+    process, port, metrics_port, private_repo = serve_a_private_copy(repository, tmp_path)
+    target, flow = f"127.0.0.1:{port}", flow_health_service(SMALL_CHUNKS)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    statuses = []  # (seconds after the kill, the flow's status, the server's status)
+    try:
+        wait_for_health(target, process, serving)
+        with FlowClient(target, timeout=10) as client, grpc.insecure_channel(target) as channel:
+            before = client.sample(SMALL_CHUNKS, 5, seed=3)
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def check(service: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+            (stub_pid,) = [int(p.split(":")[0]) for p in processes_mentioning(f"{private_repo}/{SMALL_CHUNKS}-generation/")
+                           if "triton_python_backend_stub" in p]
+            os.kill(stub_pid, signal.SIGKILL)
+            killed = time.monotonic()
+            while time.monotonic() - killed < 30 and not (statuses and statuses[-1][1] == serving and len(statuses) > 1
+                                                          and statuses[-2][1] == not_serving):
+                statuses.append((time.monotonic() - killed, check(flow), check("")))
+                time.sleep(0.1)
+            after = client.sample(SMALL_CHUNKS, 5, seed=3)
+            other_flow = check(flow_health_service(LARGE_CHUNKS))
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        assert stop_serve(process) == 0
+    first_down = next(t for t, status, _ in statuses if status == not_serving)
+    # Within a health period (1 s) and a probe: Triton's Python backend takes 1 s to call its
+    # dead stub unhealthy.
+    assert first_down < 2.5, [(round(t, 2), s) for t, s, _ in statuses]
+    assert statuses[-1][1] == serving and statuses[-1][0] < 15, statuses
+    assert {server for _, _, server in statuses} == {serving}  # Triton itself stayed up
+    assert other_flow == serving
+    np.testing.assert_array_equal(after.x, before.x)
+    assert metric_value(metrics, "flowserve_model_reloads_total", model=SMALL_CHUNKS, direction="generation") == 1
+    assert metric_value(metrics, "flowserve_flow_ready", model=SMALL_CHUNKS) == 1
+    assert "reloading it on Triton" in (tmp_path / "work" / "serve.log").read_text()
 
 
 def test_the_service_passes_the_remaining_time_to_triton(live_server, repository):

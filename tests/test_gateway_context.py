@@ -447,6 +447,8 @@ def test_pixel_values_outside_the_support_are_rejected(conditional_repository, s
     # The status decides, whatever the message says:
     ("INVALID_ARGUMENT", "unknown model in the message", BackendError, "Triton failed on 'm'"),
     ("INTERNAL", "is not ready", BackendError, "Triton failed on 'm': is not ready"),
+    # except a Python-backend model whose stub died: the gateway reloads it, so the client may retry
+    ("INTERNAL", "Stub process 'm_0' is not healthy.", BackendUnavailable, "cannot serve 'm': Stub process"),
 ])
 def test_triton_errors_are_mapped_by_status_code(status, message, error, text):
     from flowserve.server.triton import translate_error

@@ -1,0 +1,111 @@
+"""Per-flow health: each flow's Triton models, checked every health period, reloaded when broken.
+
+A model is healthy when Triton reports it ready and a one-row probe of it answers. Readiness
+alone is not enough: Triton 2.51 keeps reporting a Python-backend model ready after its stub
+process died, while every call to it fails with INTERNAL "Stub process ... is not healthy".
+A broken model is reloaded through Triton's repository API (unload, then load), which needs
+Triton in ``--model-control-mode=explicit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+from flowserve.spec import DirectionSpec
+
+from .backend import Backend
+from .catalog import ModelCatalog
+from .domain import DeadlineExceeded, FlowServeError
+from .metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+class FlowHealth:
+    """Which flows can be served now; reloads the Triton models that stopped answering.
+
+    :meth:`check` probes every model of every flow at once. A probe that runs out of its
+    ``probe_timeout_s`` means a busy model, not a broken one: the flow keeps its last state.
+    A model is reloaded at most once per ``min_reload_interval_s``.
+    """
+
+    def __init__(self, backend: Backend, catalog: ModelCatalog, metrics: GatewayMetrics,
+                 probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0):
+        self.backend = backend
+        self.catalog = catalog
+        self.metrics = metrics
+        self.probe_timeout_s = probe_timeout_s
+        self.min_reload_interval_s = min_reload_interval_s
+        self._ready: dict[str, bool] = {}
+        self._reloads: dict[str, asyncio.Task] = {}
+        self._last_reload: dict[str, float] = {}
+
+    def is_ready(self, flow: str) -> bool:
+        """Whether every model of ``flow`` answered at the last check."""
+        return self._ready.get(flow, False)
+
+    async def check(self, server_ready: bool) -> dict[str, bool]:
+        """Readiness of every flow of the catalog. With ``server_ready`` false (Triton down or
+        not ready) no model is probed or reloaded: every flow is not ready."""
+        flows = {name: self.catalog.get(name) for name in self.catalog.names()}
+        models = [(name, direction, model) for name, flow in flows.items() for direction, model in flow.models.items()]
+        if server_ready:
+            answers = await asyncio.gather(*(self._probe(model, flows[name].spec(direction))
+                                             for name, direction, model in models))
+        else:
+            answers = [False] * len(models)
+        ready = {name: True for name in flows}
+        for (name, direction, model), answered in zip(models, answers):
+            if answered is None:  # busy: no news
+                answered = self._ready.get(name, False)
+            elif not answered and server_ready:
+                self._reload_soon(name, direction, model)
+            ready[name] = ready[name] and answered
+        self._ready = ready
+        for name, flow_ready in ready.items():
+            self.metrics.flow_ready.labels(name).set(1.0 if flow_ready else 0.0)
+        return ready
+
+    async def _probe(self, model: str, spec: DirectionSpec) -> bool | None:
+        """True if ``model`` is ready and answers one row, None if it is too busy to say."""
+        if model in self._reloads:
+            return False
+        try:
+            if not await self.backend.model_ready(model):
+                return False
+            await self.backend.probe(model, spec, self.probe_timeout_s)
+        except DeadlineExceeded:
+            return None
+        except FlowServeError as exc:
+            log.warning("health probe of %s failed: %s", model, exc)
+            return False
+        return True
+
+    def _reload_soon(self, flow: str, direction: str, model: str) -> None:
+        now = time.monotonic()
+        if model in self._reloads or now - self._last_reload.get(model, -math.inf) < self.min_reload_interval_s:
+            return
+        self._last_reload[model] = now
+        task = asyncio.create_task(self._reload(flow, direction, model))
+        self._reloads[model] = task
+        task.add_done_callback(lambda _: self._reloads.pop(model, None))
+
+    async def _reload(self, flow: str, direction: str, model: str) -> None:
+        log.warning("%s (%s of flow %r) does not answer; reloading it on Triton", model, direction, flow)
+        self.metrics.model_reloads.labels(flow, direction).inc()
+        try:
+            await self.backend.unload_model(model)
+            await self.backend.load_model(model)
+        except FlowServeError as exc:
+            log.error("reloading %s failed: %s", model, exc)
+        else:
+            log.warning("%s reloaded", model)
+
+    async def close(self) -> None:
+        """Cancel reloads still running."""
+        for task in list(self._reloads.values()):
+            task.cancel()
+        await asyncio.gather(*self._reloads.values(), return_exceptions=True)
