@@ -53,6 +53,9 @@ class GatewayConfig:
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     health_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
+    load_changes: bool = False
+    """Load the models of flows whose files an export rewrote (``health.FlowHealth``): for a
+    Triton of its own, in explicit model control mode."""
 
 
 class Gateway:
@@ -67,8 +70,8 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.backend = backend
         self.catalog = ModelCatalog(config.model_repository)
-        self.flow_health = FlowHealth(backend, self.catalog, self.metrics)
         batching = BatchingBackend(backend, config.limits.max_batches_in_flight_per_model)
+        self.flow_health = FlowHealth(batching, self.catalog, self.metrics, load_changes=config.load_changes)
         self.service = FlowService(batching, self.catalog, config.limits, self.flow_health)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(

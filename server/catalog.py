@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flowserve.metadata import FlowMetadata, read_all
+from flowserve.metadata import SUFFIX, FlowMetadata, read_all
 
 from .domain import InvalidArgument, ModelNotFound, quoted
 
@@ -28,10 +28,26 @@ class ModelCatalog:
     def reload(self) -> None:
         """Re-read the repository's metadata files; bad ones are skipped with a warning."""
         self._loaded_at = time.monotonic()
+        self._files = self._file_stamps()
         flows = read_all(self.repository)
         if flows != self._flows:
             self.version += 1
         self._flows = flows
+
+    def refresh(self) -> None:
+        """Re-read the repository if a metadata file appeared, changed or went since the last read."""
+        if self._file_stamps() != self._files:
+            self.reload()
+
+    def _file_stamps(self) -> dict[str, tuple[int, int]]:
+        stamps = {}
+        for path in self.repository.glob(f"*{SUFFIX}"):
+            try:
+                stat = path.stat()
+            except OSError:  # removed meanwhile
+                continue
+            stamps[path.name] = (stat.st_mtime_ns, stat.st_size)
+        return stamps
 
     def names(self) -> list[str]:
         return sorted(self._flows)

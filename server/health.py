@@ -1,4 +1,5 @@
-"""Per-flow health: each flow's Triton models, checked every health period, reloaded when broken.
+"""Per-flow health: each flow's Triton models, checked every health period, reloaded when
+broken, and loaded again when an export changed their files.
 
 A model is healthy when Triton reports it ready and a one-row probe of it answers. Readiness
 alone is not enough: Triton 2.51 keeps reporting a Python-backend model ready after its stub
@@ -14,6 +15,7 @@ import logging
 import math
 import time
 
+from flowserve.metadata import FlowMetadata
 from flowserve.spec import DirectionSpec
 
 from .backend import Backend
@@ -30,18 +32,25 @@ class FlowHealth:
     :meth:`check` probes every model of every flow at once. A probe that runs out of its
     ``probe_timeout_s`` means a busy model, not a broken one: the flow keeps its last state.
     A model is reloaded at most once per ``min_reload_interval_s``.
+
+    With ``load_changes``, each check also looks for flows whose metadata file is new or was
+    rewritten (an export writes it last) and asks Triton to load their models. Triton loads
+    the new version beside the old one, which answers until the new one is ready.
     """
 
     def __init__(self, backend: Backend, catalog: ModelCatalog, metrics: GatewayMetrics,
-                 probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0):
+                 probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0, load_changes: bool = False):
         self.backend = backend
         self.catalog = catalog
         self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
         self.min_reload_interval_s = min_reload_interval_s
+        self.load_changes = load_changes
         self._ready: dict[str, bool] = {}
-        self._reloads: dict[str, asyncio.Task] = {}
+        self._reloads: dict[str, asyncio.Task] = {}  # by model
         self._last_reload: dict[str, float] = {}
+        self._loads: dict[str, asyncio.Task] = {}  # by flow
+        self._loaded = {name: catalog.get(name) for name in catalog.names()}  # Triton loaded these at its start
 
     def is_ready(self, flow: str) -> bool:
         """Whether every model of ``flow`` answered at the last check."""
@@ -50,6 +59,10 @@ class FlowHealth:
     async def check(self, server_ready: bool) -> dict[str, bool]:
         """Readiness of every flow of the catalog. With ``server_ready`` false (Triton down or
         not ready) no model is probed or reloaded: every flow is not ready."""
+        if self.load_changes:
+            self.catalog.refresh()
+            if server_ready:
+                self._load_changed_flows()
         flows = {name: self.catalog.get(name) for name in self.catalog.names()}
         models = [(name, direction, model) for name, flow in flows.items() for direction, model in flow.models.items()]
         if server_ready:
@@ -59,7 +72,7 @@ class FlowHealth:
             answers = [False] * len(models)
         ready = {name: True for name in flows}
         for (name, direction, model), answered in zip(models, answers):
-            if answered is None:  # busy: no news
+            if answered is None or name in self._loads:  # busy or loading new files: no news
                 answered = self._ready.get(name, False)
             elif not answered and server_ready:
                 self._reload_soon(name, direction, model)
@@ -104,8 +117,28 @@ class FlowHealth:
         else:
             log.warning("%s reloaded", model)
 
+    def _load_changed_flows(self) -> None:
+        for name in self.catalog.names():
+            flow = self.catalog.get(name)
+            if name not in self._loads and self._loaded.get(name) != flow:
+                self._loaded[name] = flow
+                task = asyncio.create_task(self._load(flow))
+                self._loads[name] = task
+                task.add_done_callback(lambda _, name=name: self._loads.pop(name, None))
+
+    async def _load(self, flow: FlowMetadata) -> None:
+        log.warning("flow %r has new files; loading its models on Triton", flow.name)
+        try:
+            await asyncio.gather(*(self.backend.load_model(model) for model in flow.models.values()))
+        except FlowServeError as exc:
+            log.error("loading the new files of flow %r failed: %s", flow.name, exc)
+        else:
+            log.warning("flow %r: new files loaded", flow.name)
+        self.backend.forget_configs()  # the new config may batch differently
+
     async def close(self) -> None:
-        """Cancel reloads still running."""
-        for task in list(self._reloads.values()):
+        """Cancel reloads and loads still running."""
+        tasks = [*self._reloads.values(), *self._loads.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._reloads.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -23,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowserve.export.exporter.pipeline import export_model
+from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.server.app import flow_health_service
 from flowserve.server.client import FlowClient
 from flowserve.server.domain import DeadlineExceeded, ResourceExhausted, SampleQuery
@@ -38,6 +41,7 @@ from conftest import (
     MAX_ROWS_PER_REQUEST,
     SMALL_BATCH,
     SMALL_CHUNKS,
+    add_weight_noise,
     expected_samples,
     processes_mentioning,
     start_serve,
@@ -518,6 +522,59 @@ def test_a_flow_whose_stub_is_killed_is_not_serving_then_serves_again_after_its_
     assert metric_value(metrics, "flowserve_model_reloads_total", model=SMALL_CHUNKS, direction="generation") == 1
     assert metric_value(metrics, "flowserve_flow_ready", model=SMALL_CHUNKS) == 1
     assert "reloading it on Triton" in (tmp_path / "work" / "serve.log").read_text()
+
+
+def test_a_version_exported_into_a_running_serve_rolls_out_with_no_failed_request(
+        repository, tmp_path, trained_flow, moons):
+    process, port, _, private_repo = serve_a_private_copy(repository, tmp_path)
+    target = f"127.0.0.1:{port}"
+    version_2 = copy.deepcopy(trained_flow)
+    add_weight_noise(version_2, scale=0.05)
+    seed, rows = 5, 6
+    outputs = {version: expected_samples(flow, seed, rows)[0] for version, flow in (("1", trained_flow), ("2", version_2))}
+    answers = []  # which version answered each call: "1", "2", or the failure
+    stop = threading.Event()
+
+    def load() -> None:
+        with FlowClient(target, timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    x = client.sample(SMALL_CHUNKS, rows, seed=seed).x
+                    client.log_likelihood(SMALL_CHUNKS, moons["test"][:rows])
+                    answers.append(next((v for v, want in outputs.items() if np.allclose(x, want, atol=1e-5)), "other"))
+                except grpc.RpcError as error:
+                    answers.append(f"{error.code().name}: {error.details()}")
+
+    try:
+        wait_for_health(target, process, health_pb2.HealthCheckResponse.SERVING)
+        with ThreadPoolExecutor(2) as pool:
+            loads = [pool.submit(load) for _ in range(2)]
+            try:
+                while len(answers) < 20:
+                    time.sleep(0.05)
+                export_model(version_2, private_repo, name=SMALL_CHUNKS, example_data=moons["test"], version=2,
+                             serving=ServingConfig(max_batch_size=SMALL_BATCH, max_queue_delay_us=2000))
+                exported = len(answers)
+                with FlowClient(target, timeout=10) as client:
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline and [m.versions for m in client.list_models()
+                                                            if m.name == SMALL_CHUNKS] != [["2"]]:
+                        time.sleep(0.2)
+                    rolled = len(answers)
+                    while len(answers) < rolled + 20:
+                        time.sleep(0.05)
+                    after = client.sample(SMALL_CHUNKS, rows, seed=seed).x
+            finally:
+                stop.set()
+                for future in loads:
+                    future.result()
+    finally:
+        assert stop_serve(process) == 0
+    assert set(answers) <= {"1", "2"}, [a for a in answers if a not in ("1", "2")][:3]  # 0 failed requests
+    assert set(answers[:exported]) == {"1"} and set(answers[rolled:]) == {"2"}, (exported, rolled, answers)
+    np.testing.assert_allclose(after, outputs["2"], atol=1e-5)
+    assert not np.allclose(outputs["1"], outputs["2"], atol=1e-3)
+    assert "new files loaded" in (tmp_path / "work" / "serve.log").read_text()
 
 
 def test_the_service_passes_the_remaining_time_to_triton(live_server, repository):

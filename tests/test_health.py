@@ -7,6 +7,7 @@ The same runs live in test_self_healing.py, where a stub process of Triton is ki
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import numpy as np
@@ -141,3 +142,27 @@ def test_the_gateway_reports_each_flow_in_grpc_health_list_models_and_metrics(tm
     # One broken flow: the server (Triton) is still up and the other flow serves.
     assert during == ({"": serving, left: not_serving, right: serving}, {"left": False, "right": True})
     assert metrics.model_reloads.labels("left", GENERATION)._value.get() == 1
+
+
+def test_flows_with_new_files_get_their_models_loaded_and_stay_ready_meanwhile(tmp_path):
+    health, backend, _ = health_of(tmp_path, load_changes=True)
+    catalog = health.catalog
+
+    async def scenario():
+        assert await health.check(server_ready=True) == {"left": True, "right": True}
+        assert backend.loads == []  # Triton loaded the flows it started with
+        rewritten = dataclasses.replace(catalog.get("left"), exported_at="2026-12-04T00:00:00+00:00")
+        rewritten.write(tmp_path)  # an export of a new version writes the metadata file last
+        new_models = {d: triton_model_name("new", d) for d in DIRECTIONS}
+        FlowMetadata(name="new", family="maf", event_shape=(2,), models=new_models).write(tmp_path)
+        forgotten = backend.forgotten
+        ready = await health.check(server_ready=True)
+        assert ready["left"] and ready["right"]  # the old version serves while the new one loads
+        await asyncio.gather(*health._loads.values())
+        assert sorted(backend.loads) == sorted([*catalog.get("left").models.values(), *new_models.values()])
+        assert backend.forgotten > forgotten  # the new configs are fetched again
+        assert await health.check(server_ready=True) == {"left": True, "new": True, "right": True}
+        await health.check(server_ready=True)
+        assert len(backend.loads) == 4  # loaded once
+
+    asyncio.run(scenario())

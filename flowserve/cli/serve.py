@@ -37,7 +37,7 @@ def serve_command(args) -> None:
               flush=True)
     config = GatewayConfig(
         model_repository=args.model_repository, triton_url=triton_url, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, limits=limits,
+        metrics_port=args.metrics_port, limits=limits, load_changes=triton is not None,
     )
     try:
         supervisor = None if triton is None else TritonSupervisor(
