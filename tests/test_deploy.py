@@ -99,7 +99,7 @@ def test_triton_flags_probes_and_volumes(built):
     pod = find(docs, "Deployment", "triton")["spec"]["template"]["spec"]
     (triton,) = pod["containers"]
     args = triton["args"]
-    assert {"--model-control-mode=none", "--exit-on-error=true"} <= set(args)
+    assert {"--model-control-mode=explicit", "--load-model=*", "--exit-on-error=true"} <= set(args)
     assert any(a.startswith("--pinned-memory-pool-byte-size=") for a in args)
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     rollout = find(docs, "Deployment", "triton")["spec"]["strategy"]["rollingUpdate"]
