@@ -39,7 +39,7 @@ def test_rule_unit_tests_pass(tmp_path):
 def test_every_alert_has_a_case_that_fires_and_one_that_stays_quiet():
     alerts = {name for name, rule in rules_by_name().items() if "alert" in rule}
     assert alerts == {"FlowserveGpuMemoryHigh", "FlowserveTritonQueueTimeHigh", "FlowserveErrorRateHigh",
-                      "FlowserveTritonDown", "FlowserveNvmlUnavailable"}
+                      "FlowserveTritonDown", "FlowserveNvmlUnavailable", "FlowserveFlowNotReady"}
     cases = [case for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
              for case in test.get("alert_rule_test", [])]
     assert {c["alertname"] for c in cases if c.get("exp_alerts")} == alerts
@@ -51,6 +51,7 @@ def test_every_alert_has_a_case_that_fires_and_one_that_stays_quiet():
     ("FlowserveTritonQueueTimeHigh", "> 0.05", "> 0.2"),
     ("FlowserveErrorRateHigh", "> 0.05", "> 0.1"),
     ("FlowserveTritonDown", "max by (namespace)", "min by (namespace)"),
+    ("FlowserveFlowNotReady", "max by (namespace, model)", "min by (namespace, model)"),
     ("FlowserveNvmlUnavailable", 'resource="nvidia_com_gpu"', 'resource="cpu"'),
 ])
 def test_unit_tests_catch_a_changed_alert(tmp_path, alert, old, new):
