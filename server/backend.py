@@ -7,11 +7,21 @@ one. Methods raise the domain errors of :mod:`flowserve.server.domain`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from flowserve.spec import DirectionSpec
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """A model's queue on the server: at most ``max_size`` requests (0: no limit), each
+    rejected after waiting ``timeout_s`` (0: no limit)."""
+
+    max_size: int = 0
+    timeout_s: float = 0.0
 
 
 class Backend(Protocol):
@@ -40,6 +50,9 @@ class Backend(Protocol):
 
     async def dynamic_batching(self, model: str) -> bool:
         """Whether ``model`` may run several requests as one batch."""
+
+    async def queue_policy(self, model: str) -> QueuePolicy:
+        """How long and how many requests may wait for ``model``."""
 
     def forget_configs(self) -> None:
         """Drop what is cached about models' configs (flows were re-exported)."""

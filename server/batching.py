@@ -9,6 +9,12 @@ returns. At low load a call goes out alone and at once; under load batches grow 
 
 Rows are independent in every flow direction, so a row's result does not depend on the
 batch it ran in; models whose config turns dynamic batching off are called one call at a time.
+
+Back-pressure: a model's config bounds its queue on Triton (``max_queue_size`` requests, each
+rejected after the queue timeout). The batcher keeps the same bounds on its own queue: as many
+full batches' rows, and no more batches ahead than run within the timeout, at the pace of the
+recent ones. A call beyond either is answered at once with ``ResourceExhausted`` and a retry
+hint: the time the batches ahead of it would take.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import numpy as np
 
 from flowserve.spec import DirectionSpec
 
-from .backend import Backend
-from .domain import DeadlineExceeded
+from .backend import Backend, QueuePolicy
+from .domain import DeadlineExceeded, ResourceExhausted
+
+# Weight of the newest batch in the running mean of batch times (the retry hint's basis).
+_BATCH_TIME_WEIGHT = 0.2
 
 
 @dataclass(eq=False)  # compared by identity: a call is removed from the queue by itself
@@ -36,20 +45,63 @@ class _Call:
 class _ModelQueue:
     """The waiting calls of one model and its batches in flight."""
 
-    def __init__(self, backend: Backend, model: str, spec: DirectionSpec, max_rows: int, max_in_flight: int):
+    def __init__(self, backend: Backend, model: str, spec: DirectionSpec, max_rows: int, max_in_flight: int,
+                 policy: QueuePolicy):
         self.backend, self.model, self.spec = backend, model, spec
         self.max_rows, self.max_in_flight = max_rows, max_in_flight
+        self.max_waiting_rows = policy.max_size * max_rows or None
+        self.max_wait_s = policy.timeout_s or None
         self.waiting: deque[_Call] = deque()
+        self.waiting_rows = 0
         self.in_flight = 0
+        self.batch_seconds = 0.0  # running mean
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    def enqueue(self, call: _Call) -> None:
+        """Queue ``call``, or raise ResourceExhausted if its rows would exceed the waiting limit
+        or it would wait longer than the queue timeout."""
+        batches_ahead = self.in_flight + (self.waiting_rows + call.rows - 1) // self.max_rows
+        expected_wait_s = batches_ahead * self.batch_seconds / self.max_in_flight
+        if self.max_waiting_rows is not None and self.waiting_rows + call.rows > self.max_waiting_rows:
+            reason = f"{self.waiting_rows} rows wait for it, its queue's limit is {self.max_waiting_rows}"
+        elif self.max_wait_s is not None and expected_wait_s > self.max_wait_s:
+            reason = (f"a call would wait about {1000 * expected_wait_s:.0f} ms for it, its queue's timeout is "
+                      f"{1000 * self.max_wait_s:.0f} ms")
+        else:
+            self.waiting.append(call)
+            self.waiting_rows += call.rows
+            return
+        retry_after_s = max(expected_wait_s, 0.001)
+        raise ResourceExhausted(f"{self.model!r} is busy: {reason}; retry in about {1000 * retry_after_s:.0f} ms",
+                                retry_after_s=retry_after_s)
+
+    def _take(self) -> _Call:
+        call = self.waiting.popleft()
+        self.waiting_rows -= call.rows
+        return call
+
+    def drop(self, call: _Call) -> None:
+        """Take a cancelled call out of the queue, if it still waits."""
+        if call in self.waiting:
+            self.waiting.remove(call)
+            self.waiting_rows -= call.rows
+
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float | None) -> dict[str, np.ndarray]:
+        """One batch on the backend, its time kept in the running mean."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        outputs = await self.backend.infer(self.model, self.spec, inputs, timeout)
+        took = loop.time() - started
+        self.batch_seconds += _BATCH_TIME_WEIGHT * (took - self.batch_seconds) if self.batch_seconds else took
+        return outputs
 
     def dispatch(self) -> None:
         """Send the waiting calls, as batches of at most ``max_rows`` rows, while a batch slot is free."""
         while self.waiting and self.in_flight < self.max_in_flight:
-            batch = [self.waiting.popleft()]
+            batch = [self._take()]
             rows = batch[0].rows
             while self.waiting and rows + self.waiting[0].rows <= self.max_rows:
-                batch.append(self.waiting.popleft())
+                batch.append(self._take())
                 rows += batch[-1].rows
             self.in_flight += 1
             task = asyncio.ensure_future(self._run(batch))
@@ -69,7 +121,7 @@ class _ModelQueue:
             else:
                 inputs = {name: np.concatenate([call.inputs[name] for call in batch]) for name in self.spec.input_names}
             try:
-                outputs = await self.backend.infer(self.model, self.spec, inputs, timeout)
+                outputs = await self.infer(inputs, timeout)
             except Exception as error:  # every call of the batch gets the batch's error
                 for call in batch:
                     if not call.result.done():
@@ -120,6 +172,9 @@ class BatchingBackend:
     async def dynamic_batching(self, model: str) -> bool:
         return await self.backend.dynamic_batching(model)
 
+    async def queue_policy(self, model: str) -> QueuePolicy:
+        return await self.backend.queue_policy(model)
+
     def forget_configs(self) -> None:
         self.backend.forget_configs()
         self._queues.clear()
@@ -135,18 +190,19 @@ class BatchingBackend:
             if not await self.backend.dynamic_batching(model):
                 return await self.backend.infer(model, spec, inputs, timeout)
             queue = self._queues[model] = _ModelQueue(
-                self.backend, model, spec, await self.backend.max_batch_size(model), self.max_batches_in_flight)
+                self.backend, model, spec, await self.backend.max_batch_size(model), self.max_batches_in_flight,
+                await self.backend.queue_policy(model))
         if not queue.waiting and queue.in_flight < queue.max_in_flight:
             # A free slot and nobody waiting: the call is a batch of its own, run in the caller's task.
             queue.in_flight += 1
             try:
-                return await self.backend.infer(model, spec, inputs, timeout)
+                return await queue.infer(inputs, timeout)
             finally:
                 queue.in_flight -= 1
                 queue.dispatch()
         loop = asyncio.get_running_loop()
         call = _Call(inputs, next(iter(inputs.values())).shape[0], None if timeout is None else loop.time() + timeout)
-        queue.waiting.append(call)
+        queue.enqueue(call)
         queue.dispatch()
         try:
             # Cancelled or timed out, the call's future is cancelled and its batch drops it.
@@ -154,5 +210,5 @@ class BatchingBackend:
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"deadline exceeded while {model!r} was running on Triton") from None
         finally:
-            if call.result.cancelled() and call in queue.waiting:
-                queue.waiting.remove(call)
+            if call.result.cancelled():
+                queue.drop(call)

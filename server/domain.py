@@ -38,7 +38,12 @@ class ModelNotFound(FlowServeError):
 
 
 class ResourceExhausted(FlowServeError):
-    """The gateway's in-flight budget is spent; retry later."""
+    """The gateway's in-flight budget or a model's queue is full; retry later, after about
+    ``retry_after_s`` seconds when that is known."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BackendUnavailable(FlowServeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Callable
 
@@ -35,6 +36,8 @@ STATUS_OF_ERROR: dict[type[FlowServeError], grpc.StatusCode] = {
 }
 
 SERVICE_PREFIX = "/flowserve.v1.FlowService/"
+# Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds to wait before a retry.
+RETRY_AFTER_KEY = "retry-after-ms"
 # A client cancels when its deadline passes, a little before the server's clock agrees.
 DEADLINE_SLACK_S = 0.05
 
@@ -167,7 +170,9 @@ class _Recorded:
                     self.interceptor.rows_of(self.method, self.model).observe(self.rows)
             elif isinstance(error, FlowServeError):
                 code = status_of(error)
-                await self.context.abort(code, str(error))
+                retry_after_s = getattr(error, "retry_after_s", None)
+                hint = () if retry_after_s is None else ((RETRY_AFTER_KEY, str(math.ceil(1000 * retry_after_s))),)
+                await self.context.abort(code, str(error), trailing_metadata=hint)
             elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # a stream the reader left
                 elapsed = time.perf_counter() - self.started
                 expired = self.budget is not None and elapsed >= self.budget - DEADLINE_SLACK_S

@@ -15,7 +15,8 @@ from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from flowserve.spec import DirectionSpec
 
-from .domain import BackendError, BackendUnavailable, DeadlineExceeded, FlowServeError
+from .backend import QueuePolicy
+from .domain import BackendError, BackendUnavailable, DeadlineExceeded, FlowServeError, ResourceExhausted
 
 MAX_TRITON_MESSAGE_BYTES = 2**31 - 1
 _LOAD_TIMEOUT_S = 300.0  # a model load runs its warm-up batches, up to max_batch_size rows
@@ -32,6 +33,9 @@ _ERROR_OF_STATUS = {
 # A Python-backend model whose stub process died answers INTERNAL with this until it is
 # reloaded (server/health.py does): the client may retry.
 _DEAD_STUB = "is not healthy"
+# The dynamic batcher's queue policy rejects with UNAVAILABLE and one of these.
+_QUEUE_REJECTIONS = ("Exceeds maximum queue size", "Request timeout expired")
+_QUEUE_RETRY_AFTER_S = 0.1
 
 
 def translate_error(code: grpc.StatusCode, details: str, model: str) -> FlowServeError:
@@ -40,6 +44,9 @@ def translate_error(code: grpc.StatusCode, details: str, model: str) -> FlowServ
     error = _ERROR_OF_STATUS.get(code, BackendError)
     if code == grpc.StatusCode.INTERNAL and _DEAD_STUB in details:
         error = BackendUnavailable
+    if code == grpc.StatusCode.UNAVAILABLE and any(text in details for text in _QUEUE_REJECTIONS):
+        return ResourceExhausted(f"Triton's queue for {model!r} is full: {details}; retry later",
+                                 retry_after_s=_QUEUE_RETRY_AFTER_S)
     if error is DeadlineExceeded:
         return DeadlineExceeded(f"deadline exceeded while {model!r} was running on Triton")
     if error is BackendUnavailable:
@@ -130,6 +137,11 @@ class TritonBackend:
     async def dynamic_batching(self, model: str) -> bool:
         """Whether the model's config turns Triton's dynamic batcher on."""
         return (await self._config(model)).HasField("dynamic_batching")
+
+    async def queue_policy(self, model: str) -> QueuePolicy:
+        """The model's queue policy on Triton (its dynamic batcher's default one)."""
+        policy = (await self._config(model)).dynamic_batching.default_queue_policy
+        return QueuePolicy(policy.max_queue_size, policy.default_timeout_microseconds / 1e6)
 
     async def _wire_names(self, model: str, spec: DirectionSpec) -> DirectionSpec:
         """The spec as Triton names its tensors: the spec's own names, or ``INPUT__<i>`` /

@@ -30,6 +30,7 @@ from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.training import load_checkpoint
+from flowserve.server.backend import QueuePolicy
 from flowserve.server.domain import BackendUnavailable
 from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
@@ -231,6 +232,7 @@ class InMemoryBackend:
         self.failure: Exception | None = None
         self.running = self.most_running = self.finished = 0
         self.batching = True
+        self.queue = QueuePolicy()  # no limits
         self.unready: set[str] = set()
         """Models that report not ready until loaded again (``loads`` records "-m" for unload m, "m" for load)."""
         self.broken: set[str] = set()
@@ -265,6 +267,9 @@ class InMemoryBackend:
 
     async def dynamic_batching(self, model: str) -> bool:
         return self.batching
+
+    async def queue_policy(self, model: str) -> QueuePolicy:
+        return self.queue
 
     def forget_configs(self) -> None:
         self.forgotten += 1

@@ -9,8 +9,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from flowserve.server.backend import QueuePolicy
 from flowserve.server.batching import BatchingBackend
-from flowserve.server.domain import BackendError, DeadlineExceeded
+from flowserve.server.domain import BackendError, DeadlineExceeded, ResourceExhausted
 from flowserve.spec import DENSITY, direction_spec
 
 from conftest import InMemoryBackend
@@ -117,6 +118,52 @@ def test_a_call_whose_deadline_passes_in_a_longer_batch_gets_deadline_exceeded()
 
     assert asyncio.run(scenario())["log_prob"].tolist() == [1.0]
     assert backend.timeouts == [None]  # the short call never reached the backend: it waited behind the slow one
+
+
+def test_calls_beyond_the_models_queue_are_refused_at_once_with_a_retry_hint():
+    backend, batching = batcher(max_batch_size=4, delay=0.05)
+    backend.queue = QueuePolicy(max_size=2)  # two full batches, 8 rows, may wait
+
+    async def scenario():
+        await batching.infer("m", SPEC, rows(0, 1), None)  # a batch's time: 50 ms
+        running = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 4), None))
+        await asyncio.sleep(0)  # on the backend: the next calls wait
+        waiting = [asyncio.ensure_future(batching.infer("m", SPEC, rows(4 + 3 * i, 3), None)) for i in range(2)]
+        gone = asyncio.ensure_future(batching.infer("m", SPEC, rows(10, 2), None))
+        await asyncio.sleep(0)
+        with pytest.raises(ResourceExhausted, match="8 rows wait for it, its queue's limit is 8; retry in about 1[45][0-9] ms") as refused:
+            await batching.infer("m", SPEC, rows(12, 3), None)
+        gone.cancel()  # its rows leave the queue: 3 rows fit again
+        await asyncio.sleep(0)
+        admitted = asyncio.ensure_future(batching.infer("m", SPEC, rows(12, 2), None))
+        await asyncio.sleep(0)
+        return refused.value, await asyncio.gather(running, *waiting, admitted)
+
+    refused, results = asyncio.run(scenario())
+    assert [len(r["log_prob"]) for r in results] == [4, 3, 3, 2]
+    assert [len(chunk) for chunk in backend.chunks("x")] == [1, 4, 3, 3, 2]
+    # A batch takes about 50 ms, and the refused call would wait for the one running and two queued.
+    assert refused.retry_after_s == pytest.approx(0.15, rel=0.1)
+
+    backend, batching = batcher(max_batch_size=4, delay=0.05)
+    backend.queue = QueuePolicy(max_size=2)
+    results = asyncio.run(calls(batching, [4, 4, 4, 4, 4]))  # the queue's room after the first batch: 8 rows
+    assert len(backend.calls) == 3 and [type(r) for r in results[3:]] == [ResourceExhausted] * 2
+
+
+def test_calls_that_would_wait_beyond_the_queue_timeout_are_refused():
+    backend, batching = batcher(max_batch_size=4, delay=0.05)
+    backend.queue = QueuePolicy(timeout_s=0.12)
+
+    async def scenario():
+        await batching.infer("m", SPEC, rows(0, 1), None)  # a batch's time: 50 ms
+        # Batches start 0, 50, 100 and 150 ms from now: the fourth would wait too long.
+        return await calls(batching, [4, 4, 4, 4])
+
+    results = asyncio.run(scenario())
+    assert [len(r["log_prob"]) for r in results[:3]] == [4, 4, 4]
+    assert isinstance(results[3], ResourceExhausted)
+    assert "would wait about 15" in str(results[3]) and "its queue's timeout is 120 ms" in str(results[3])
 
 
 def test_at_least_one_batch_in_flight():

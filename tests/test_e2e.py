@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -24,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from flowserve.export.exporter.pipeline import export_model
+from flowserve.export.exporter.pipeline import export_flow, export_model
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.server.app import flow_health_service
 from flowserve.server.client import FlowClient
@@ -575,6 +577,26 @@ def test_a_version_exported_into_a_running_serve_rolls_out_with_no_failed_reques
     np.testing.assert_allclose(after, outputs["2"], atol=1e-5)
     assert not np.allclose(outputs["1"], outputs["2"], atol=1e-3)
     assert "new files loaded" in (tmp_path / "work" / "serve.log").read_text()
+
+
+def test_a_burst_of_five_times_the_capacity_gets_its_excess_refused_at_once(checkpoint, tmp_path):
+    """benchmarks/burst.py on a flow exported with the default serving options: its capacity
+    for Samples of 4096 rows (one Triton batch each) through the gateway, then five times that
+    offered for 1.5 s."""
+    export_flow(checkpoint, tmp_path / "repo", name="burst", progress=False)
+    burst = Path(__file__).parent.parent / "benchmarks" / "burst.py"
+    out = subprocess.run([sys.executable, str(burst), "--repository", str(tmp_path / "repo"), "--model", "burst",
+                          "--seconds", "1.5", "--workdir", str(tmp_path), "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.splitlines()[-1])
+    codes = figures["codes"]
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, figures  # nothing failed otherwise
+    assert codes["RESOURCE_EXHAUSTED"] > codes["OK"] / 2, figures  # much of the excess was refused
+    assert figures["rejected_with_hint"] == codes["RESOURCE_EXHAUSTED"], figures
+    assert figures["rejected_p50_ms"] < 20 and figures["rejected_p99_ms"] < 100, figures  # refused at once
+    # Admitted calls wait at most about the queue timeout (2 s by default) and their own batch.
+    assert figures["admitted_p99_ms"] < 3000, figures
 
 
 def test_the_service_passes_the_remaining_time_to_triton(live_server, repository):

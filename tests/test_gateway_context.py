@@ -27,6 +27,7 @@ from flowserve.server.domain import (
     DeadlineExceeded,
     InvalidArgument,
     LogLikelihoodQuery,
+    ResourceExhausted,
     SampleQuery,
 )
 from flowserve.server.launcher import free_port
@@ -449,6 +450,10 @@ def test_pixel_values_outside_the_support_are_rejected(conditional_repository, s
     ("INTERNAL", "is not ready", BackendError, "Triton failed on 'm': is not ready"),
     # except a Python-backend model whose stub died: the gateway reloads it, so the client may retry
     ("INTERNAL", "Stub process 'm_0' is not healthy.", BackendUnavailable, "cannot serve 'm': Stub process"),
+    # and the queue policy's rejections: back-pressure, not an outage
+    ("UNAVAILABLE", "[request id: <id_unknown>] Exceeds maximum queue size", ResourceExhausted,
+     "Triton's queue for 'm' is full: [request id: <id_unknown>] Exceeds maximum queue size; retry later"),
+    ("UNAVAILABLE", "Request timeout expired", ResourceExhausted, "queue for 'm' is full: Request timeout expired"),
 ])
 def test_triton_errors_are_mapped_by_status_code(status, message, error, text):
     from flowserve.server.triton import translate_error

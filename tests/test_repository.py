@@ -17,6 +17,7 @@ from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, RUNNER_BACKEND, dire
 FLAVOURS = {
     "python-cpu": ServingConfig(),
     "python-gpu": ServingConfig(instance_kind="gpu", gpus=(0, 1), instance_count=2),
+    "python-queue": ServingConfig(max_queue_size=5, queue_timeout_ms=0),
     "onnxruntime-gpu": ServingConfig(backend="onnxruntime", instance_kind="gpu", gpus=(0,), max_batch_size=4096),
     "onnxruntime-cpu": ServingConfig(backend="onnxruntime", max_queue_delay_us=0),
     "python-unbatched": ServingConfig(dynamic_batching=False),
@@ -42,6 +43,12 @@ def test_config_parses_with_tritons_schema(flavour, direction):
     assert config.max_batch_size == serving.max_batch_size
     assert config.HasField("dynamic_batching") == serving.dynamic_batching
     assert config.dynamic_batching.max_queue_delay_microseconds == (serving.max_queue_delay_us if serving.dynamic_batching else 0)
+    policy = config.dynamic_batching.default_queue_policy
+    assert config.dynamic_batching.HasField("default_queue_policy") == serving.dynamic_batching
+    if serving.dynamic_batching:  # sized from the options: 32 requests per instance unless given
+        assert policy.max_queue_size == (serving.max_queue_size or 32 * serving.instance_count)
+        assert policy.default_timeout_microseconds == 1000 * serving.queue_timeout_ms
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
     (group,) = config.instance_group
     assert group.count == serving.instance_count
     expected_kind = mc.ModelInstanceGroup.KIND_GPU if serving.instance_kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU

@@ -27,6 +27,9 @@ BACKENDS = {"python": RUNNER_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "
 NATIVE_BACKEND_FORMAT = {"onnxruntime": "onnx", "pytorch": "torchscript"}
 INSTANCE_KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
 MODEL_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+# Requests that may wait per instance. Triton counts requests whatever their rows; the
+# gateway, which merges its calls, lets this many full batches' rows wait.
+QUEUED_REQUESTS_PER_INSTANCE = 32
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,16 @@ class ServingConfig:
     # MAF/IAF in ONNX: from this many rows, the slow direction runs the cached inverse
     # (``flows.cached_inverse``) instead of the fixed-point loop; None: never.
     cached_inverse_min_batch: int | None = None
+    # Back-pressure: Triton rejects a request when this many wait for the model's instances
+    # (0: QUEUED_REQUESTS_PER_INSTANCE per instance), and one that waited queue_timeout_ms
+    # (0: no limit). The gateway keeps the same bound on the calls it queues for the model.
+    max_queue_size: int = 0
+    queue_timeout_ms: int = 2000
+
+    @property
+    def queue_size(self) -> int:
+        """The dynamic batcher's ``max_queue_size``."""
+        return self.max_queue_size or QUEUED_REQUESTS_PER_INSTANCE * self.instance_count
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -72,6 +85,8 @@ class ServingConfig:
                 raise ValueError(f"the cached inverse's minimum batch must be >= 1, got {self.cached_inverse_min_batch}")
         if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
             raise ValueError("max_batch_size and instance_count must be >= 1, queue delay >= 0")
+        if self.max_queue_size < 0 or self.queue_timeout_ms < 0:
+            raise ValueError("max_queue_size and queue_timeout_ms must be >= 0 (0: the default size, no timeout)")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0 (0: from the cores), got {self.intra_op_threads}")
 
@@ -101,6 +116,12 @@ def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingCon
 
     if serving.dynamic_batching:
         config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+        config.dynamic_batching.default_queue_policy.CopyFrom(mc.ModelQueuePolicy(
+            timeout_action=mc.ModelQueuePolicy.REJECT,
+            default_timeout_microseconds=1000 * serving.queue_timeout_ms,
+            allow_timeout_override=True,
+            max_queue_size=serving.queue_size,
+        ))
     config.instance_group.add(
         name=model_name,
         count=serving.instance_count,

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                         help="let Triton and the gateway merge concurrent requests into one batch; "
                              "--no-dynamic-batching runs each request on its own")
+    export.add_argument("--max-queue-size", type=int, default=0,
+                        help="requests that may wait for the model's instances before Triton answers "
+                             "RESOURCE_EXHAUSTED; the gateway lets as many full batches' rows wait (default 0: "
+                             "32 per instance)")
+    export.add_argument("--queue-timeout-ms", type=int, default=2000,
+                        help="a request that waited this long in Triton's queue is rejected (0: no limit)")
     export.add_argument("--instances", type=int, default=1, help="instances per instance group")
     export.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu")
     export.add_argument("--gpus", default="", help="comma-separated GPU ids for --instance-kind gpu")
