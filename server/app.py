@@ -53,6 +53,8 @@ class GatewayConfig:
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     health_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
+    max_concurrent_rpcs: int | None = None
+    """flowserve RPCs the gateway runs at once; more are refused with RESOURCE_EXHAUSTED (None: no limit)."""
     load_changes: bool = False
     """Load the models of flows whose files an export rewrote (``health.FlowHealth``): for a
     Triton of its own, in explicit model control mode."""
@@ -75,7 +77,8 @@ class Gateway:
         self.service = FlowService(batching, self.catalog, config.limits, self.flow_health)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__)],
+            interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__,
+                                                     config.max_concurrent_rpcs)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

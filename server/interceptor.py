@@ -61,11 +61,17 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     ``is_known_model`` bounds the ``model`` label: names that match no flow are recorded
     as ``"unknown"``. The wrapped handler of each method, and the labelled collectors of
     each (method, model), are built once and reused: this runs on every RPC.
+
+    Beyond ``max_running`` flowserve RPCs at once, a new one is refused with
+    RESOURCE_EXHAUSTED as soon as its request is parsed (and counted).
     """
 
-    def __init__(self, metrics: GatewayMetrics, is_known_model: Callable[[str], bool]):
+    def __init__(self, metrics: GatewayMetrics, is_known_model: Callable[[str], bool],
+                 max_running: int | None = None):
         self.metrics = metrics
         self.is_known_model = is_known_model
+        self.max_running = max_running
+        self.running = 0
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._children: dict[tuple, object] = {}
 
@@ -153,6 +159,10 @@ class _Recorded:
             ) from None
         name = getattr(request, "model", None)
         self.model = "" if name is None else (name if self.interceptor.is_known_model(name) else UNKNOWN_MODEL)
+        limit = self.interceptor.max_running
+        if limit is not None and self.interceptor.running > limit:
+            raise ResourceExhausted(f"the gateway is running {limit} RPCs, its limit (--max-concurrent-rpcs); "
+                                    "retry later")
         return request
 
     async def __aenter__(self) -> "_Recorded":
@@ -160,6 +170,7 @@ class _Recorded:
         self.budget = self.context.time_remaining()
         self.in_flight = self.interceptor.in_flight_of(self.method)
         self.in_flight.inc()
+        self.interceptor.running += 1
         return self
 
     async def __aexit__(self, error_type, error, traceback) -> bool:
@@ -183,6 +194,7 @@ class _Recorded:
                 await self.context.abort(code, f"internal error: {error_type.__name__}")
         finally:
             self.in_flight.dec()
+            self.interceptor.running -= 1
             self.interceptor.count(self.method, self.model, code)
             self.interceptor.latency_of(self.method, self.model).observe(time.perf_counter() - self.started)
         return False

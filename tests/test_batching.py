@@ -1,18 +1,25 @@
 """The gateway's batcher on an in-memory backend: concurrent calls of a model merge into
 one backend call, each gets its own rows back, and failures, cancellations and deadlines
-stay with the calls they belong to."""
+stay with the calls they belong to. Back-pressure: the queue's bounds and the gateway's
+limit on RPCs at once."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 
+from flowserve.metadata import FlowMetadata
+from flowserve.server.app import Gateway, GatewayConfig
 from flowserve.server.backend import QueuePolicy
 from flowserve.server.batching import BatchingBackend
 from flowserve.server.domain import BackendError, DeadlineExceeded, ResourceExhausted
-from flowserve.spec import DENSITY, direction_spec
+from flowserve.server.client import sample_request
+from flowserve.server.launcher import free_port
+from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.spec import DENSITY, DIRECTIONS, direction_spec, triton_model_name
 
 from conftest import InMemoryBackend
 
@@ -169,3 +176,33 @@ def test_calls_that_would_wait_beyond_the_queue_timeout_are_refused():
 def test_at_least_one_batch_in_flight():
     with pytest.raises(ValueError, match="max_batches_in_flight must be >= 1"):
         BatchingBackend(InMemoryBackend(row_sums), max_batches_in_flight=0)
+
+
+def test_rpcs_beyond_the_gateways_limit_are_refused_and_counted(tmp_path):
+    models = {d: triton_model_name("flow", d) for d in DIRECTIONS}
+    FlowMetadata(name="flow", family="maf", event_shape=(2,), models=models).write(tmp_path)
+    backend = InMemoryBackend(lambda spec, inputs: {"x": inputs["z"], "log_prob": inputs["z"].sum(axis=1)})
+    backend.gate = asyncio.Event()
+    request = sample_request("flow", 2, 0, None, False, None)
+
+    async def scenario():
+        config = GatewayConfig(tmp_path, triton_url="in-memory", host="127.0.0.1", port=0, metrics_port=free_port(),
+                               max_concurrent_rpcs=1)
+        async with Gateway(config, backend) as gateway, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = pb_grpc.FlowServiceStub(channel)
+            held = asyncio.ensure_future(stub.Sample(request, timeout=10))
+            while not backend.running:  # the first call holds the only slot
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Sample(request, timeout=10)
+            backend.gate.set()
+            await held
+            await stub.Sample(request, timeout=10)  # the slot is free again
+            return refused.value, gateway.metrics.requests
+
+    refused, requests = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "running 1 RPCs, its limit (--max-concurrent-rpcs)" in refused.details()
+    assert requests.labels("Sample", "flow", "RESOURCE_EXHAUSTED")._value.get() == 1
+    assert requests.labels("Sample", "flow", "OK")._value.get() == 2

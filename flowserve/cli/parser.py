@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rows-in-flight", type=int, default=1_000_000)
     serve.add_argument("--max-rows-per-stream", type=int, default=10**9,
                        help="SampleStream's limit; a stream holds only a few chunks in the gateway at a time")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=0,
+                       help="Sample, SampleStream, LogLikelihood and ListModels calls the gateway runs at once; "
+                            "more are refused with RESOURCE_EXHAUSTED and counted (0: no limit)")
     serve.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton")
     serve.add_argument("--triton-max-restarts", type=int, default=5,
                        help="restarts of a dying embedded Triton (backoff 0.5 s doubling to 8 s) before serve "

@@ -38,6 +38,7 @@ def serve_command(args) -> None:
     config = GatewayConfig(
         model_repository=args.model_repository, triton_url=triton_url, host=args.host, port=args.port,
         metrics_port=args.metrics_port, limits=limits, load_changes=triton is not None,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
     )
     try:
         supervisor = None if triton is None else TritonSupervisor(
