@@ -1,0 +1,297 @@
+"""TLS, mutual TLS and bearer tokens on the gateway, its Python client and the CLI.
+
+The certificates are real, made here with ``cryptography``: a CA, a gateway certificate for
+localhost and 127.0.0.1 signed by it, a client certificate signed by it, and a client
+certificate of another CA. The gateway is the real one (interceptors, servicer, service,
+gRPC over TCP) in front of conftest's in-memory stand-in for Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from flowserve.server.app import Gateway, GatewayConfig
+from flowserve.server.auth import accepted_tokens, read_tokens
+from flowserve.server.client import FlowClient
+from flowserve.server.launcher import free_port
+from flowserve.server.proto import flowserve_pb2 as pb
+from flowserve.server.tls import ClientTLS, ServerTLS
+
+from conftest import InMemoryBackend
+from test_gateway_context import UNCONDITIONAL, fake_answer, write_metadata
+
+TOKEN = "s3cr3t-Token_for.tests~1+2/3=="
+OTHER_TOKEN = "an0ther-token"
+WRONG_TOKEN = "not-a-known-token"
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+DENIED = "the token is not accepted by this gateway"
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: str, key, issuer: x509.Name, issuer_key, *extensions) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files: two CAs, the gateway's certificate and key, and client certificates and keys."""
+
+    ca: Path
+    other_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_client_cert: Path
+    other_client_key: Path
+
+
+def _write_ca(folder: Path, name: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _certificate(name, key, _name(name), key, (x509.BasicConstraints(ca=True, path_length=None), True))
+    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def _write_leaf(folder: Path, name: str, ca, usages, *extensions) -> tuple[Path, Path]:
+    """A certificate signed by ``ca`` (certificate, key) for ``usages``, and its key, as files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _certificate(name, key, ca[0].subject, ca[1], (x509.BasicConstraints(ca=False, path_length=None), True),
+                        (x509.ExtendedKeyUsage(usages), False), *extensions)
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, other_ca = _write_ca(folder, "ca"), _write_ca(folder, "other-ca")
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    # Server and client auth, as deploy/components/mtls needs: its probe presents the gateway's own certificate.
+    server = _write_leaf(folder, "gateway", ca, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                         (names, False))
+    client = _write_leaf(folder, "client", ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
+    other_client = _write_leaf(folder, "other-client", other_ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
+    return Pki(folder / "ca.crt", folder / "other-ca.crt", *server, *client, *other_client)
+
+
+@pytest.fixture
+def config(tmp_path) -> GatewayConfig:
+    write_metadata(tmp_path, UNCONDITIONAL)
+    return GatewayConfig(tmp_path, triton_url="in-memory", host="127.0.0.1", port=0, metrics_port=free_port())
+
+
+def serve_and_call(config: GatewayConfig, calls: Callable[[str], object]):
+    """Run the gateway of ``config`` on the in-memory backend and ``calls(target)`` in a thread
+    beside it; returns what ``calls`` returned and the gateway's metrics registry."""
+    async def scenario():
+        async with Gateway(config, InMemoryBackend(fake_answer, max_batch_size=4)) as gateway:
+            return await asyncio.to_thread(calls, f"127.0.0.1:{gateway.port}"), gateway.metrics.registry
+
+    return asyncio.run(scenario())
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code ``call`` ends with."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def list_models(target: str, **client_options) -> grpc.StatusCode:
+    """The status of ListModels through a FlowClient with ``client_options``."""
+    with FlowClient(target, timeout=10, **client_options) as client:
+        return code_of(client.list_models)
+
+
+# TLS and mutual TLS
+
+
+def test_tls_serves_clients_that_trust_its_ca_and_no_others(config, pki):
+    config.tls = ServerTLS.from_files(pki.server_cert, pki.server_key)
+
+    def calls(target: str) -> dict[str, grpc.StatusCode]:
+        localhost = target.replace("127.0.0.1", "localhost")
+        elsewhere = ClientTLS.from_files(pki.ca, server_name="elsewhere")
+        return {
+            "right CA": list_models(target, tls=ClientTLS.from_files(pki.ca)),
+            "right CA, by name": list_models(localhost, tls=ClientTLS.from_files(pki.ca)),
+            "plaintext": list_models(target),
+            "another CA": list_models(target, tls=ClientTLS.from_files(pki.other_ca)),
+            "the system's CAs": list_models(target, tls=ClientTLS()),
+            "a name the certificate lacks": list_models(target, tls=elsewhere),
+        }
+
+    codes, _ = serve_and_call(config, calls)
+    assert codes == {"right CA": grpc.StatusCode.OK, "right CA, by name": grpc.StatusCode.OK, "plaintext": UNAVAILABLE,
+                     "another CA": UNAVAILABLE, "the system's CAs": UNAVAILABLE,
+                     "a name the certificate lacks": UNAVAILABLE}
+
+
+def test_mutual_tls_serves_only_clients_with_a_certificate_of_its_client_ca(config, pki):
+    config.tls = ServerTLS.from_files(pki.server_cert, pki.server_key, client_ca=pki.ca)
+
+    def calls(target: str) -> dict[str, grpc.StatusCode]:
+        def client(cert: Path | None = None, key: Path | None = None) -> grpc.StatusCode:
+            return list_models(target, tls=ClientTLS.from_files(pki.ca, cert, key))
+
+        return {
+            "no certificate": client(),
+            "another CA's": client(pki.other_client_cert, pki.other_client_key),
+            "the client CA's": client(pki.client_cert, pki.client_key),
+            "the gateway's own": client(pki.server_cert, pki.server_key),
+        }
+
+    codes, _ = serve_and_call(config, calls)
+    assert codes == {"no certificate": UNAVAILABLE, "another CA's": UNAVAILABLE,
+                     "the client CA's": grpc.StatusCode.OK, "the gateway's own": grpc.StatusCode.OK}
+
+
+# Tokens
+
+
+def test_without_a_token_rpcs_are_unauthenticated_and_with_a_wrong_one_denied_and_counted(config, caplog):
+    config.tokens = frozenset({TOKEN, OTHER_TOKEN})
+    sample = pb.SampleRequest(model=UNCONDITIONAL, num_samples=2, seed=1)
+    score = pb.LogLikelihoodRequest(model=UNCONDITIONAL, x=pb.Tensor(shape=[1, 1, 2, 2], data=bytes(16)))
+
+    def calls(target: str) -> dict:
+        answers = {}
+        for label, metadata in [("none", ()), ("basic", (("authorization", f"Basic {TOKEN}"),)),
+                                ("bearer without a token", (("authorization", "Bearer "),)),
+                                ("wrong", (("authorization", f"Bearer {WRONG_TOKEN}"),)),
+                                ("right", (("authorization", f"bearer {OTHER_TOKEN}"),))]:
+            with FlowClient(target, timeout=10) as client:
+                options = {"metadata": metadata, "timeout": 10}
+                rpcs = {"ListModels": lambda: client.stub.ListModels(pb.ListModelsRequest(), **options),
+                        "Sample": lambda: client.stub.Sample(sample, **options),
+                        "SampleStream": lambda: list(client.stub.SampleStream(sample, **options)),
+                        "LogLikelihood": lambda: client.stub.LogLikelihood(score, **options)}
+                for method, rpc in rpcs.items():
+                    try:
+                        rpc()
+                        answers[label, method] = (grpc.StatusCode.OK, "")
+                    except grpc.RpcError as exc:
+                        answers[label, method] = (exc.code(), exc.details())
+        return answers
+
+    with caplog.at_level(logging.DEBUG):
+        answers, registry = serve_and_call(config, calls)
+    methods = ["ListModels", "Sample", "SampleStream", "LogLikelihood"]
+    expected = {"none": grpc.StatusCode.UNAUTHENTICATED, "basic": grpc.StatusCode.UNAUTHENTICATED,
+                "bearer without a token": grpc.StatusCode.UNAUTHENTICATED,
+                "wrong": grpc.StatusCode.PERMISSION_DENIED, "right": grpc.StatusCode.OK}
+    assert {key: code for key, (code, _) in answers.items()} == {
+        (label, method): code for label, code in expected.items() for method in methods}
+    assert answers["none", "Sample"][1] == "this gateway needs a token: send metadata 'authorization: Bearer <token>'"
+    assert answers["basic", "Sample"][1] == "the authorization metadata is not one 'Bearer <token>'"
+    assert answers["wrong", "Sample"][1] == DENIED
+    for method in methods:
+        counted = {code: registry.get_sample_value(
+            "flowserve_requests_total", {"method": method, "model": "unknown", "code": code})
+            for code in ("UNAUTHENTICATED", "PERMISSION_DENIED")}
+        assert counted == {"UNAUTHENTICATED": 3, "PERMISSION_DENIED": 1}
+    ok = {"method": "LogLikelihood", "model": UNCONDITIONAL, "code": "OK"}
+    assert registry.get_sample_value("flowserve_requests_total", ok) == 1
+    for token in (TOKEN, OTHER_TOKEN, WRONG_TOKEN):
+        assert token not in caplog.text
+        assert all(token not in details for _, details in answers.values())
+    assert "Traceback" not in caplog.text
+    assert TOKEN not in repr(config)
+
+
+def test_health_is_open_while_reflection_needs_the_token(config):
+    config.tokens = frozenset({TOKEN})
+
+    def calls(target: str) -> dict[str, grpc.StatusCode]:
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            def list_services(metadata=()):
+                request = reflection_pb2.ServerReflectionRequest(list_services="")
+                (response,) = reflection.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10)
+                return sorted(s.name for s in response.list_services_response.service)
+
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert "flowserve.v1.FlowService" in list_services((("authorization", f"Bearer {TOKEN}"),))
+            return {"health": code_of(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10)),
+                    "reflection": code_of(list_services),
+                    "an unknown method": code_of(lambda: channel.unary_unary("/flowserve.v1.FlowService/Nothing")(
+                        b"", timeout=10))}
+
+    codes, registry = serve_and_call(config, calls)
+    assert codes == {"health": grpc.StatusCode.OK, "reflection": grpc.StatusCode.UNAUTHENTICATED,
+                     "an unknown method": grpc.StatusCode.UNIMPLEMENTED}
+    # Only FlowService RPCs are counted, and a method that does not exist never becomes a label.
+    counted = {sample.labels["method"] for metric in registry.collect() if metric.name == "flowserve_requests"
+               for sample in metric.samples}
+    assert counted == set()
+
+
+def test_the_python_client_sends_its_token_over_tls(config, pki):
+    config.tls = ServerTLS.from_files(pki.server_cert, pki.server_key)
+    config.tokens = frozenset({TOKEN})
+    tls = ClientTLS.from_files(pki.ca)
+
+    def calls(target: str):
+        with FlowClient(target, timeout=10, tls=tls, token=TOKEN) as client:
+            names = [m.name for m in client.list_models()]
+            samples = client.sample(UNCONDITIONAL, 3, seed=4)
+            chunks = list(client.sample_stream(UNCONDITIONAL, 6, seed=4))
+            scores = client.score(UNCONDITIONAL, samples.x)
+        return names, samples, chunks, scores, list_models(target, tls=tls, token=WRONG_TOKEN)
+
+    (names, samples, chunks, scores, wrong), _ = serve_and_call(config, calls)
+    assert names == [UNCONDITIONAL]
+    assert samples.x.shape[0] == 3 and [len(chunk.x) for chunk in chunks] == [4, 2]
+    assert scores.log_prob.shape == (3,)
+    assert wrong == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_client_refuses_a_token_that_cannot_travel_without_echoing_it():
+    with pytest.raises(ValueError) as info:
+        FlowClient("127.0.0.1:1", token="two words")
+    assert "two words" not in str(info.value) and "not a bearer token" in str(info.value)
+
+
+def test_tokens_come_from_a_file_and_the_environment_and_comments_are_skipped(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text(f"# who holds which\n{TOKEN}  # the batch jobs\n\n   \n{OTHER_TOKEN}\n")
+    assert read_tokens(path) == [TOKEN, OTHER_TOKEN]
+    assert accepted_tokens(path, None, "env") == {TOKEN, OTHER_TOKEN}
+    assert accepted_tokens(None, f" {TOKEN},{OTHER_TOKEN}\n", "env") == {TOKEN, OTHER_TOKEN}
+    assert accepted_tokens(path, "third", "env") == {TOKEN, OTHER_TOKEN, "third"}
+    assert accepted_tokens(None, None, "env") == frozenset()
+
+
