@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from flowserve import cli
 from flowserve.server.app import Gateway, GatewayConfig
 from flowserve.server.auth import accepted_tokens, read_tokens
 from flowserve.server.client import FlowClient
@@ -102,17 +103,24 @@ def pki(tmp_path_factory) -> Pki:
     return Pki(folder / "ca.crt", folder / "other-ca.crt", *server, *client, *other_client)
 
 
+@pytest.fixture(autouse=True)
+def no_tokens_from_the_environment(monkeypatch):
+    for name in ("FLOWSERVE_TOKEN", "FLOWSERVE_TOKEN_FILE", "FLOWSERVE_TOKENS", "FLOWSERVE_TOKENS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def config(tmp_path) -> GatewayConfig:
     write_metadata(tmp_path, UNCONDITIONAL)
     return GatewayConfig(tmp_path, triton_url="in-memory", host="127.0.0.1", port=0, metrics_port=free_port())
 
 
-def serve_and_call(config: GatewayConfig, calls: Callable[[str], object]):
-    """Run the gateway of ``config`` on the in-memory backend and ``calls(target)`` in a thread
-    beside it; returns what ``calls`` returned and the gateway's metrics registry."""
+def serve_and_call(config: GatewayConfig, calls: Callable[[str], object], backend: InMemoryBackend | None = None):
+    """Run the gateway of ``config`` on ``backend`` (default: a new in-memory one) and
+    ``calls(target)`` in a thread beside it; returns what ``calls`` returned and the gateway's
+    metrics registry."""
     async def scenario():
-        async with Gateway(config, InMemoryBackend(fake_answer, max_batch_size=4)) as gateway:
+        async with Gateway(config, backend or InMemoryBackend(fake_answer, max_batch_size=4)) as gateway:
             return await asyncio.to_thread(calls, f"127.0.0.1:{gateway.port}"), gateway.metrics.registry
 
     return asyncio.run(scenario())
@@ -174,6 +182,54 @@ def test_mutual_tls_serves_only_clients_with_a_certificate_of_its_client_ca(conf
     codes, _ = serve_and_call(config, calls)
     assert codes == {"no certificate": UNAVAILABLE, "another CA's": UNAVAILABLE,
                      "the client CA's": grpc.StatusCode.OK, "the gateway's own": grpc.StatusCode.OK}
+
+
+def test_the_health_command_probes_a_mutual_tls_gateway_as_the_deploy_component_does(config, pki, capsys):
+    """deploy/components/mtls probes with ``flowserve health`` on 127.0.0.1, the gateway's
+    own certificate, and the name in the certificate."""
+    config.tls = ServerTLS.from_files(pki.server_cert, pki.server_key, client_ca=pki.ca)
+    probe = ["--tls-ca", str(pki.ca), "--tls-server-name", "localhost", "--timeout", "10"]
+
+    def calls(target: str) -> tuple[int, int]:
+        with_certificate = cli.main(["health", "--target", target, *probe, "--tls-cert", str(pki.server_cert),
+                                     "--tls-key", str(pki.server_key)])
+        return with_certificate, cli.main(["health", "--target", target, *probe])
+
+    (with_certificate, without), _ = serve_and_call(config, calls)
+    out, err = capsys.readouterr()
+    assert (with_certificate, without) == (0, 1)
+    assert out == "SERVING\n"
+    assert "flowserve health: UNAVAILABLE" in err
+
+
+def test_the_health_command_fails_while_the_gateway_cannot_serve(config, capsys):
+    async def not_ready() -> bool:
+        return False
+
+    backend = InMemoryBackend(fake_answer)
+    backend.is_ready = not_ready
+    code, _ = serve_and_call(config, lambda target: cli.main(["health", "--target", target]), backend)
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "NOT_SERVING\n")
+    assert err.startswith("flowserve health: error: the gateway at 127.0.0.1:") and err.endswith(" is NOT_SERVING\n")
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    (("server_cert", None), "TLS needs both a certificate and its key; got only the certificate"),
+    ((None, "server_key"), "TLS needs both a certificate and its key; got only the key"),
+    (("server_cert", "client_key"), "TLS key {client_key} is not the key of certificate {server_cert}"),
+    (("server_key", "server_key"), "TLS certificate {server_key} holds no PEM CERTIFICATE"),
+    (("server_cert", "server_cert"), "TLS key {server_cert} holds no PEM PRIVATE KEY"),
+    ((None, None, "ca"), "a client CA (mutual TLS) needs the server's TLS certificate and key too"),
+    (("server_cert", "server_key", "server_key"), "client CA {server_key} holds no PEM CERTIFICATE"),
+])
+def test_serve_stops_before_starting_anything_when_its_tls_files_do_not_fit(pki, tmp_path, capsys, files, message):
+    options = ["--tls-cert", "--tls-key", "--tls-client-ca"]
+    arguments = [item for option, name in zip(options, files) if name
+                 for item in (option, str(getattr(pki, name)))]
+    assert cli.main(["serve", "--model-repository", str(tmp_path), *arguments]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flowserve serve: error: ") and message.format(**vars(pki)) in err
 
 
 # Tokens
@@ -285,6 +341,61 @@ def test_the_client_refuses_a_token_that_cannot_travel_without_echoing_it():
     assert "two words" not in str(info.value) and "not a bearer token" in str(info.value)
 
 
+def test_the_cli_takes_tls_and_a_token_from_a_file_or_the_environment(config, pki, tmp_path, capsys, monkeypatch):
+    config.tls = ServerTLS.from_files(pki.server_cert, pki.server_key, client_ca=pki.ca)
+    config.tokens = frozenset({TOKEN})
+    token_file, wrong_file = tmp_path / "token", tmp_path / "wrong"
+    token_file.write_text(f"# the test's token\n\n{TOKEN}\n")
+    wrong_file.write_text(WRONG_TOKEN)
+    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+
+    def calls(target: str) -> dict[str, tuple[int, str, str]]:
+        def models(*options: str) -> tuple[int, str, str]:
+            code = cli.main(["models", "--target", target, "--timeout", "10", *tls, *options])
+            return code, *capsys.readouterr()
+
+        answers = {"file": models("--token-file", str(token_file)),
+                   "wrong file": models("--token-file", str(wrong_file)), "none": models()}
+        monkeypatch.setenv("FLOWSERVE_TOKEN_FILE", str(token_file))
+        answers["env file"] = models()
+        monkeypatch.delenv("FLOWSERVE_TOKEN_FILE")
+        monkeypatch.setenv("FLOWSERVE_TOKEN", TOKEN)
+        answers["env"] = models()
+        answers["file over env"] = models("--token-file", str(wrong_file))
+        sample = cli.main(["sample", "--target", target, "--timeout", "10", *tls, "--model", UNCONDITIONAL, "-n", "3"])
+        answers["sample with env"] = sample, *capsys.readouterr()
+        return answers
+
+    answers, _ = serve_and_call(config, calls)
+    assert {label: code for label, (code, _, _) in answers.items()} == {
+        "file": 0, "wrong file": 1, "none": 1, "env file": 0, "env": 0, "file over env": 1, "sample with env": 0}
+    assert answers["file"][1].startswith(f"{UNCONDITIONAL}: vae, event shape [1, 2, 2]")
+    assert answers["env"][1] == answers["file"][1]
+    assert answers["wrong file"][2] == f"flowserve models: PERMISSION_DENIED: {DENIED}\n"
+    assert answers["none"][2].startswith("flowserve models: UNAUTHENTICATED: ")
+    assert answers["sample with env"][1].startswith(f"3 samples from {UNCONDITIONAL}")
+    for _, out, err in answers.values():
+        assert TOKEN not in out + err and WRONG_TOKEN not in out + err
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--tls-cert", "CLIENT_CERT"], "a client certificate needs both a certificate and its key; got only the "
+                                    "certificate"),
+    (["--tls-ca", "CLIENT_KEY"], "TLS CA {CLIENT_KEY} holds no PEM CERTIFICATE"),
+    (["--token-file", "TWO_TOKENS"], "must hold one token; it holds 2"),
+    (["--token-file", "NO_TOKEN"], "must hold one token; it holds 0"),
+])
+def test_client_commands_say_what_is_wrong_with_their_options(pki, tmp_path, capsys, options, message):
+    (tmp_path / "two").write_text(f"{TOKEN}\n{OTHER_TOKEN}\n")
+    (tmp_path / "none").write_text("# nothing yet\n")
+    files = {"CLIENT_CERT": pki.client_cert, "CLIENT_KEY": pki.client_key, "TWO_TOKENS": tmp_path / "two",
+             "NO_TOKEN": tmp_path / "none"}
+    arguments = [str(files.get(option, option)) for option in options]
+    assert cli.main(["models", "--target", "127.0.0.1:1", *arguments]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flowserve models: error: ") and message.format(**files) in err and TOKEN not in err
+
+
 def test_tokens_come_from_a_file_and_the_environment_and_comments_are_skipped(tmp_path):
     path = tmp_path / "tokens"
     path.write_text(f"# who holds which\n{TOKEN}  # the batch jobs\n\n   \n{OTHER_TOKEN}\n")
@@ -295,3 +406,30 @@ def test_tokens_come_from_a_file_and_the_environment_and_comments_are_skipped(tm
     assert accepted_tokens(None, None, "env") == frozenset()
 
 
+@pytest.mark.parametrize(("contents", "env", "message"), [
+    ("# nobody yet\n\n", None, "token authentication is asked for, but {file} hold no token"),
+    (None, " , ", "token authentication is asked for, but env FLOWSERVE_TOKENS hold no token"),
+    ("# nobody\n", "", "token authentication is asked for, but {file} and env FLOWSERVE_TOKENS hold no token"),
+    (f"{TOKEN}\nhas space\n", None, "line 2 of {file} is not a bearer token"),
+    (None, f"{TOKEN};x", "env FLOWSERVE_TOKENS holds something that is not a bearer token"),
+])
+def test_serve_stops_when_token_authentication_has_no_usable_token(tmp_path, capsys, monkeypatch, contents, env,
+                                                                     message):
+    arguments = []
+    if contents is not None:
+        (tmp_path / "tokens").write_text(contents)
+        arguments = ["--tokens-file", str(tmp_path / "tokens")]
+    if env is not None:
+        monkeypatch.setenv("FLOWSERVE_TOKENS", env)
+    assert cli.main(["serve", "--model-repository", str(tmp_path), *arguments]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flowserve serve: error: ")
+    assert message.format(file=tmp_path / "tokens") in err
+    assert TOKEN not in err and "has space" not in err
+
+
+def test_serve_takes_its_tokens_file_from_the_environment_too(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tokens").write_text("# nobody yet\n")
+    monkeypatch.setenv("FLOWSERVE_TOKENS_FILE", str(tmp_path / "tokens"))
+    assert cli.main(["serve", "--model-repository", str(tmp_path)]) == 1
+    assert f"token authentication is asked for, but {tmp_path / 'tokens'} hold no token" in capsys.readouterr().err
