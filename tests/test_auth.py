@@ -1,7 +1,7 @@
 """TLS, mutual TLS and bearer tokens on the gateway, its Python client and the CLI.
 
 The certificates are real, made here with ``cryptography``: a CA, a gateway certificate for
-localhost and 127.0.0.1 signed by it, a client certificate signed by it, and a client
+localhost, 127.0.0.1 and flowserve-gateway signed by it, a client certificate signed by it, and a client
 certificate of another CA. The gateway is the real one (interceptors, servicer, service,
 gRPC over TCP) in front of conftest's in-memory stand-in for Triton.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +35,7 @@ from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.server.tls import ClientTLS, ServerTLS
 
 from conftest import InMemoryBackend
+from test_deploy import TLS_FILES, build_with_components, gateway_container
 from test_gateway_context import UNCONDITIONAL, fake_answer, write_metadata
 
 TOKEN = "s3cr3t-Token_for.tests~1+2/3=="
@@ -94,8 +96,10 @@ def _write_leaf(folder: Path, name: str, ca, usages, *extensions) -> tuple[Path,
 def pki(tmp_path_factory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     ca, other_ca = _write_ca(folder, "ca"), _write_ca(folder, "other-ca")
-    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    # Server and client auth, as deploy/components/mtls needs: its probe presents the gateway's own certificate.
+    # The names of deploy/components/tls, and server and client auth as deploy/components/mtls
+    # needs: its probes present the gateway's own certificate.
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.DNSName("flowserve-gateway"),
+                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     server = _write_leaf(folder, "gateway", ca, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
                          (names, False))
     client = _write_leaf(folder, "client", ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
@@ -184,20 +188,34 @@ def test_mutual_tls_serves_only_clients_with_a_certificate_of_its_client_ca(conf
                      "the client CA's": grpc.StatusCode.OK, "the gateway's own": grpc.StatusCode.OK}
 
 
-def test_the_health_command_probes_a_mutual_tls_gateway_as_the_deploy_component_does(config, pki, capsys):
-    """deploy/components/mtls probes with ``flowserve health`` on 127.0.0.1, the gateway's
-    own certificate, and the name in the certificate."""
+def probe_command(folder: Path, components: list[str], pki: Pki, target: str) -> list[str]:
+    """The readiness probe's command of the gateway built (in ``folder``) with ``components``,
+    on this test's files and gateway instead of the Secret's and the pod's."""
+    folder.mkdir()
+    result = build_with_components("cpu", components, folder)
+    assert result.returncode == 0, result.stderr
+    command = gateway_container(list(yaml.safe_load_all(result.stdout)))["readinessProbe"]["exec"]["command"]
+    files = {f"{TLS_FILES}/ca.crt": pki.ca, f"{TLS_FILES}/tls.crt": pki.server_cert,
+             f"{TLS_FILES}/tls.key": pki.server_key}
+    for path, replacement in files.items():
+        command = [argument.replace(path, str(replacement)) for argument in command]
+    return [argument.replace("127.0.0.1:8500", target) for argument in command]
+
+
+def test_the_probes_of_the_deploy_components_pass_on_a_mutual_tls_gateway(config, pki, tmp_path, capsys):
+    """deploy/components/tls and mtls probe with ``flowserve health`` on 127.0.0.1, the name
+    flowserve-gateway and, for mutual TLS, the gateway's own certificate."""
     config.tls = ServerTLS.from_files(pki.server_cert, pki.server_key, client_ca=pki.ca)
-    probe = ["--tls-ca", str(pki.ca), "--tls-server-name", "localhost", "--timeout", "10"]
 
     def calls(target: str) -> tuple[int, int]:
-        with_certificate = cli.main(["health", "--target", target, *probe, "--tls-cert", str(pki.server_cert),
-                                     "--tls-key", str(pki.server_key)])
-        return with_certificate, cli.main(["health", "--target", target, *probe])
+        mutual = probe_command(tmp_path / "mtls", ["tls", "mtls"], pki, target)
+        one_sided = probe_command(tmp_path / "tls", ["tls"], pki, target)
+        assert mutual[:2] == one_sided[:2] == ["flowserve", "health"]
+        return cli.main(mutual[1:]), cli.main(one_sided[1:])
 
-    (with_certificate, without), _ = serve_and_call(config, calls)
+    (mutual, one_sided), _ = serve_and_call(config, calls)
     out, err = capsys.readouterr()
-    assert (with_certificate, without) == (0, 1)
+    assert (mutual, one_sided) == (0, 1)
     assert out == "SERVING\n"
     assert "flowserve health: UNAVAILABLE" in err
 
