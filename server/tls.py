@@ -77,8 +77,8 @@ class ServerTLS:
 class ClientTLS:
     """How a client checks the gateway and, for mutual TLS, proves itself.
 
-    ``ca``: the CAs that may sign the gateway's certificate (None: the system's trusted
-    roots). ``cert_chain`` and ``key``: the client certificate for mutual TLS.
+    ``ca``: the CAs that may sign the gateway's certificate (None: gRPC's default roots, the
+    public CAs that grpcio bundles or the file in env ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``). ``cert_chain`` and ``key``: the client certificate for mutual TLS.
     ``server_name``: the name the gateway's certificate must carry, when it differs from the
     target's host (e.g. a probe on 127.0.0.1 of a certificate for the Service's name).
     """

@@ -12,11 +12,15 @@ import asyncio
 import datetime
 import ipaddress
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 from cryptography import x509
@@ -61,7 +65,8 @@ def _certificate(subject: str, key, issuer: x509.Name, issuer_key, *extensions) 
 
 @dataclass(frozen=True)
 class Pki:
-    """PEM files: two CAs, the gateway's certificate and key, and client certificates and keys."""
+    """PEM files: two CAs, the gateway's certificate and key (also encrypted), and client
+    certificates and keys."""
 
     ca: Path
     other_ca: Path
@@ -71,6 +76,7 @@ class Pki:
     client_key: Path
     other_client_cert: Path
     other_client_key: Path
+    encrypted_server_key: Path
 
 
 def _write_ca(folder: Path, name: str):
@@ -104,7 +110,10 @@ def pki(tmp_path_factory) -> Pki:
                          (names, False))
     client = _write_leaf(folder, "client", ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
     other_client = _write_leaf(folder, "other-client", other_ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
-    return Pki(folder / "ca.crt", folder / "other-ca.crt", *server, *client, *other_client)
+    encrypted = folder / "gateway-encrypted.key"
+    encrypted.write_bytes(serialization.load_pem_private_key(server[1].read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    return Pki(folder / "ca.crt", folder / "other-ca.crt", *server, *client, *other_client, encrypted)
 
 
 @pytest.fixture(autouse=True)
@@ -159,13 +168,13 @@ def test_tls_serves_clients_that_trust_its_ca_and_no_others(config, pki):
             "right CA, by name": list_models(localhost, tls=ClientTLS.from_files(pki.ca)),
             "plaintext": list_models(target),
             "another CA": list_models(target, tls=ClientTLS.from_files(pki.other_ca)),
-            "the system's CAs": list_models(target, tls=ClientTLS()),
+            "gRPC's default roots": list_models(target, tls=ClientTLS()),
             "a name the certificate lacks": list_models(target, tls=elsewhere),
         }
 
     codes, _ = serve_and_call(config, calls)
     assert codes == {"right CA": grpc.StatusCode.OK, "right CA, by name": grpc.StatusCode.OK, "plaintext": UNAVAILABLE,
-                     "another CA": UNAVAILABLE, "the system's CAs": UNAVAILABLE,
+                     "another CA": UNAVAILABLE, "gRPC's default roots": UNAVAILABLE,
                      "a name the certificate lacks": UNAVAILABLE}
 
 
@@ -236,6 +245,8 @@ def test_the_health_command_fails_while_the_gateway_cannot_serve(config, capsys)
     (("server_cert", None), "TLS needs both a certificate and its key; got only the certificate"),
     ((None, "server_key"), "TLS needs both a certificate and its key; got only the key"),
     (("server_cert", "client_key"), "TLS key {client_key} is not the key of certificate {server_cert}"),
+    (("server_cert", "encrypted_server_key"),
+     "TLS key {encrypted_server_key}: the key is encrypted; gRPC needs an unencrypted PEM key"),
     (("server_key", "server_key"), "TLS certificate {server_key} holds no PEM CERTIFICATE"),
     (("server_cert", "server_cert"), "TLS key {server_cert} holds no PEM PRIVATE KEY"),
     ((None, None, "ca"), "a client CA (mutual TLS) needs the server's TLS certificate and key too"),
@@ -366,6 +377,8 @@ def test_the_cli_takes_tls_and_a_token_from_a_file_or_the_environment(config, pk
     token_file.write_text(f"# the test's token\n\n{TOKEN}\n")
     wrong_file.write_text(WRONG_TOKEN)
     tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    points = tmp_path / "points.npy"
+    np.save(points, np.zeros((2, 1, 2, 2), np.float32))
 
     def calls(target: str) -> dict[str, tuple[int, str, str]]:
         def models(*options: str) -> tuple[int, str, str]:
@@ -382,18 +395,38 @@ def test_the_cli_takes_tls_and_a_token_from_a_file_or_the_environment(config, pk
         answers["file over env"] = models("--token-file", str(wrong_file))
         sample = cli.main(["sample", "--target", target, "--timeout", "10", *tls, "--model", UNCONDITIONAL, "-n", "3"])
         answers["sample with env"] = sample, *capsys.readouterr()
+        score = cli.main(["score", "--target", target, "--timeout", "10", *tls, "--model", UNCONDITIONAL, str(points)])
+        answers["score with env"] = score, *capsys.readouterr()
         return answers
 
     answers, _ = serve_and_call(config, calls)
     assert {label: code for label, (code, _, _) in answers.items()} == {
-        "file": 0, "wrong file": 1, "none": 1, "env file": 0, "env": 0, "file over env": 1, "sample with env": 0}
+        "file": 0, "wrong file": 1, "none": 1, "env file": 0, "env": 0, "file over env": 1, "sample with env": 0,
+        "score with env": 0}
     assert answers["file"][1].startswith(f"{UNCONDITIONAL}: vae, event shape [1, 2, 2]")
     assert answers["env"][1] == answers["file"][1]
     assert answers["wrong file"][2] == f"flowserve models: PERMISSION_DENIED: {DENIED}\n"
     assert answers["none"][2].startswith("flowserve models: UNAUTHENTICATED: ")
     assert answers["sample with env"][1].startswith(f"3 samples from {UNCONDITIONAL}")
+    assert answers["score with env"][1].startswith(f"scored 2 rows with {UNCONDITIONAL}")
     for _, out, err in answers.values():
         assert TOKEN not in out + err and WRONG_TOKEN not in out + err
+
+
+def test_the_tls_flag_trusts_grpcs_default_roots(config, pki, tmp_path):
+    """``--tls`` alone checks the gateway against gRPC's default roots, which the file in
+    GRPC_DEFAULT_SSL_ROOTS_FILE_PATH replaces; in a fresh process, since gRPC reads them once."""
+    config.tls = ServerTLS.from_files(pki.server_cert, pki.server_key)
+
+    def calls(target: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "flowserve.cli", "models", "--target", target, "--tls", "--timeout", "10"]
+        env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(pki.ca)}
+        # In tmp_path: ``python -m`` puts the working directory first on sys.path.
+        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    result, _ = serve_and_call(config, calls)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{UNCONDITIONAL}: vae")
 
 
 @pytest.mark.parametrize(("options", "message"), [

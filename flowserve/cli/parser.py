@@ -38,7 +38,9 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="RPC deadline in seconds")
     security = parser.add_argument_group("TLS and token")
     security.add_argument("--tls", action="store_true",
-                          help="connect over TLS, trusting the system's CAs (any other --tls-* option implies TLS)")
+                          help="connect over TLS, trusting gRPC's default roots: the public CAs that grpcio bundles, "
+                               "or those of the file in env GRPC_DEFAULT_SSL_ROOTS_FILE_PATH (any other --tls-* "
+                               "option implies TLS)")
     security.add_argument("--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting the CAs in this file")
     security.add_argument("--tls-cert", type=Path, metavar="PEM",
                           help="mutual TLS: present this client certificate (with --tls-key)")
