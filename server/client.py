@@ -64,7 +64,8 @@ class FlowClient:
         self.close()
 
     def health(self) -> str:
-        """The gateway's health status: ``"SERVING"`` when it can serve (needs no token)."""
+        """The whole server's gRPC health status (service ``""``): ``"SERVING"`` when it can
+        serve. Health needs no token."""
         response = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
