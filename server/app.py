@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .auth import TokenAuthInterceptor
 from .backend import Backend
 from .batching import BatchingBackend
 from .catalog import ModelCatalog
@@ -25,6 +26,7 @@ from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService, GatewayLimits
 from .servicer import FlowServicer
 from .tensors import MAX_MESSAGE_BYTES
+from .tls import ServerTLS
 from .triton import TritonBackend
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus:
 
 @dataclass
 class GatewayConfig:
-    """Where the gateway listens, which Triton it uses, and its limits."""
+    """Where the gateway listens, which Triton it uses, and its limits; ``tls`` (None:
+    plaintext) and ``tokens`` (empty: no token needed) secure the gRPC port."""
 
     model_repository: Path
     triton_url: str
@@ -58,6 +61,8 @@ class GatewayConfig:
     load_changes: bool = False
     """Load the models of flows whose files an export rewrote (``health.FlowHealth``): for a
     Triton of its own, in explicit model control mode."""
+    tls: ServerTLS | None = None
+    tokens: frozenset[str] = field(default=frozenset(), repr=False)
 
 
 class Gateway:
@@ -76,9 +81,11 @@ class Gateway:
         self.flow_health = FlowHealth(batching, self.catalog, self.metrics, load_changes=config.load_changes)
         self.service = FlowService(batching, self.catalog, config.limits, self.flow_health)
         self.health = health.aio.HealthServicer()
+        counting = ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__, config.max_concurrent_rpcs)
+        # Authentication comes first: a refused RPC never reaches a handler, and is counted by count_refused.
+        authenticating = [TokenAuthInterceptor(config.tokens, counting.count_refused)] if config.tokens else []
         self.server = grpc.aio.server(
-            interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__,
-                                                     config.max_concurrent_rpcs)],
+            interceptors=[*authenticating, counting],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -107,7 +114,11 @@ class Gateway:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.config.tls.credentials())
         self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         await self._update_health()
         self._health_task = asyncio.create_task(self._watch_health())

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import tensors
+from .auth import AUTHORIZATION, NOT_A_TOKEN, is_bearer_token
 from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
+from .tls import ClientTLS
 
 
 @dataclass(frozen=True)
@@ -29,17 +32,26 @@ class Scores:
 
 
 class FlowClient:
-    """Calls ``flowserve.v1.FlowService`` at ``target`` (``host:port``)."""
+    """Calls ``flowserve.v1.FlowService`` at ``target`` (``host:port``).
 
-    def __init__(self, target: str, timeout: float = 60.0):
+    ``tls``: connect over TLS (None: plaintext). ``token``: sent as ``authorization: Bearer
+    <token>`` on every call; :attr:`metadata` carries it for calls made on :attr:`stub` directly.
+    """
+
+    def __init__(self, target: str, timeout: float = 60.0, *, tls: ClientTLS | None = None,
+                 token: str | None = None):
+        if token is not None and not is_bearer_token(token):
+            raise ValueError(f"the token is not a bearer token ({NOT_A_TOKEN})")
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", tensors.MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", tensors.MAX_MESSAGE_BYTES),
-            ],
-        )
+        self.metadata = () if token is None else ((AUTHORIZATION, f"Bearer {token}"),)
+        options = [
+            ("grpc.max_receive_message_length", tensors.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", tensors.MAX_MESSAGE_BYTES),
+        ]
+        if tls is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, tls.credentials(), options=options + tls.channel_options())
         self.stub = pb_grpc.FlowServiceStub(self.channel)
 
     def close(self) -> None:
@@ -51,8 +63,14 @@ class FlowClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def health(self) -> str:
+        """The whole server's gRPC health status (service ``""``): ``"SERVING"`` when it can
+        serve. Health needs no token."""
+        response = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
     def list_models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata).models)
 
     def sample(
         self, model: str, num_samples: int, seed: int | None = None,
@@ -60,7 +78,7 @@ class FlowClient:
     ) -> Samples:
         """Draw samples; ``context`` is [*context_shape] (one for all) or [num_samples, *context_shape]."""
         request = sample_request(model, num_samples, seed, temperature, return_log_prob, context)
-        return _samples(self.stub.Sample(request, timeout=self.timeout), return_log_prob)
+        return _samples(self.stub.Sample(request, timeout=self.timeout, metadata=self.metadata), return_log_prob)
 
     def sample_stream(
         self, model: str, num_samples: int, seed: int | None = None,
@@ -69,7 +87,7 @@ class FlowClient:
         """Draw any number of samples, in consecutive chunks as the gateway sends them: the same
         seed gives the rows of :meth:`sample`. The client's timeout bounds the whole stream."""
         request = sample_request(model, num_samples, seed, temperature, return_log_prob, context)
-        for response in self.stub.SampleStream(request, timeout=self.timeout):
+        for response in self.stub.SampleStream(request, timeout=self.timeout, metadata=self.metadata):
             yield _samples(response, return_log_prob)
 
     def log_likelihood(self, model: str, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
@@ -83,7 +101,7 @@ class FlowClient:
         request = pb.LogLikelihoodRequest(model=model, x=tensors.encode(x), return_bits_per_dim=return_bits_per_dim)
         if context is not None:
             request.context.CopyFrom(tensors.encode(context))
-        response = self.stub.LogLikelihood(request, timeout=self.timeout)
+        response = self.stub.LogLikelihood(request, timeout=self.timeout, metadata=self.metadata)
         bits_per_dim = np.asarray(response.bits_per_dim, dtype=np.float32) if return_bits_per_dim else None
         return Scores(np.asarray(response.log_prob, dtype=np.float32), bits_per_dim)
 

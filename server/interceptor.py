@@ -119,6 +119,13 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     def count(self, method: str, model: str, code: grpc.StatusCode) -> None:
         self._labelled(self.metrics.requests, method, model, code.name).inc()
 
+    def count_refused(self, method: str, code: grpc.StatusCode) -> None:
+        """Count an RPC that was refused before its handler ran: ``method`` is the full path of
+        a method the server has, counted if it is a flowserve RPC; its request was never
+        parsed, so its model is "unknown"."""
+        if method.startswith(SERVICE_PREFIX):
+            self.count(method.removeprefix(SERVICE_PREFIX), UNKNOWN_MODEL, code)
+
     def _wrap_unary(self, method: str, behaviour, deserialize):
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext):
             async with _Recorded(self, method, context) as record:

@@ -10,6 +10,7 @@ implements hadolint's rules) and checkov. The linters live in ``.venv/tools/lint
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -25,13 +26,32 @@ OVERLAYS = ["gpu", "cpu"]
 BIN = Path(sys.executable).parent
 LINT_BIN = ROOT / ".venv" / "tools" / "lint" / "bin"
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
+SECURITY_COMPONENTS = ["tls", "mtls", "tokens"]
+TLS_FILES = "/etc/flowserve/tls"
+
+
+def kustomize(folder: Path) -> subprocess.CompletedProcess:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is not on PATH"
+    return subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True)
 
 
 def build(overlay: str) -> str:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is not on PATH"
-    return subprocess.run([kubectl, "kustomize", str(DEPLOY / "overlays" / overlay)],
-                          check=True, capture_output=True, text=True).stdout
+    result = kustomize(DEPLOY / "overlays" / overlay)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def build_with_components(overlay: str, components: list[str], folder: Path) -> subprocess.CompletedProcess:
+    """``kubectl kustomize`` of an overlay, made in ``folder``, of ``overlay`` with
+    ``components`` of deploy/components, as a user's overlay adds them."""
+    deploy = Path(os.path.relpath(DEPLOY, folder))  # kustomize takes no absolute paths
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(deploy / "overlays" / overlay)],
+        "components": [str(deploy / "components" / component) for component in components],
+    }))
+    return kustomize(folder)
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -47,9 +67,25 @@ def validate(path: Path, strict: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(command[:1] + ["--strict"] * strict + command[1:], capture_output=True, text=True)
 
 
+@pytest.fixture(scope="module", params=OVERLAYS)
+def secured(request, tmp_path_factory) -> tuple[str, list[dict], Path]:
+    """An overlay with TLS, mutual TLS and tokens: the components in deploy/components."""
+    folder = tmp_path_factory.mktemp(f"secured-{request.param}")
+    result = build_with_components(request.param, SECURITY_COMPONENTS, folder)
+    assert result.returncode == 0, result.stderr
+    path = folder / "built.yaml"
+    path.write_text(result.stdout)
+    return request.param, [doc for doc in yaml.safe_load_all(result.stdout) if doc], path
+
+
 def find(docs: list[dict], kind: str, name: str) -> dict:
     (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     return doc
+
+
+def gateway_container(docs: list[dict]) -> dict:
+    (gateway,) = find(docs, "Deployment", "flowserve-gateway")["spec"]["template"]["spec"]["containers"]
+    return gateway
 
 
 def test_overlays_pass_strict_schema_validation(built):
@@ -75,8 +111,7 @@ def test_yamllint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_container_is_hardened_and_resourced(built):
-    _, docs, _ = built
+def assert_hardened_and_resourced(docs: list[dict]) -> None:
     deployments = [d for d in docs if d["kind"] == "Deployment"]
     assert {d["metadata"]["name"] for d in deployments} == {"triton", "flowserve-gateway"}
     for deployment in deployments:
@@ -92,6 +127,10 @@ def test_every_container_is_hardened_and_resourced(built):
             assert {"cpu", "memory"} <= set(container["resources"]["limits"])
             assert all(port["name"] for port in container["ports"])
             assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
+
+
+def test_every_container_is_hardened_and_resourced(built):
+    assert_hardened_and_resourced(built[1])
 
 
 def test_triton_flags_probes_and_volumes(built):
@@ -131,6 +170,41 @@ def test_gateway_balances_over_a_headless_triton_service_and_drains(built):
     assert pod["terminationGracePeriodSeconds"] > 5 + 10  # preStop + the gateway's own drain
 
 
+def test_the_security_components_pass_strict_validation_and_keep_the_hardening(secured):
+    _, docs, path = secured
+    result = validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_hardened_and_resourced(docs)
+
+
+def test_the_security_components_serve_tls_mtls_and_tokens_from_secrets(secured):
+    _, docs, _ = secured
+    gateway = gateway_container(docs)
+    assert {f"--tls-cert={TLS_FILES}/tls.crt", f"--tls-key={TLS_FILES}/tls.key", f"--tls-client-ca={TLS_FILES}/ca.crt",
+            "--tokens-file=/etc/flowserve/tokens/tokens"} <= set(gateway["args"])
+    mounts = {m["name"]: m for m in gateway["volumeMounts"]}
+    assert (mounts["tls"]["mountPath"], mounts["tokens"]["mountPath"]) == (TLS_FILES, "/etc/flowserve/tokens")
+    assert mounts["tls"]["readOnly"] is True and mounts["tokens"]["readOnly"] is True
+    pod = find(docs, "Deployment", "flowserve-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "flowserve-gateway-tls"
+    assert volumes["tokens"]["secret"]["secretName"] == "flowserve-gateway-tokens"
+    # Kubernetes' gRPC probe speaks no TLS: flowserve health does, with the gateway's own certificate.
+    for probe in (gateway["startupProbe"], gateway["readinessProbe"]):
+        assert set(probe) == {"exec", "timeoutSeconds", "periodSeconds", "failureThreshold"}
+        command = probe["exec"]["command"]
+        assert command[:3] == ["flowserve", "health", "--target=127.0.0.1:8500"]
+        assert {f"--tls-ca={TLS_FILES}/ca.crt", f"--tls-cert={TLS_FILES}/tls.crt",
+                f"--tls-key={TLS_FILES}/tls.key"} <= set(command)
+    assert gateway["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+
+
+def test_mutual_tls_without_tls_does_not_build(tmp_path):
+    result = build_with_components("cpu", ["mtls"], tmp_path)
+    assert result.returncode != 0
+    assert "startupProbe/exec/command" in result.stderr or "readinessProbe/exec/command" in result.stderr
+
+
 def test_scaling_and_availability_objects(built):
     _, docs, _ = built
     hpa = find(docs, "HorizontalPodAutoscaler", "triton")
@@ -162,6 +236,14 @@ def test_checkov_fails_nothing_and_every_skip_has_a_reason(built):
     assert report["summary"]["passed"] > 100
     for skipped in report["results"]["skipped_checks"]:
         assert len(skipped["check_result"]["suppress_comment"]) > 20, skipped["check_id"]
+
+
+@pytest.mark.e2e
+def test_checkov_fails_nothing_with_the_security_components(secured):
+    _, _, path = secured
+    report = checkov("--file", str(path), "--framework", "kubernetes")
+    assert report["summary"]["failed"] == 0, [
+        (c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
 
 
 @pytest.mark.e2e

@@ -15,6 +15,14 @@ import numpy as np
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_TARGET = "127.0.0.1:8500"
 TRITON_URL_ENV = "FLOWSERVE_TRITON_URL"
+TOKENS_FILE_ENV = "FLOWSERVE_TOKENS_FILE"
+TOKENS_ENV = "FLOWSERVE_TOKENS"
+TOKEN_FILE_ENV = "FLOWSERVE_TOKEN_FILE"
+TOKEN_ENV = "FLOWSERVE_TOKEN"
+
+
+def _path_from_env(name: str) -> Path | None:
+    return Path(os.environ[name]) if os.environ.get(name) else None
 
 
 def _float_list(text: str) -> np.ndarray:
@@ -28,6 +36,20 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=os.environ.get("FLOWSERVE_TARGET", DEFAULT_TARGET),
                         help="gateway host:port (env FLOWSERVE_TARGET)")
     parser.add_argument("--timeout", type=float, default=60.0, help="RPC deadline in seconds")
+    security = parser.add_argument_group("TLS and token")
+    security.add_argument("--tls", action="store_true",
+                          help="connect over TLS, trusting gRPC's default roots: the public CAs that grpcio bundles, "
+                               "or those of the file in env GRPC_DEFAULT_SSL_ROOTS_FILE_PATH (any other --tls-* "
+                               "option implies TLS)")
+    security.add_argument("--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting the CAs in this file")
+    security.add_argument("--tls-cert", type=Path, metavar="PEM",
+                          help="mutual TLS: present this client certificate (with --tls-key)")
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="the unencrypted private key of --tls-cert")
+    security.add_argument("--tls-server-name", metavar="NAME",
+                          help="the name the gateway's certificate must carry (default: the host of --target)")
+    security.add_argument("--token-file", type=Path, default=_path_from_env(TOKEN_FILE_ENV), metavar="FILE",
+                          help=f"send the bearer token in FILE (one line; env {TOKEN_FILE_ENV}); without it, the "
+                               f"token of env {TOKEN_ENV}, if set")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-max-restarts", type=int, default=5,
                        help="restarts of a dying embedded Triton (backoff 0.5 s doubling to 8 s) before serve "
                             "exits with code 1; the count starts again after 60 s up")
+    security = serve.add_argument_group("TLS and tokens of the gRPC port (the metrics port stays plaintext)")
+    security.add_argument("--tls-cert", type=Path, metavar="PEM",
+                          help="serve gRPC over TLS with this certificate chain (with --tls-key)")
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="the unencrypted private key of --tls-cert")
+    security.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                          help="mutual TLS: accept only clients with a certificate that these CAs signed")
+    security.add_argument("--tokens-file", type=Path, default=_path_from_env(TOKENS_FILE_ENV), metavar="FILE",
+                          help=f"require a bearer token on every RPC but health: the accepted tokens, one a line, "
+                               f"'#' comments (env {TOKENS_FILE_ENV}); env {TOKENS_ENV} adds tokens separated by "
+                               f"commas or spaces")
 
     sample = commands.add_parser("sample", help="draw samples from a served flow")
     _add_target(sample)
@@ -149,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the gateway's models")
     _add_target(models)
+
+    health = commands.add_parser("health", help="print the gateway's health; exit code 0 when SERVING (for probes)")
+    _add_target(health)
 
     demo = commands.add_parser("demo", help="train and export RealNVP on two moons, serve it, sample and score")
     demo.add_argument("--steps", type=int, default=1500)

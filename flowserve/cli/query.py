@@ -1,13 +1,16 @@
-"""Commands that call a running gateway: sample, score and models."""
+"""Commands that call a running gateway: sample, score, models and health."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from flowserve.metadata import HELDOUT_LOG_LIKELIHOOD
+
+from .parser import TOKEN_ENV
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -16,10 +19,30 @@ def _load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False).astype(np.float32)
 
 
-def sample_command(args) -> None:
+def connect(args):
+    """A :class:`~flowserve.server.client.FlowClient` of ``args.target`` with the command's TLS and token options."""
     from flowserve.server.client import FlowClient
+    from flowserve.server.tls import ClientTLS
 
-    with FlowClient(args.target, timeout=args.timeout) as client:
+    tls_options = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    tls = ClientTLS.from_files(*tls_options) if args.tls or any(o is not None for o in tls_options) else None
+    return FlowClient(args.target, timeout=args.timeout, tls=tls, token=_token(args))
+
+
+def _token(args) -> str | None:
+    """The token of ``--token-file``, else of the environment; None without either."""
+    from flowserve.server.auth import read_tokens
+
+    if args.token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    tokens = read_tokens(args.token_file)
+    if len(tokens) != 1:
+        raise ValueError(f"token file {args.token_file} must hold one token; it holds {len(tokens)}")
+    return tokens[0]
+
+
+def sample_command(args) -> None:
+    with connect(args) as client:
         if args.stream:
             _sample_stream(client, args)
             return
@@ -62,11 +85,9 @@ def _sample_stream(client, args) -> None:
 
 
 def score_command(args) -> None:
-    from flowserve.server.client import FlowClient
-
     x = _load_npy(args.data)
     context = None if args.context is None else _load_npy(args.context)
-    with FlowClient(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         scores = client.score(args.model, x, context, return_bits_per_dim=args.bits_per_dim)
     log_prob = scores.log_prob
     print(f"scored {len(log_prob)} rows with {args.model}: mean log p(x) {log_prob.mean():.4f}, "
@@ -79,10 +100,9 @@ def score_command(args) -> None:
 
 
 def models_command(args) -> None:
-    from flowserve.server.client import FlowClient
     from flowserve.server.proto import flowserve_pb2 as pb
 
-    with FlowClient(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         for m in client.list_models():
             directions = ", ".join(pb.Direction.Name(d).removeprefix("DIRECTION_").lower() for d in m.directions)
             context = f", context shape {list(m.context_shape)}" if m.context_shape else ""
@@ -90,3 +110,12 @@ def models_command(args) -> None:
             print(f"{m.name}: {m.family}, event shape {list(m.event_shape)}{context}, directions [{directions}], "
                   f"log-likelihood {kind}, versions {list(m.versions)}, ready {m.ready}, "
                   f"held-out log-lik {m.metadata.get(HELDOUT_LOG_LIKELIHOOD, '?')}")
+
+
+def health_command(args) -> None:
+    """Print the gateway's health status; RuntimeError (exit code 1) unless it is SERVING."""
+    with connect(args) as client:
+        status = client.health()
+    print(status)
+    if status != "SERVING":
+        raise RuntimeError(f"the gateway at {args.target} is {status}")

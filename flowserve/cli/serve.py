@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from pathlib import Path
+
+from .parser import TOKENS_ENV
 
 try:  # uvloop's event loop costs the gateway about 15% less CPU per RPC than asyncio's
     import uvloop
@@ -19,11 +22,15 @@ def run_event_loop(main):
 
 def serve_command(args) -> None:
     from flowserve.server.app import GatewayConfig, run_gateway
+    from flowserve.server.auth import accepted_tokens
     from flowserve.server.launcher import TritonServer, TritonSupervisor
     from flowserve.server.service import GatewayLimits
+    from flowserve.server.tls import ServerTLS
 
     if not args.model_repository.is_dir():
         raise FileNotFoundError(f"model repository {args.model_repository} does not exist; run flowserve export first")
+    tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    tokens = accepted_tokens(args.tokens_file, os.environ.get(TOKENS_ENV), f"env {TOKENS_ENV}")
     limits = GatewayLimits(args.max_rows_per_request, args.max_rows_in_flight,
                            max_rows_per_stream=args.max_rows_per_stream)
     triton = None
@@ -38,7 +45,7 @@ def serve_command(args) -> None:
     config = GatewayConfig(
         model_repository=args.model_repository, triton_url=triton_url, host=args.host, port=args.port,
         metrics_port=args.metrics_port, limits=limits, load_changes=triton is not None,
-        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None, tls=tls, tokens=tokens,
     )
     try:
         supervisor = None if triton is None else TritonSupervisor(

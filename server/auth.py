@@ -1,0 +1,131 @@
+"""Bearer-token authentication of the gateway's RPCs.
+
+A client sends ``authorization: Bearer <token>`` metadata. Without it, or with metadata of
+another form, an RPC ends UNAUTHENTICATED; with a token the gateway does not know, it ends
+PERMISSION_DENIED. Health stays open, so probes need no token. Tokens are kept only as
+SHA-256 digests, compared in constant time, and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import grpc
+
+AUTHORIZATION = "authorization"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+"""Methods callable without a token: health, for the probes of load balancers and Kubernetes."""
+_TOKEN = r"[A-Za-z0-9\-._~+/]+=*"
+"""RFC 6750's b64token: what a bearer token may be made of."""
+_BEARER = re.compile(rf"bearer +({_TOKEN})", re.IGNORECASE)
+_TOKEN_SEPARATORS = re.compile(r"[\s,]+")
+NOT_A_TOKEN = "letters, digits and -._~+/ with '=' at the end only"
+NO_TOKEN = "this gateway needs a token: send metadata 'authorization: Bearer <token>'"
+
+
+def is_bearer_token(token: str) -> bool:
+    """Whether ``token`` can travel in ``authorization: Bearer <token>`` metadata."""
+    return re.fullmatch(_TOKEN, token) is not None
+
+
+def read_tokens(path: Path) -> list[str]:
+    """The tokens of ``path``, one a line; blank lines and ``#`` comments are skipped.
+    ValueError (naming the line, never the token) for a line that is no bearer token."""
+    tokens = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        token = line.split("#", 1)[0].strip()
+        if token and not is_bearer_token(token):
+            raise ValueError(f"line {number} of {path} is not a bearer token ({NOT_A_TOKEN})")
+        if token:
+            tokens.append(token)
+    return tokens
+
+
+def _split_tokens(text: str, source: str) -> list[str]:
+    """The tokens of ``text``, separated by commas or whitespace; ``source`` names it in errors."""
+    tokens = [token for token in _TOKEN_SEPARATORS.split(text) if token]
+    if not all(map(is_bearer_token, tokens)):
+        raise ValueError(f"{source} holds something that is not a bearer token ({NOT_A_TOKEN})")
+    return tokens
+
+
+def accepted_tokens(tokens_file: Path | None, tokens_text: str | None, text_source: str) -> frozenset[str]:
+    """The tokens a gateway accepts: those of ``tokens_file`` (see :func:`read_tokens`) and of
+    ``tokens_text`` (separated by commas or whitespace; ``text_source`` names it in errors).
+    Empty, so no authentication, when both are None; ValueError when authentication is asked
+    for but no token results."""
+    tokens, sources = [], []
+    if tokens_file is not None:
+        tokens += read_tokens(tokens_file)
+        sources.append(str(tokens_file))
+    if tokens_text is not None:
+        tokens += _split_tokens(tokens_text, text_source)
+        sources.append(text_source)
+    if sources and not tokens:
+        raise ValueError(f"token authentication is asked for, but {' and '.join(sources)} hold no token")
+    return frozenset(tokens)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Lets an RPC through only with one of ``tokens``; health is open.
+
+    Refused RPCs never reach their handler (nor is their request parsed): they end with
+    UNAUTHENTICATED or PERMISSION_DENIED, and ``on_refused(method, code)`` is called for each,
+    so the metrics count them. Place it before the interceptors it guards.
+    """
+
+    def __init__(self, tokens: Iterable[str], on_refused: Callable[[str, grpc.StatusCode], None]):
+        self._digests = [_digest(token) for token in tokens]
+        if not self._digests:
+            raise ValueError("token authentication needs at least one token")
+        self.on_refused = on_refused
+
+    def refusal(self, metadata) -> tuple[grpc.StatusCode, str] | None:
+        """Why an RPC with ``metadata`` is refused, as (code, message); None if it may pass."""
+        values = [value for key, value in metadata or () if key == AUTHORIZATION]
+        if not values:
+            return grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN
+        match = _BEARER.fullmatch(values[0]) if len(values) == 1 else None
+        if match is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata is not one 'Bearer <token>'"
+        digest = _digest(match.group(1))
+        known = False
+        for candidate in self._digests:  # every digest, so the time does not tell which one matched
+            known |= hmac.compare_digest(digest, candidate)
+        if not known:
+            return grpc.StatusCode.PERMISSION_DENIED, "the token is not accepted by this gateway"
+        return None
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(OPEN_PREFIXES):
+            return await continuation(handler_call_details)
+        refusal = self.refusal(handler_call_details.invocation_metadata)
+        handler = await continuation(handler_call_details)
+        if refusal is None or handler is None:  # an unknown method stays UNIMPLEMENTED
+            return handler
+        self.on_refused(method, refusal[0])
+        return _refusing(handler, *refusal)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that ends the RPC with ``code`` and ``message``
+    without reading the request (it stays bytes)."""
+    async def refuse(_request, context: grpc.aio.ServicerContext):
+        await context.abort(code, message)
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse)
