@@ -18,6 +18,7 @@ from .auth import TokenAuthInterceptor
 from .backend import Backend
 from .batching import BatchingBackend
 from .catalog import ModelCatalog
+from .client import flow_health_service
 from .health import FlowHealth
 from .interceptor import ErrorAndMetricsInterceptor
 from .metrics import GatewayMetrics
@@ -32,11 +33,6 @@ from .triton import TritonBackend
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowService"].full_name
-
-
-def flow_health_service(flow: str) -> str:
-    """The gRPC health service name that reports one flow: ``flowserve.v1.FlowService/<flow>``."""
-    return f"{SERVICE_NAME}/{flow}"
 
 
 def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus:

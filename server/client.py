@@ -63,10 +63,11 @@ class FlowClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def health(self) -> str:
-        """The whole server's gRPC health status (service ``""``): ``"SERVING"`` when it can
-        serve. Health needs no token."""
-        response = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
+    def health(self, flow: str | None = None) -> str:
+        """The gRPC health status of the whole server (service ``""``), or of one ``flow``:
+        ``"SERVING"`` when it can serve. Health needs no token."""
+        request = health_pb2.HealthCheckRequest(service="" if flow is None else flow_health_service(flow))
+        response = health_pb2_grpc.HealthStub(self.channel).Check(request, timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def list_models(self) -> list[pb.ModelInfo]:
@@ -104,6 +105,11 @@ class FlowClient:
         response = self.stub.LogLikelihood(request, timeout=self.timeout, metadata=self.metadata)
         bits_per_dim = np.asarray(response.bits_per_dim, dtype=np.float32) if return_bits_per_dim else None
         return Scores(np.asarray(response.log_prob, dtype=np.float32), bits_per_dim)
+
+
+def flow_health_service(flow: str) -> str:
+    """The gRPC health service name that reports one flow: ``flowserve.v1.FlowService/<flow>``."""
+    return f"{pb.DESCRIPTOR.services_by_name['FlowService'].full_name}/{flow}"
 
 
 def sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,

@@ -28,8 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flowserve.export.exporter.pipeline import export_flow, export_model
 from flowserve.export.exporter.triton_config import ServingConfig
-from flowserve.server.app import flow_health_service
-from flowserve.server.client import FlowClient
+from flowserve.server.client import FlowClient, flow_health_service
 from flowserve.server.domain import DeadlineExceeded, ResourceExhausted, SampleQuery
 from flowserve.server.catalog import ModelCatalog
 from flowserve.server.service import FlowService, GatewayLimits

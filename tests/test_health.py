@@ -13,9 +13,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from flowserve import cli
 from flowserve.metadata import FlowMetadata
-from flowserve.server.app import Gateway, GatewayConfig, flow_health_service
+from flowserve.server.app import Gateway, GatewayConfig
 from flowserve.server.catalog import ModelCatalog
+from flowserve.server.client import flow_health_service
 from flowserve.server.domain import DeadlineExceeded
 from flowserve.server.health import FlowHealth
 from flowserve.server.launcher import free_port
@@ -130,17 +132,20 @@ def test_the_gateway_reports_each_flow_in_grpc_health_list_models_and_metrics(tm
             backend.broken.add(broken)
             await gateway._update_health()
             during = await asyncio.to_thread(client_view, target)
+            during_cli = [await asyncio.to_thread(cli.main, ["health", "--target", target, *flow])
+                          for flow in ((), ("--model", "left"), ("--model", "right"))]
             await asyncio.gather(*gateway.flow_health._reloads.values())
             await gateway._update_health()
             after = await asyncio.to_thread(client_view, target)
-            return before, during, after, gateway.metrics
+            return before, during, during_cli, after, gateway.metrics
 
-    before, during, after, metrics = asyncio.run(scenario())
+    before, during, during_cli, after, metrics = asyncio.run(scenario())
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     left, right = map(flow_health_service, FLOWS)
     assert before == after == ({"": serving, left: serving, right: serving}, {"left": True, "right": True})
     # One broken flow: the server (Triton) is still up and the other flow serves.
     assert during == ({"": serving, left: not_serving, right: serving}, {"left": False, "right": True})
+    assert during_cli == [0, 1, 0]  # flowserve health [--model FLOW]: exit code 0 when SERVING
     assert metrics.model_reloads.labels("left", GENERATION)._value.get() == 1
 
 

@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser("health", help="print the gateway's health; exit code 0 when SERVING (for probes)")
     _add_target(health)
+    health.add_argument("--model", help="one flow's health (its Triton models answer) instead of the whole server's")
 
     demo = commands.add_parser("demo", help="train and export RealNVP on two moons, serve it, sample and score")
     demo.add_argument("--steps", type=int, default=1500)

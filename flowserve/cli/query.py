@@ -113,9 +113,11 @@ def models_command(args) -> None:
 
 
 def health_command(args) -> None:
-    """Print the gateway's health status; RuntimeError (exit code 1) unless it is SERVING."""
+    """Print the health status of the gateway, or of one flow (``--model``); RuntimeError
+    (exit code 1) unless it is SERVING."""
     with connect(args) as client:
-        status = client.health()
+        status = client.health(args.model)
     print(status)
     if status != "SERVING":
-        raise RuntimeError(f"the gateway at {args.target} is {status}")
+        what = "the gateway" if args.model is None else f"flow {args.model!r} on the gateway"
+        raise RuntimeError(f"{what} at {args.target} is {status}")
