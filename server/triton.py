@@ -39,8 +39,9 @@ _QUEUE_RETRY_AFTER_S = 0.1
 
 
 def translate_error(code: grpc.StatusCode, details: str, model: str) -> FlowServeError:
-    """The domain error of a failed call to Triton, by its gRPC status code; any code not
-    listed is a ``BackendError``."""
+    """The domain error of a failed call to Triton, by its gRPC status code (any code not
+    listed is a ``BackendError``), except two answers known by their message: a dead stub
+    (``BackendUnavailable``) and a refusal of the queue policy (``ResourceExhausted``)."""
     error = _ERROR_OF_STATUS.get(code, BackendError)
     if code == grpc.StatusCode.INTERNAL and _DEAD_STUB in details:
         error = BackendUnavailable
