@@ -582,7 +582,8 @@ def test_a_version_exported_into_a_running_serve_rolls_out_with_no_failed_reques
     finally:
         assert stop_serve(process) == 0
     assert set(answers) <= {"1", "2"}, [a for a in answers if a not in ("1", "2")][:3]  # 0 failed requests
-    assert set(answers[:exported]) == {"1"} and set(answers[rolled:]) == {"2"}, (exported, rolled, answers)
+    # Each of the two callers may record one call it began before version 2 was ready.
+    assert set(answers[:exported]) == {"1"} and set(answers[rolled + 2:]) == {"2"}, (exported, rolled, answers)
     np.testing.assert_allclose(after, outputs["2"], atol=1e-5)
     assert not np.allclose(outputs["1"], outputs["2"], atol=1e-3)
     assert "new files loaded" in (tmp_path / "work" / "serve.log").read_text()
