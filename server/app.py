@@ -74,8 +74,7 @@ class Gateway:
         self.backend = backend
         self.catalog = ModelCatalog(config.model_repository)
         batching = BatchingBackend(backend, config.limits.max_batches_in_flight_per_model)
-        self.flow_health = FlowHealth(batching, self.catalog, self.metrics, load_changes=config.load_changes,
-                                      answered=batching.take_answered)
+        self.flow_health = FlowHealth(batching, self.catalog, self.metrics, load_changes=config.load_changes)
         self.service = FlowService(batching, self.catalog, config.limits, self.flow_health)
         self.health = health.aio.HealthServicer()
         counting = ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__, config.max_concurrent_rpcs)

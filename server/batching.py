@@ -147,12 +147,6 @@ class BatchingBackend:
         self.backend = backend
         self.max_batches_in_flight = max_batches_in_flight
         self._queues: dict[str, _ModelQueue] = {}
-        self._answered: set[str] = set()
-
-    def take_answered(self) -> set[str]:
-        """The models that answered a call since the last time this was asked."""
-        answered, self._answered = self._answered, set()
-        return answered
 
     async def is_ready(self) -> bool:
         return await self.backend.is_ready()
@@ -189,13 +183,6 @@ class BatchingBackend:
         await self.backend.close()
 
     async def infer(
-        self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
-    ) -> dict[str, np.ndarray]:
-        outputs = await self._infer(model, spec, inputs, timeout)
-        self._answered.add(model)
-        return outputs
-
-    async def _infer(
         self, model: str, spec: DirectionSpec, inputs: dict[str, np.ndarray], timeout: float | None
     ) -> dict[str, np.ndarray]:
         queue = self._queues.get(model)

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import math
 import time
-from typing import Callable
 
 from flowserve.metadata import FlowMetadata
 from flowserve.spec import DirectionSpec
@@ -30,10 +29,9 @@ log = logging.getLogger(__name__)
 class FlowHealth:
     """Which flows can be served now; reloads the Triton models that stopped answering.
 
-    :meth:`check` probes every model of every flow at once, except those that ``answered()``
-    names: the models that answered a client's call since the last check need no probe. A
-    probe that runs out of its ``probe_timeout_s`` means a busy model, not a broken one: the
-    flow keeps its last state. A model is reloaded at most once per ``min_reload_interval_s``.
+    :meth:`check` probes every model of every flow at once. A probe that runs out of its
+    ``probe_timeout_s`` means a busy model, not a broken one: the flow keeps its last state.
+    A model is reloaded at most once per ``min_reload_interval_s``.
 
     With ``load_changes``, each check also looks for flows whose metadata file is new or was
     rewritten (an export writes it last) and asks Triton to load their models. Triton loads
@@ -41,10 +39,8 @@ class FlowHealth:
     """
 
     def __init__(self, backend: Backend, catalog: ModelCatalog, metrics: GatewayMetrics,
-                 probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0, load_changes: bool = False,
-                 answered: Callable[[], set[str]] = set):
+                 probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0, load_changes: bool = False):
         self.backend = backend
-        self.answered = answered
         self.catalog = catalog
         self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
@@ -70,8 +66,7 @@ class FlowHealth:
         flows = {name: self.catalog.get(name) for name in self.catalog.names()}
         models = [(name, direction, model) for name, flow in flows.items() for direction, model in flow.models.items()]
         if server_ready:
-            answered = self.answered()
-            answers = await asyncio.gather(*(self._probe(model, flows[name].spec(direction), model in answered)
+            answers = await asyncio.gather(*(self._probe(model, flows[name].spec(direction))
                                              for name, direction, model in models))
         else:
             answers = [False] * len(models)
@@ -87,13 +82,10 @@ class FlowHealth:
             self.metrics.flow_ready.labels(name).set(1.0 if flow_ready else 0.0)
         return ready
 
-    async def _probe(self, model: str, spec: DirectionSpec, answered: bool) -> bool | None:
-        """True if ``model`` is ready and answers one row (or ``answered`` a call already),
-        None if it is too busy to say."""
+    async def _probe(self, model: str, spec: DirectionSpec) -> bool | None:
+        """True if ``model`` is ready and answers one row, None if it is too busy to say."""
         if model in self._reloads:
             return False
-        if answered:
-            return True
         try:
             if not await self.backend.model_ready(model):
                 return False

@@ -16,7 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flowserve import cli
 from flowserve.metadata import FlowMetadata
 from flowserve.server.app import Gateway, GatewayConfig
-from flowserve.server.batching import BatchingBackend
 from flowserve.server.catalog import ModelCatalog
 from flowserve.server.client import flow_health_service
 from flowserve.server.domain import DeadlineExceeded
@@ -25,7 +24,7 @@ from flowserve.server.launcher import free_port
 from flowserve.server.metrics import GatewayMetrics
 from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
-from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec, triton_model_name
+from flowserve.spec import DIRECTIONS, GENERATION, triton_model_name
 
 from conftest import InMemoryBackend
 
@@ -172,22 +171,3 @@ def test_flows_with_new_files_get_their_models_loaded_and_stay_ready_meanwhile(t
         assert len(backend.loads) == 4  # loaded once
 
     asyncio.run(scenario())
-
-
-def test_models_that_answered_a_call_since_the_last_check_are_not_probed(tmp_path):
-    write_flows(tmp_path)
-    backend = InMemoryBackend(zeros)
-    batching = BatchingBackend(backend)
-    health = FlowHealth(batching, ModelCatalog(tmp_path), GatewayMetrics(), answered=batching.take_answered)
-    busy = triton_model_name("left", DENSITY)
-
-    async def scenario():
-        await batching.infer(busy, direction_spec(DENSITY, 2), {"x": np.zeros((1, 2), np.float32)}, None)
-        assert await health.check(server_ready=True) == {"left": True, "right": True}
-        first = list(backend.probes)
-        await health.check(server_ready=True)  # no call since: probed again
-        return first, backend.probes[len(first):]
-
-    first, second = asyncio.run(scenario())
-    assert busy not in first and len(first) == 3
-    assert busy in second and len(second) == 4
