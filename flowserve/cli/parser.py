@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "RESOURCE_EXHAUSTED; the gateway lets as many full batches' rows wait (default 0: "
                              "32 per instance)")
     export.add_argument("--queue-timeout-ms", type=int, default=2000,
-                        help="a request that waited this long in Triton's queue is rejected (0: no limit)")
+                        help="Triton rejects a request that waited this long in its queue, and the gateway refuses "
+                             "a call that would wait longer (0: no limit)")
     export.add_argument("--instances", type=int, default=1, help="instances per instance group")
     export.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu")
     export.add_argument("--gpus", default="", help="comma-separated GPU ids for --instance-kind gpu")
