@@ -18,11 +18,10 @@ from .auth import TokenAuthInterceptor
 from .backend import Backend
 from .batching import BatchingBackend
 from .catalog import ModelCatalog
-from .client import flow_health_service
+from .client import SERVICE_NAME, flow_health_service
 from .health import FlowHealth
 from .interceptor import ErrorAndMetricsInterceptor
 from .metrics import GatewayMetrics
-from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService, GatewayLimits
 from .servicer import FlowServicer
@@ -31,8 +30,6 @@ from .tls import ServerTLS
 from .triton import TritonBackend
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowService"].full_name
 
 
 def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus:

@@ -15,6 +15,8 @@ from .proto import flowserve_pb2 as pb
 from .proto import flowserve_pb2_grpc as pb_grpc
 from .tls import ClientTLS
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowService"].full_name
+
 
 @dataclass(frozen=True)
 class Samples:
@@ -109,7 +111,7 @@ class FlowClient:
 
 def flow_health_service(flow: str) -> str:
     """The gRPC health service name that reports one flow: ``flowserve.v1.FlowService/<flow>``."""
-    return f"{pb.DESCRIPTOR.services_by_name['FlowService'].full_name}/{flow}"
+    return f"{SERVICE_NAME}/{flow}"
 
 
 def sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,
