@@ -12,9 +12,11 @@ batch it ran in; models whose config turns dynamic batching off are called one c
 
 Back-pressure: a model's config bounds its queue on Triton (``max_queue_size`` requests, each
 rejected after the queue timeout). The batcher keeps the same bounds on its own queue: as many
-full batches' rows, and no more batches ahead than run within the timeout, at the pace of the
-recent ones. A call beyond either is answered at once with ``ResourceExhausted`` and a retry
-hint: the time the batches ahead of it would take.
+full batches' rows, and no more batches ahead than leave within the timeout, at the pace the
+queue drained lately. A call beyond either is answered at once with ``ResourceExhausted`` and a
+retry hint: the time the batches ahead of it would take. That pace is an estimate (a machine
+short of CPU drains slower than it did a moment ago), so a call still waiting when the timeout
+has passed is refused then, as Triton refuses it: an admitted call waits at most the timeout.
 """
 
 from __future__ import annotations
@@ -30,8 +32,16 @@ from flowserve.spec import DirectionSpec
 from .backend import Backend, QueuePolicy
 from .domain import DeadlineExceeded, ResourceExhausted
 
-# Weight of the newest batch in the running mean of batch times (the retry hint's basis).
-_BATCH_TIME_WEIGHT = 0.2
+# Weight of the newest batch in the running means of batch times and of the queue's pace.
+_NEWEST_WEIGHT = 0.2
+
+# In the message of a call refused after waiting: clients (and benchmarks/burst.py) tell it
+# from a call refused on arrival by this.
+EXPIRED_IN_QUEUE = "waited longer than its queue's timeout"
+
+
+def _running_mean(mean: float, value: float) -> float:
+    return mean + _NEWEST_WEIGHT * (value - mean) if mean else value
 
 
 @dataclass(eq=False)  # compared by identity: a call is removed from the queue by itself
@@ -39,6 +49,7 @@ class _Call:
     inputs: dict[str, np.ndarray]
     rows: int
     timeout_at: float | None
+    queued_at: float
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -54,14 +65,23 @@ class _ModelQueue:
         self.waiting: deque[_Call] = deque()
         self.waiting_rows = 0
         self.in_flight = 0
-        self.batch_seconds = 0.0  # running mean
+        self.batch_seconds = 0.0  # running mean of one batch's time on the backend
+        self.pace_seconds = 0.0  # running mean of the time between batches leaving a backlogged queue
+        self._last_done: float | None = None  # when the last batch returned
+        self._backlogged = False  # whether calls waited then
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    def expected_wait_s(self, rows: int) -> float:
+        """How long a call of ``rows`` rows queued now would wait for its batch to leave."""
+        batches_ahead = self.in_flight + (self.waiting_rows + rows - 1) // self.max_rows
+        # Between batches the gateway's CPU answers other calls, so the pace a backlog drained
+        # at, when known, says more than the batches' own times.
+        return batches_ahead * (self.pace_seconds or self.batch_seconds / self.max_in_flight)
 
     def enqueue(self, call: _Call) -> None:
         """Queue ``call``, or raise ResourceExhausted if its rows would exceed the waiting limit
         or it would wait longer than the queue timeout."""
-        batches_ahead = self.in_flight + (self.waiting_rows + call.rows - 1) // self.max_rows
-        expected_wait_s = batches_ahead * self.batch_seconds / self.max_in_flight
+        expected_wait_s = self.expected_wait_s(call.rows)
         if self.max_waiting_rows is not None and self.waiting_rows + call.rows > self.max_waiting_rows:
             reason = f"{self.waiting_rows} rows wait for it, its queue's limit is {self.max_waiting_rows}"
         elif self.max_wait_s is not None and expected_wait_s > self.max_wait_s:
@@ -71,9 +91,12 @@ class _ModelQueue:
             self.waiting.append(call)
             self.waiting_rows += call.rows
             return
-        retry_after_s = max(expected_wait_s, 0.001)
-        raise ResourceExhausted(f"{self.model!r} is busy: {reason}; retry in about {1000 * retry_after_s:.0f} ms",
-                                retry_after_s=retry_after_s)
+        raise self._busy(reason, expected_wait_s)
+
+    def _busy(self, reason: str, retry_after_s: float) -> ResourceExhausted:
+        retry_after_s = max(retry_after_s, 0.001)
+        return ResourceExhausted(f"{self.model!r} is busy: {reason}; retry in about {1000 * retry_after_s:.0f} ms",
+                                 retry_after_s=retry_after_s)
 
     def _take(self) -> _Call:
         call = self.waiting.popleft()
@@ -91,12 +114,33 @@ class _ModelQueue:
         loop = asyncio.get_running_loop()
         started = loop.time()
         outputs = await self.backend.infer(self.model, self.spec, inputs, timeout)
-        took = loop.time() - started
-        self.batch_seconds += _BATCH_TIME_WEIGHT * (took - self.batch_seconds) if self.batch_seconds else took
+        self.batch_seconds = _running_mean(self.batch_seconds, loop.time() - started)
         return outputs
+
+    def batch_done(self, ran: bool = True) -> None:
+        """Free the finished batch's slot, keep the queue's pace (if the batch ``ran`` on the
+        backend), and send what waits."""
+        self.in_flight -= 1
+        now = asyncio.get_running_loop().time()
+        if ran and self._backlogged:  # the batch before left as the previous one returned: no idle time between
+            self.pace_seconds = _running_mean(self.pace_seconds, now - self._last_done)
+        self._last_done, self._backlogged = now, bool(self.waiting)
+        self.dispatch()
+
+    def _expire(self) -> None:
+        """Refuse the calls that have waited longer than the queue timeout (the oldest come first)."""
+        if self.max_wait_s is None:
+            return
+        now = asyncio.get_running_loop().time()
+        while self.waiting and now - self.waiting[0].queued_at > self.max_wait_s:
+            call = self._take()
+            if not call.result.done():
+                call.result.set_exception(self._busy(
+                    f"a call {EXPIRED_IN_QUEUE} of {1000 * self.max_wait_s:.0f} ms", self.expected_wait_s(call.rows)))
 
     def dispatch(self) -> None:
         """Send the waiting calls, as batches of at most ``max_rows`` rows, while a batch slot is free."""
+        self._expire()
         while self.waiting and self.in_flight < self.max_in_flight:
             batch = [self._take()]
             rows = batch[0].rows
@@ -109,8 +153,8 @@ class _ModelQueue:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Call]) -> None:
+        batch = [call for call in batch if not call.result.done()]  # cancelled while waiting
         try:
-            batch = [call for call in batch if not call.result.done()]  # cancelled while waiting
             if not batch:
                 return
             loop = asyncio.get_running_loop()
@@ -133,8 +177,7 @@ class _ModelQueue:
                     call.result.set_result({name: value[start:start + call.rows] for name, value in outputs.items()})
                 start += call.rows
         finally:
-            self.in_flight -= 1
-            self.dispatch()
+            self.batch_done(ran=bool(batch))
 
 
 class BatchingBackend:
@@ -198,10 +241,9 @@ class BatchingBackend:
             try:
                 return await queue.infer(inputs, timeout)
             finally:
-                queue.in_flight -= 1
-                queue.dispatch()
-        loop = asyncio.get_running_loop()
-        call = _Call(inputs, next(iter(inputs.values())).shape[0], None if timeout is None else loop.time() + timeout)
+                queue.batch_done()
+        now = asyncio.get_running_loop().time()
+        call = _Call(inputs, next(iter(inputs.values())).shape[0], None if timeout is None else now + timeout, now)
         queue.enqueue(call)
         queue.dispatch()
         try:

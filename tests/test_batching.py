@@ -6,6 +6,7 @@ limit on RPCs at once."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from flowserve.metadata import FlowMetadata
 from flowserve.server.app import Gateway, GatewayConfig
 from flowserve.server.backend import QueuePolicy
-from flowserve.server.batching import BatchingBackend
+from flowserve.server.batching import EXPIRED_IN_QUEUE, BatchingBackend
 from flowserve.server.domain import BackendError, DeadlineExceeded, ResourceExhausted
 from flowserve.server.client import sample_request
 from flowserve.server.launcher import free_port
@@ -171,6 +172,51 @@ def test_calls_that_would_wait_beyond_the_queue_timeout_are_refused():
     assert [len(r["log_prob"]) for r in results[:3]] == [4, 4, 4]
     assert isinstance(results[3], ResourceExhausted)
     assert "would wait about 15" in str(results[3]) and "its queue's timeout is 120 ms" in str(results[3])
+
+
+def test_the_wait_is_estimated_at_the_pace_the_queue_drained():
+    # A batch takes 20 ms on the backend, and then its caller works 30 ms on the event loop (as the
+    # gateway encodes an answer) before the next batch can leave: the queue drains one per 50 ms.
+    backend, batching = batcher(max_batch_size=4, delay=0.02)
+    backend.queue = QueuePolicy(timeout_s=0.12)
+
+    async def busy_call(start: int):
+        result = await batching.infer("m", SPEC, rows(start, 4), None)
+        time.sleep(0.03)
+        return result
+
+    async def scenario():
+        await asyncio.gather(*(busy_call(4 * i) for i in range(3)))  # a backlog drains: its pace is kept
+        admitted = [asyncio.ensure_future(busy_call(4 * i)) for i in range(3)]
+        await asyncio.sleep(0)  # one on the backend, two waiting
+        # At the pace a fourth would wait 150 ms; at the batches' own 20 ms it would seem to wait 60.
+        with pytest.raises(ResourceExhausted, match="would wait about 1[45][0-9] ms for it, its queue's timeout is 120"):
+            await batching.infer("m", SPEC, rows(12, 4), None)
+        return await asyncio.gather(*admitted)
+
+    assert [len(result["log_prob"]) for result in asyncio.run(scenario())] == [4, 4, 4]
+
+
+def test_a_call_still_waiting_when_the_queue_timeout_passes_is_refused_then():
+    # The first batch took 50 ms, so a call behind the next one looks fine; that one takes 300 ms.
+    backend, batching = batcher(max_batch_size=4, delay=lambda index: 0.3 if index == 1 else 0.05)
+    backend.queue = QueuePolicy(timeout_s=0.12)
+
+    async def scenario():
+        await batching.infer("m", SPEC, rows(0, 1), None)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        slow = asyncio.ensure_future(batching.infer("m", SPEC, rows(0, 4), None))
+        await asyncio.sleep(0)
+        with pytest.raises(ResourceExhausted, match=f"a call {EXPIRED_IN_QUEUE} of 120 ms") as refused:
+            await batching.infer("m", SPEC, rows(4, 4), None)  # admitted: about 50 ms to wait
+        waited = loop.time() - started
+        return waited, refused.value, await slow
+
+    waited, refused, slow = asyncio.run(scenario())
+    assert 0.29 < waited < 0.4  # refused when the slow batch returned, the first moment it could leave
+    assert refused.retry_after_s > 0 and len(slow["log_prob"]) == 4
+    assert [len(chunk) for chunk in backend.chunks("x")] == [1, 4]  # it never reached the backend
 
 
 def test_at_least_one_batch_in_flight():
