@@ -7,8 +7,9 @@ It starts ``flowserve serve`` on a repository (by default the moons flow of
    callers, in calls per second;
 2. offers ``--factor`` times that for ``--seconds``, open loop (calls start on a fixed
    schedule whatever the answers), and reports how the calls ended: the rejected ones
-   (RESOURCE_EXHAUSTED, with their retry hint) and how long they took, and the admitted
-   ones' latency beside an unloaded call's.
+   (RESOURCE_EXHAUSTED, with their retry hint) and how long they took, apart from those
+   admitted but refused when they had waited the queue timeout out ("expired"), and the
+   admitted ones' latency beside an unloaded call's.
 
     .venv/bin/python benchmarks/burst.py            # about 1 min on 2 cores, more on first use
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from flowserve.server.batching import EXPIRED_IN_QUEUE
 from flowserve.server.client import sample_request
 from flowserve.server.interceptor import RETRY_AFTER_KEY
 from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
@@ -35,8 +37,8 @@ from gateway import CHANNEL_OPTIONS, MOONS, Served, closed_loop, prepare
 
 
 async def offer(call, rate: float, seconds: float) -> list[tuple[str, float, int | None]]:
-    """Start ``call()`` ``rate`` times a second for ``seconds``; each call's status name,
-    latency in seconds and retry hint in ms (None without one)."""
+    """Start ``call()`` ``rate`` times a second for ``seconds``; each call's outcome (a status
+    name, or EXPIRED), latency in seconds and retry hint in ms (None without one)."""
     outcomes = []
 
     async def one():
@@ -46,7 +48,8 @@ async def offer(call, rate: float, seconds: float) -> list[tuple[str, float, int
             outcomes.append(("OK", time.perf_counter() - started, None))
         except grpc.aio.AioRpcError as error:
             hint = dict(error.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
-            outcomes.append((error.code().name, time.perf_counter() - started, None if hint is None else int(hint)))
+            outcome = "EXPIRED" if EXPIRED_IN_QUEUE in (error.details() or "") else error.code().name
+            outcomes.append((outcome, time.perf_counter() - started, None if hint is None else int(hint)))
 
     tasks = []
     start = time.perf_counter()
@@ -77,7 +80,8 @@ async def measure(target: str, model: str, rows: int, concurrency: int, factor: 
         outcomes = await offer(call, factor * capacity, seconds)
     admitted = [latency for code, latency, _ in outcomes if code == "OK"]
     rejected = [latency for code, latency, _ in outcomes if code == "RESOURCE_EXHAUSTED"]
-    hints = [hint for code, _, hint in outcomes if code == "RESOURCE_EXHAUSTED" and hint is not None]
+    expired = [latency for code, latency, _ in outcomes if code == "EXPIRED"]
+    hints = [hint for code, _, hint in outcomes if code in ("RESOURCE_EXHAUSTED", "EXPIRED") and hint is not None]
     return {
         "capacity_calls_per_s": capacity,
         "offered_calls_per_s": factor * capacity,
@@ -87,6 +91,7 @@ async def measure(target: str, model: str, rows: int, concurrency: int, factor: 
         "admitted_p99_ms": percentile_ms(admitted, 99),
         "rejected_p50_ms": percentile_ms(rejected, 50),
         "rejected_p99_ms": percentile_ms(rejected, 99),
+        "expired_p50_ms": percentile_ms(expired, 50),
         "rejected_with_hint": len(hints),
         "retry_hint_p50_ms": float(np.median(hints)) if hints else float("nan"),
     }
@@ -102,13 +107,15 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=5.0, help="the burst's rate over the capacity")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of the capacity run and of the burst")
     parser.add_argument("--workdir", type=Path, default=None, help="as for benchmarks/gateway.py")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=None, help="passed to flowserve serve")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         folder = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowserve-burst-")))
         folder.mkdir(parents=True, exist_ok=True)
         repository = args.repository or prepare(folder, 300)[1]
-        served = Served(repository, folder / "serve-burst.log")
+        options = () if args.max_concurrent_rpcs is None else ("--max-concurrent-rpcs", str(args.max_concurrent_rpcs))
+        served = Served(repository, folder / "serve-burst.log", *options)
         try:
             figures = asyncio.run(measure(served.target, args.model, args.rows, args.concurrency, args.factor,
                                           args.seconds))
@@ -124,6 +131,7 @@ def main() -> None:
     print(f"admitted: p50 {figures['admitted_p50_ms']:.1f} ms, p99 {figures['admitted_p99_ms']:.1f} ms "
           f"(unloaded p50 {figures['unloaded_p50_ms']:.1f} ms)")
     print(f"rejected: p50 {figures['rejected_p50_ms']:.1f} ms, p99 {figures['rejected_p99_ms']:.1f} ms; "
+          f"expired in the queue: p50 {figures['expired_p50_ms']:.0f} ms; "
           f"retry hint p50 {figures['retry_hint_p50_ms']:.0f} ms")
 
 

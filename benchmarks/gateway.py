@@ -88,14 +88,14 @@ def flat_digits(folder: Path) -> Path:
 
 
 class Served:
-    """``flowserve serve`` in a child process, as a user starts it."""
+    """``flowserve serve`` in a child process, as a user starts it (with ``options``)."""
 
-    def __init__(self, repository: Path, log: Path):
+    def __init__(self, repository: Path, log: Path, *options: str):
         self.port, metrics_port = free_port(), free_port()
         started = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
-             "--port", str(self.port), "--metrics-port", str(metrics_port)],
+             "--port", str(self.port), "--metrics-port", str(metrics_port), *options],
             stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)
         self.triton_url = None
         for line in self.process.stdout:

@@ -21,6 +21,11 @@ RUNNER_BACKEND = "flowserve_runner"
 """Name of flowserve's Python-based Triton backend: the configs the exporter writes name it,
 and the launcher (or the Triton image) installs the runner under it."""
 
+QUEUE_SIZE_PARAMETER = "flowserve_max_queue_size"
+QUEUE_TIMEOUT_PARAMETER = "flowserve_queue_timeout_ms"
+"""Keys of a model config's ``parameters`` that carry its queue bounds to the gateway's
+batcher: the requests that may wait, and how long one may wait in milliseconds (0: no limit)."""
+
 _FLOW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 

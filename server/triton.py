@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
-from flowserve.spec import DirectionSpec
+from flowserve.spec import QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER, DirectionSpec
 
 from .backend import QueuePolicy
 from .domain import BackendError, BackendUnavailable, DeadlineExceeded, FlowServeError, ResourceExhausted
@@ -140,8 +140,14 @@ class TritonBackend:
         return (await self._config(model)).HasField("dynamic_batching")
 
     async def queue_policy(self, model: str) -> QueuePolicy:
-        """The model's queue policy on Triton (its dynamic batcher's default one)."""
-        policy = (await self._config(model)).dynamic_batching.default_queue_policy
+        """The model's queue bounds: from its config's parameters (flowserve's exports), or
+        else its dynamic batcher's default queue policy."""
+        config = await self._config(model)
+        parameters = config.parameters
+        if QUEUE_SIZE_PARAMETER in parameters:
+            return QueuePolicy(int(parameters[QUEUE_SIZE_PARAMETER].string_value),
+                               int(parameters[QUEUE_TIMEOUT_PARAMETER].string_value) / 1000)
+        policy = config.dynamic_batching.default_queue_policy
         return QueuePolicy(policy.max_queue_size, policy.default_timeout_microseconds / 1e6)
 
     async def _wire_names(self, model: str, spec: DirectionSpec) -> DirectionSpec:

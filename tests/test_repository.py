@@ -12,12 +12,14 @@ from flowserve.export.exporter.triton_config import (
     config_text,
     parse_config_text,
 )
-from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, RUNNER_BACKEND, direction_spec
+from flowserve.spec import (DENSITY, DIRECTIONS, GENERATION, QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER,
+                            RUNNER_BACKEND, direction_spec)
 
 FLAVOURS = {
     "python-cpu": ServingConfig(),
     "python-gpu": ServingConfig(instance_kind="gpu", gpus=(0, 1), instance_count=2),
     "python-queue": ServingConfig(max_queue_size=5, queue_timeout_ms=0),
+    "python-triton-queue": ServingConfig(max_queue_size=5, triton_queue_policy=True),
     "onnxruntime-gpu": ServingConfig(backend="onnxruntime", instance_kind="gpu", gpus=(0,), max_batch_size=4096),
     "onnxruntime-cpu": ServingConfig(backend="onnxruntime", max_queue_delay_us=0),
     "python-unbatched": ServingConfig(dynamic_batching=False),
@@ -43,10 +45,17 @@ def test_config_parses_with_tritons_schema(flavour, direction):
     assert config.max_batch_size == serving.max_batch_size
     assert config.HasField("dynamic_batching") == serving.dynamic_batching
     assert config.dynamic_batching.max_queue_delay_microseconds == (serving.max_queue_delay_us if serving.dynamic_batching else 0)
-    policy = config.dynamic_batching.default_queue_policy
-    assert config.dynamic_batching.HasField("default_queue_policy") == serving.dynamic_batching
-    if serving.dynamic_batching:  # sized from the options: 32 requests per instance unless given
-        assert policy.max_queue_size == (serving.max_queue_size or 32 * serving.instance_count)
+    if serving.dynamic_batching:  # the queue's bounds: 32 requests per instance unless given
+        queue_size = serving.max_queue_size or 32 * serving.instance_count
+        assert config.parameters[QUEUE_SIZE_PARAMETER].string_value == str(queue_size)
+        assert config.parameters[QUEUE_TIMEOUT_PARAMETER].string_value == str(serving.queue_timeout_ms)
+    else:
+        assert QUEUE_SIZE_PARAMETER not in config.parameters
+    # Triton's own queue policy only when asked for (it stalls lone requests on Triton 2.51).
+    assert config.dynamic_batching.HasField("default_queue_policy") == serving.triton_queue_policy
+    if serving.triton_queue_policy:
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == queue_size
         assert policy.default_timeout_microseconds == 1000 * serving.queue_timeout_ms
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
     (group,) = config.instance_group

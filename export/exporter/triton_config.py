@@ -21,7 +21,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowserve.spec import RUNNER_BACKEND, DirectionSpec, TensorSpec
+from flowserve.spec import QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER, RUNNER_BACKEND, DirectionSpec, TensorSpec
 
 BACKENDS = {"python": RUNNER_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
 NATIVE_BACKEND_FORMAT = {"onnxruntime": "onnx", "pytorch": "torchscript"}
@@ -55,15 +55,19 @@ class ServingConfig:
     # MAF/IAF in ONNX: from this many rows, the slow direction runs the cached inverse
     # (``flows.cached_inverse``) instead of the fixed-point loop; None: never.
     cached_inverse_min_batch: int | None = None
-    # Back-pressure: Triton rejects a request when this many wait for the model's instances
-    # (0: QUEUED_REQUESTS_PER_INSTANCE per instance), and one that waited queue_timeout_ms
-    # (0: no limit). The gateway keeps the same bound on the calls it queues for the model.
+    # Back-pressure: at most this many requests wait for the model's instances (0:
+    # QUEUED_REQUESTS_PER_INSTANCE per instance), none longer than queue_timeout_ms (0: no
+    # limit). The config's parameters carry both to the gateway, whose batcher enforces them.
     max_queue_size: int = 0
     queue_timeout_ms: int = 2000
+    # Also hand the bounds to Triton's dynamic batcher as its queue policy. Off by default: on
+    # Triton 2.51 any queue policy made the batcher leave a lone request in its queue for its
+    # 500 ms idle wait every second or so (docs/performance.md, "Back-pressure under a burst").
+    triton_queue_policy: bool = False
 
     @property
     def queue_size(self) -> int:
-        """The dynamic batcher's ``max_queue_size``."""
+        """The queue's bound in requests."""
         return self.max_queue_size or QUEUED_REQUESTS_PER_INSTANCE * self.instance_count
 
     def __post_init__(self):
@@ -116,12 +120,15 @@ def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingCon
 
     if serving.dynamic_batching:
         config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
-        config.dynamic_batching.default_queue_policy.CopyFrom(mc.ModelQueuePolicy(
-            timeout_action=mc.ModelQueuePolicy.REJECT,
-            default_timeout_microseconds=1000 * serving.queue_timeout_ms,
-            allow_timeout_override=True,
-            max_queue_size=serving.queue_size,
-        ))
+        config.parameters[QUEUE_SIZE_PARAMETER].string_value = str(serving.queue_size)
+        config.parameters[QUEUE_TIMEOUT_PARAMETER].string_value = str(serving.queue_timeout_ms)
+        if serving.triton_queue_policy:
+            config.dynamic_batching.default_queue_policy.CopyFrom(mc.ModelQueuePolicy(
+                timeout_action=mc.ModelQueuePolicy.REJECT,
+                default_timeout_microseconds=1000 * serving.queue_timeout_ms,
+                allow_timeout_override=True,
+                max_queue_size=serving.queue_size,
+            ))
     config.instance_group.add(
         name=model_name,
         count=serving.instance_count,

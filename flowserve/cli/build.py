@@ -94,7 +94,8 @@ def export_command(args) -> None:
     serving = ServingConfig(
         backend=args.backend, format=args.format, max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.queue_delay_us, dynamic_batching=args.dynamic_batching, instance_count=args.instances,
-        max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms, instance_kind=args.instance_kind,
+        max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
+        triton_queue_policy=args.triton_queue_policy, instance_kind=args.instance_kind,
         gpus=tuple(int(g) for g in args.gpus.split(",") if g.strip()), intra_op_threads=args.intra_op_threads,
         cached_inverse_min_batch=args.cached_inverse,
     )

@@ -108,12 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let Triton and the gateway merge concurrent requests into one batch; "
                              "--no-dynamic-batching runs each request on its own")
     export.add_argument("--max-queue-size", type=int, default=0,
-                        help="requests that may wait for the model's instances before Triton answers "
-                             "RESOURCE_EXHAUSTED; the gateway lets as many full batches' rows wait (default 0: "
-                             "32 per instance)")
+                        help="requests that may wait for the model's instances: the gateway lets as many full "
+                             "batches' rows wait and answers RESOURCE_EXHAUSTED beyond (default 0: 32 per instance)")
     export.add_argument("--queue-timeout-ms", type=int, default=2000,
-                        help="Triton rejects a request that waited this long in its queue, and the gateway refuses "
-                             "a call that would wait longer (0: no limit)")
+                        help="the gateway refuses a call that would wait longer than this for its batch, or that "
+                             "did (0: no limit)")
+    export.add_argument("--triton-queue-policy", action="store_true",
+                        help="also set both bounds as the queue policy of Triton's dynamic batcher (off by default: "
+                             "on Triton 2.51 it holds lone requests for up to 500 ms; see docs/performance.md)")
     export.add_argument("--instances", type=int, default=1, help="instances per instance group")
     export.add_argument("--instance-kind", choices=["cpu", "gpu"], default="cpu")
     export.add_argument("--gpus", default="", help="comma-separated GPU ids for --instance-kind gpu")
