@@ -10,13 +10,13 @@ returns. At low load a call goes out alone and at once; under load batches grow 
 Rows are independent in every flow direction, so a row's result does not depend on the
 batch it ran in; models whose config turns dynamic batching off are called one call at a time.
 
-Back-pressure: a model's config bounds its queue on Triton (``max_queue_size`` requests, each
-rejected after the queue timeout). The batcher keeps the same bounds on its own queue: as many
-full batches' rows, and no more batches ahead than leave within the timeout, at the pace the
-queue drained lately. A call beyond either is answered at once with ``ResourceExhausted`` and a
-retry hint: the time the batches ahead of it would take. That pace is an estimate (a machine
-short of CPU drains slower than it did a moment ago), so a call still waiting when the timeout
-has passed is refused then, as Triton refuses it: an admitted call waits at most the timeout.
+Back-pressure: a model's config bounds its queue (``backend.QueuePolicy``: requests that may
+wait, and a queue timeout). The batcher enforces them on its own queue: as many full batches'
+rows, and no more batches ahead than leave within the timeout, at the pace the queue drained
+lately. A call beyond either is answered at once with ``ResourceExhausted`` and a retry hint:
+the time the batches ahead of it would take. That pace is an estimate (a machine short of CPU
+drains slower than it did a moment ago), so a call still waiting when the timeout has passed
+is refused then, as Triton's queue policy would: an admitted call waits at most the timeout.
 """
 
 from __future__ import annotations
