@@ -28,7 +28,7 @@ from flowserve.export.exporter.parity import ExportParityError, check_parity, pa
 from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import parse_config_text
 from flowserve.metadata import FlowMetadata, read_all
-from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, direction_spec
+from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER, direction_spec
 
 from conftest import LARGE_CHUNKS, SMALL_BATCH, SMALL_CHUNKS
 
@@ -175,11 +175,16 @@ def test_cli_export_fails_with_a_clear_message_and_writes_nothing(checkpoint, tm
 def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_path):
     repo = tmp_path / "repo"
     code = cli.main(["export", str(checkpoint), "--model-repository", str(repo), "--name", "prod",
-                     "--backend", "onnxruntime", "--instance-kind", "gpu", "--gpus", "0,1", "--instances", "2"])
+                     "--backend", "onnxruntime", "--instance-kind", "gpu", "--gpus", "0,1", "--instances", "2",
+                     "--max-queue-size", "5", "--queue-timeout-ms", "300", "--triton-queue-policy"])
     assert code == 0
     config = parse_config_text((repo / "prod-generation" / "config.pbtxt").read_text())
     assert config.backend == "onnxruntime"
     assert list(config.instance_group[0].gpus) == [0, 1] and config.instance_group[0].count == 2
+    assert config.parameters[QUEUE_SIZE_PARAMETER].string_value == "5"
+    assert config.parameters[QUEUE_TIMEOUT_PARAMETER].string_value == "300"
+    policy = config.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (5, 300_000)
     assert config.parameters["intra_op_thread_count"].string_value == "0"  # the ORT backend's own key: its default
     assert "intra_op_num_threads" not in config.parameters
     assert FlowMetadata.read(repo / "prod.flowserve.json").backend == "onnxruntime"
