@@ -42,6 +42,25 @@ SMALL_CHUNKS = "moons-small-chunks"
 LARGE_CHUNKS = "moons-large-chunks"
 SMALL_BATCH = 64
 MAX_ROWS_PER_REQUEST = 80_000  # not the default (100,000), so the flag is tested
+SETTINGS_PREFIX = "FLOWSERVE_"  # flowserve's own environment variables (Triton URL, tokens, target)
+
+
+def hermetic_env(**settings: str) -> dict[str, str]:
+    """The environment for a process a test starts: this one's, without any ``FLOWSERVE_*``
+    variable, plus ``settings``. A developer's ``FLOWSERVE_TRITON_URL`` or tokens must not
+    change what a test sees."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(SETTINGS_PREFIX)}
+    return {**env, **settings}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_flowserve_settings_from_the_environment():
+    """The same for code the tests run in this process (the CLI reads its defaults from the
+    environment); a test sets what it needs with ``monkeypatch.setenv``."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith(SETTINGS_PREFIX)]:
+            patch.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -110,8 +129,8 @@ def wait_for_health(target: str, process: subprocess.Popen, want, timeout: float
 
 def start_serve(repository: Path, workdir: Path, *extra: str, env: dict[str, str] | None = None,
                 python: Path = Path(sys.executable)) -> tuple[subprocess.Popen, int, int]:
-    """Start ``flowserve serve`` with ``python`` on free ports; returns the process, gateway
-    and metrics ports.
+    """Start ``flowserve serve`` with ``python`` on free ports, in :func:`hermetic_env` with
+    ``env`` added; returns the process, gateway and metrics ports.
 
     Its output goes to ``workdir/serve.log`` (a pipe nobody drains would block it).
     """
@@ -124,7 +143,8 @@ def start_serve(repository: Path, workdir: Path, *extra: str, env: dict[str, str
     with open(workdir / "serve.log", "w") as log:
         # Run in ``workdir``: ``python -m`` puts the working directory first on sys.path, and
         # the checkout's flowserve/ folder must not shadow the installed package.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=hermetic_env(**(env or {})),
+                                   cwd=workdir)
     return process, port, metrics_port
 
 

@@ -19,6 +19,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from conftest import hermetic_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_SIDE = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm", "zuko", "nflows", "flowserve.export")
 # The torch-free name registries of the torch side, which the CLI's parser reads: these
@@ -110,7 +112,8 @@ def test_the_name_registries_import_nothing_heavy_when_loaded(path):
 def test_building_the_parser_loads_no_torch_side_package():
     code = ("import sys; from flowserve.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'onnx', 'sklearn', 'matplotlib', 'tqdm') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests",
+                            env=hermetic_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -12,7 +12,6 @@ import asyncio
 import datetime
 import ipaddress
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from flowserve.server.launcher import free_port
 from flowserve.server.proto import flowserve_pb2 as pb
 from flowserve.server.tls import ClientTLS, ServerTLS
 
-from conftest import InMemoryBackend
+from conftest import InMemoryBackend, hermetic_env
 from test_deploy import TLS_FILES, build_with_components, gateway_container
 from test_gateway_context import UNCONDITIONAL, fake_answer, write_metadata
 
@@ -114,12 +113,6 @@ def pki(tmp_path_factory) -> Pki:
     encrypted.write_bytes(serialization.load_pem_private_key(server[1].read_bytes(), None).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
     return Pki(folder / "ca.crt", folder / "other-ca.crt", *server, *client, *other_client, encrypted)
-
-
-@pytest.fixture(autouse=True)
-def no_tokens_from_the_environment(monkeypatch):
-    for name in ("FLOWSERVE_TOKEN", "FLOWSERVE_TOKEN_FILE", "FLOWSERVE_TOKENS", "FLOWSERVE_TOKENS_FILE"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -420,7 +413,7 @@ def test_the_tls_flag_trusts_grpcs_default_roots(config, pki, tmp_path):
 
     def calls(target: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "flowserve.cli", "models", "--target", target, "--tls", "--timeout", "10"]
-        env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(pki.ca)}
+        env = hermetic_env(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=str(pki.ca))
         # In tmp_path: ``python -m`` puts the working directory first on sys.path.
         return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
