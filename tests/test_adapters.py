@@ -22,6 +22,7 @@ from flowserve.export.data import two_moons
 from flowserve.export.exporter.formats import export_onnx, graph_stats, load_exported
 from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.metadata import FlowMetadata, metadata_path
 from flowserve.server.client import FlowClient
 from flowserve.spec import triton_model_name
 
@@ -192,23 +193,27 @@ LIVE_FLOWS = {
     "nflows-maf": ("nflows_maf", False, 3),
     "nflows-spline-coupling": ("nflows_spline_coupling", False, 0),
 }
+# Flows also exported through export_model, whose graphs must equal the CLI's: one of each
+# library (each export takes 7 to 14 s here).
+SAME_GRAPHS_FROM_THE_API = ("zuko-maf", "nflows-maf")
 
 
-def exported_outputs(repository, name: str, x: np.ndarray, z: np.ndarray, context: np.ndarray | None):
-    """What the flow's two ONNX graphs in ``repository`` compute at ``x`` and ``z``."""
-    context = () if context is None else (context,)
+def exported_outputs(repository, name: str, x: np.ndarray, z: np.ndarray):
+    """What the two ONNX graphs of the unconditional flow ``name`` in ``repository`` compute
+    at ``x`` and ``z``."""
     runs = []
     for direction, points in (("density", x), ("generation", z)):
         graph = (repository / triton_model_name(name, direction) / "1" / "model.onnx").read_bytes()
-        runs += load_exported("onnx", graph)(points, *context)
+        runs += load_exported("onnx", graph)(points)
     return runs
 
 
 @pytest.mark.e2e
 def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tmp_path):
     """Five flows trained on moons for 200 steps, each exported through the CLI (from
-    library_flows.py and its saved weights) and through the Python API, which give the same
-    graphs; Triton and the gateway serve the CLI's. One flow takes a context (which moon)."""
+    library_flows.py and its saved weights); for one flow of each library, the Python API
+    gives the same graphs. Triton and the gateway serve the CLI's. One flow takes a context
+    (which moon)."""
     from flowserve import cli
 
     rows = two_moons(2000, seed=0)
@@ -228,13 +233,13 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
                          *(["--context", str(tmp_path / "sides.npy")] if conditional else []),
                          "--name", name, "--model-repository", str(tmp_path / "cli")])
         assert code == 0, name
-        meta = export_model(model, tmp_path / "api", name=name, example_data=rows[-200:],
-                            example_context=None if context is None else context[-200:])
+        meta = FlowMetadata.read(metadata_path(tmp_path / "cli", name))
         assert meta.graphs["generation"]["loops"] == autoregressive and meta.graphs["density"]["loops"] == 0
-        ones = None if context is None else np.ones((300, 1), np.float32)
-        for cli_run, api_run in zip(exported_outputs(tmp_path / "cli", name, rows[:300], noise, ones),
-                                    exported_outputs(tmp_path / "api", name, rows[:300], noise, ones), strict=True):
-            np.testing.assert_array_equal(cli_run, api_run, err_msg=name)
+        if name in SAME_GRAPHS_FROM_THE_API:
+            export_model(model, tmp_path / "api", name=name, example_data=rows[-200:])
+            for cli_run, api_run in zip(exported_outputs(tmp_path / "cli", name, rows[:300], noise),
+                                        exported_outputs(tmp_path / "api", name, rows[:300], noise), strict=True):
+                np.testing.assert_array_equal(cli_run, api_run, err_msg=name)
         models[name] = (model, context)
 
     served = {}

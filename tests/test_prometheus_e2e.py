@@ -5,7 +5,8 @@ Prometheus (the Debian package, installed by ``scripts/setup.sh --test``) listen
 127.0.0.1 only. Static labels stand in for the ``namespace`` and ``pod`` labels that the
 Prometheus Operator's PodMonitors add in a cluster. Two gateways share the session's Triton:
 ``gateway-cpu`` sees the machine as it is (no NVML), ``gateway-gpu`` imports the fake NVML
-in tests/fake_nvml (two 80 GiB GPUs), the one stand-in for hardware this machine lacks.
+in tests/fake_nvml (two 40 GiB GPUs, one nearly full), the one stand-in for hardware this
+machine lacks.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 
-from fake_nvml.pynvml import FakeNvml
+from fake_nvml.pynvml import GIB, MEMORY_ENV
 from flowserve.server.client import FlowClient
 from flowserve.server.launcher import free_port
 from monitoring_files import (
-    QUEUE_TIME_RULE, dashboard_queries, render_adapter_query, rules_by_name, write_rule_file,
+    QUEUE_TIME_RULE, dashboard_queries, render_adapter_query, write_rule_file,
 )
 
 from conftest import SMALL_CHUNKS, start_serve, stop_serve, wait_for_health
@@ -41,6 +42,8 @@ FAKE_NVML = Path(__file__).parent / "fake_nvml"
 SAMPLE_CALLS = 7
 SCORE_CALLS = 5
 GOOD_REQUESTS = 'flowserve_requests_total{pod="gateway-gpu", code="OK"}'
+# The GPU gateway's fake GPUs, (used, total) GiB: GPU 1 is above the 90% of FlowserveGpuMemoryHigh.
+GPU_MEMORY_GIB = ((3, 40), (37, 40))
 
 
 class Prometheus:
@@ -81,7 +84,8 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def gpu_gateway(live_server, repository, tmp_path_factory):
     """A second gateway on the session's Triton that reads the fake two-GPU NVML."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(FAKE_NVML), os.environ.get("PYTHONPATH")])))
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE_NVML), os.environ.get("PYTHONPATH")])),
+           MEMORY_ENV: ",".join(f"{used}/{total}" for used, total in GPU_MEMORY_GIB)}
     process, port, metrics_port = start_serve(
         repository, tmp_path_factory.mktemp("gpu-gateway"), "--triton-url", live_server.triton_grpc_url, env=env)
     target = f"127.0.0.1:{port}"
@@ -180,13 +184,15 @@ def test_prometheus_counts_every_gateway_request(prometheus, traffic):
 def test_prometheus_reads_gpu_memory_and_nvml_availability(prometheus):
     available = prometheus.query("flowserve_nvml_available")
     assert {dict(k)["pod"]: v for k, v in available.items()} == {"gateway-gpu": 1, "gateway-cpu": 0}
-    fake = FakeNvml()
     for metric, field in (("used", 0), ("total", 1)):
         memory = prometheus.query(f"flowserve_gpu_memory_{metric}_bytes")
         assert {(dict(k)["pod"], dict(k)["gpu"]): v for k, v in memory.items()} == {
-            ("gateway-gpu", str(gpu)): float(sizes[field]) for gpu, sizes in fake.memory.items()}
+            ("gateway-gpu", str(gpu)): sizes[field] * GIB for gpu, sizes in enumerate(GPU_MEMORY_GIB)}
     ratio = prometheus.wait_for("gpu:flowserve_gpu_memory_used:ratio", lambda r: len(r) == 2)
-    assert sorted(round(v, 4) for v in ratio.values()) == [round(1 / 80, 4), 0.75]
+    assert {dict(k)["gpu"]: v for k, v in ratio.items()} == {"0": 3 / 40, "1": 37 / 40}
+    # Above 90%, the alert is pending (it fires after 5 minutes) for GPU 1 alone.
+    pending = prometheus.wait_for('ALERTS{alertname="FlowserveGpuMemoryHigh"}', lambda r: len(r) > 0)
+    assert [(dict(k)["gpu"], dict(k)["alertstate"]) for k in pending] == [("1", "pending")]
 
 
 def test_prometheus_scrapes_triton_inference_counts(prometheus, traffic, live_server):
@@ -209,13 +215,35 @@ def test_prometheus_scrapes_triton_inference_counts(prometheus, traffic, live_se
     assert {dict(k)["model"] for k in result} >= {f"{SMALL_CHUNKS}-density", f"{SMALL_CHUNKS}-generation"}
 
 
-def test_hpa_signal_from_the_adapter_query_equals_the_recording_rule(prometheus, traffic):
-    recorded = prometheus.wait_for(f'{QUEUE_TIME_RULE}{{pod="triton-0"}}', lambda r: len(r) == 1)
-    assert all(math.isfinite(v) and v >= 0 for v in recorded.values())
+def test_hpa_signal_is_tritons_queue_time_per_request(prometheus, traffic):
+    """The adapter's query, with the label matchers prometheus-adapter adds for one pod, serves
+    the seconds Triton's requests waited in its queues over the window, per request: the
+    increase of Triton's queue-time counters over the increase of its request counters, summed
+    over the pod's models, as read from the raw samples. rate() extrapolates each series by at
+    most 1.1 scrape intervals at either end, which bounds how far the two may differ.
+    (tests/test_monitoring.py shows that the adapter's query is the recording rule's.)"""
+    prometheus.wait_for(f'{QUEUE_TIME_RULE}{{pod="triton-0"}}', lambda r: len(r) == 1)
     at = time.time()
     served = prometheus.query(render_adapter_query("namespace, pod", f'namespace="{NAMESPACE}",pod="triton-0"'), at)
-    direct = prometheus.query(rules_by_name()[QUEUE_TIME_RULE]["expr"], at)
-    assert served == direct and set(served) == {labels(pod="triton-0")}
+    assert set(served) == {labels(pod="triton-0")}
+
+    def increase(metric: str) -> tuple[float, float]:
+        """The increase of ``metric`` over the window, summed over models, and the
+        extrapolation's relative bound: 2.2 scrape intervals over the sampled span."""
+        data = prometheus.get("/api/v1/query", query=f'{metric}{{pod="triton-0"}}[2m]', time=at)
+        total, bound = 0.0, 0.0
+        for series in data["result"]:
+            times, values = zip(*((t, float(v)) for t, v in series["values"]), strict=True)
+            assert list(values) == sorted(values), "a counter reset"
+            total += values[-1] - values[0]
+            span = times[-1] - times[0]
+            bound = max(bound, 2.2 * span / (len(times) - 1) / span)
+        return total, bound
+
+    (queued_us, bound), (requests, _) = increase("nv_inference_queue_duration_us"), increase("nv_inference_request_success")
+    assert requests > 0
+    (value,) = served.values()
+    assert value == pytest.approx(queued_us / 1e6 / requests, rel=bound) and value > 0
 
 
 def test_every_dashboard_query_returns_data(prometheus, traffic):
