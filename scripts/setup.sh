@@ -15,6 +15,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$PYTHON" --version)"
   "$PYTHON" -m venv .venv
 fi
+# constraints.txt pins versions that have wheels for Python 3.11 and 3.12; the tests run on 3.11.
+if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))'; then
+  echo "setup: .venv has $(.venv/bin/python --version 2>&1); use Python 3.11 (tested) or 3.12:" \
+       "remove .venv and run PYTHON=python3.11 scripts/setup.sh" >&2
+  exit 1
+fi
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 pip_install --upgrade "pip>=25"
 # torch's CPU wheel first: left to itself, pip resolves a bare "torch" to a multi-GB CUDA build.

@@ -1,7 +1,9 @@
 """Per-flow health on an in-memory backend: probes, reloads of broken models, and what the
 gateway reports (gRPC health per flow, ListModels' ready, metrics).
 
-The same runs live in test_self_healing.py, where a stub process of Triton is killed.
+The same runs live in tests/test_e2e.py
+(``test_a_flow_whose_stub_is_killed_is_not_serving_then_serves_again_after_its_reload``),
+where a stub process of a real Triton is killed.
 """
 
 from __future__ import annotations
