@@ -623,8 +623,9 @@ def test_a_version_exported_into_a_running_serve_rolls_out_with_no_failed_reques
 def test_a_burst_of_five_times_the_capacity_gets_its_excess_refused_at_once(checkpoint, tmp_path):
     """benchmarks/burst.py on a flow exported with the default queue bounds: its capacity for
     Samples of 16384 rows (one Triton batch each) through the gateway, then five times that
-    offered for 1.5 s. (At 4096 rows the burst is about 700 calls/s here, and the benchmark's
-    own client then takes the CPU that the gateway needs to refuse calls at once.)"""
+    offered for 1.5 s. (At 4096 rows the burst is about 600 calls/s here, docs/performance.md,
+    and the benchmark's own client then takes the CPU that the gateway needs to refuse calls
+    at once.)"""
     export_flow(checkpoint, tmp_path / "repo", name="burst", progress=False, serving=ServingConfig(max_batch_size=16384))
     burst = Path(__file__).parent.parent / "benchmarks" / "burst.py"
     out = subprocess.run([sys.executable, str(burst), "--repository", str(tmp_path / "repo"), "--model", "burst",
