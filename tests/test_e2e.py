@@ -630,7 +630,8 @@ def test_a_burst_of_five_times_the_capacity_gets_its_excess_refused_at_once(chec
     burst = Path(__file__).parent.parent / "benchmarks" / "burst.py"
     out = subprocess.run([sys.executable, str(burst), "--repository", str(tmp_path / "repo"), "--model", "burst",
                           "--rows", "16384", "--seconds", "1.5", "--workdir", str(tmp_path), "--json"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=hermetic_env())
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=hermetic_env())
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout.splitlines()[-1])
     codes = figures["codes"]
