@@ -190,11 +190,11 @@ def test_run_quality_records_a_failure_and_goes_on(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# The commands, end to end (tiny step counts).
+# The commands, end to end, with few steps.
 
 
 # The fewest steps, as a fraction of each recipe's, at which every family beat the baseline
-# here: a tenth on moons and breast-cancer (13 s on 2 cores); on digits the IAF needed a
+# here: a tenth on moons and breast-cancer (10 to 13 s on 2 cores); on digits the IAF needed a
 # quarter (45 s).
 BRIEF_TRAINING = [("moons,breast-cancer", 0.1), ("digits", 0.25)]
 
