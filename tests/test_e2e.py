@@ -360,33 +360,32 @@ def test_health_and_reflection(live_server):
 
 
 def test_cli_sample_and_score(live_server, tmp_path, trained_flow):
+    def flowserve(command: str, *args: str) -> subprocess.CompletedProcess:
+        """``flowserve COMMAND --target <live gateway> ARGS`` in a process of its own."""
+        return subprocess.run([sys.executable, "-m", "flowserve.cli", command, "--target", live_server.target, *args],
+                              capture_output=True, text=True, timeout=120, env=hermetic_env())
+
     samples_path = tmp_path / "samples.npy"
-    run = [sys.executable, "-m", "flowserve.cli"]
-    target = ["--target", live_server.target]
-    out = subprocess.run([*run, "sample", *target, "--model", SMALL_CHUNKS, "-n", "300", "--seed", "0",
-                          "-o", str(samples_path)], capture_output=True, text=True, timeout=120, env=hermetic_env())
+    out = flowserve("sample", "--model", SMALL_CHUNKS, "-n", "300", "--seed", "0", "-o", str(samples_path))
     assert out.returncode == 0, out.stderr
     samples = np.load(samples_path)
     np.testing.assert_allclose(samples, expected_samples(trained_flow, 0, 300)[0], rtol=0, atol=1e-4)
 
     streamed_path = tmp_path / "streamed.npy"
-    out = subprocess.run([*run, "sample", *target, "--model", SMALL_CHUNKS, "-n", "300", "--seed", "0", "--stream",
-                          "-o", str(streamed_path)], capture_output=True, text=True, timeout=120, env=hermetic_env())
+    out = flowserve("sample", "--model", SMALL_CHUNKS, "-n", "300", "--seed", "0", "--stream", "-o", str(streamed_path))
     assert out.returncode == 0, out.stderr
     assert "300 samples from moons-small-chunks (seed 0), streamed" in out.stdout
     np.testing.assert_allclose(np.load(streamed_path), samples, rtol=0, atol=1e-6)
 
     scores_path = tmp_path / "scores.npy"
-    out = subprocess.run([*run, "score", *target, "--model", SMALL_CHUNKS, str(samples_path),
-                          "-o", str(scores_path)], capture_output=True, text=True, timeout=120, env=hermetic_env())
+    out = flowserve("score", "--model", SMALL_CHUNKS, str(samples_path), "-o", str(scores_path))
     assert out.returncode == 0, out.stderr
     assert "scored 300 rows" in out.stdout
     with torch.no_grad():
         expected = trained_flow.log_prob(torch.from_numpy(samples)).numpy()
     np.testing.assert_allclose(np.load(scores_path), expected, rtol=0, atol=1e-4)
 
-    out = subprocess.run([*run, "score", *target, "--model", "nope", str(samples_path)],
-                         capture_output=True, text=True, timeout=120, env=hermetic_env())
+    out = flowserve("score", "--model", "nope", str(samples_path))
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
 
 
