@@ -29,12 +29,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from flowserve.server.batching import EXPIRED_IN_QUEUE
-from flowserve.server.client import sample_request
-from flowserve.server.interceptor import RETRY_AFTER_KEY
-from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
 from gateway import CHANNEL_OPTIONS, MOONS, Served, closed_loop, prepare
+
+from flowserve.server.client import sample_request
+from flowserve.server.gateway.batching import EXPIRED_IN_QUEUE
+from flowserve.server.protocol.names import RETRY_AFTER_KEY
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
 
 
 async def offer(call, rate: float, seconds: float) -> list[tuple[str, float, int | None]]:

@@ -46,12 +46,12 @@ from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from flowserve.cli.build import export, train
 from flowserve.cli.serve import run_event_loop
+from flowserve.contract.metadata import SUFFIX
 from flowserve.export.exporter.triton_config import ServingConfig
-from flowserve.metadata import SUFFIX
-from flowserve.server.launcher import free_port
-from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
-from flowserve.server.tensors import MAX_MESSAGE_BYTES, encode
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.server.protocol.tensors import MAX_MESSAGE_BYTES, encode
+from flowserve.server.triton.launcher import free_port
 
 MOONS, UNBATCHED, DIGITS = "realnvp", "realnvp-unbatched", "realnvp-digits"
 COPIES = ("realnvp-2", "realnvp-3", "realnvp-4")

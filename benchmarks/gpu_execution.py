@@ -24,11 +24,11 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from flowserve.contract.spec import DIRECTIONS
 from flowserve.export.exporter.formats import export_onnx, export_torchscript
 from flowserve.export.exporter.graphs import example_inputs
 from flowserve.export.training import load_checkpoint
-from flowserve.server.metrics import GpuMemoryCollector
-from flowserve.spec import DIRECTIONS
+from flowserve.server.gateway.metrics import GpuMemoryCollector
 
 
 def median_ms(call, calls: int, synchronize) -> float:

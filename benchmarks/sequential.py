@@ -34,12 +34,12 @@ import onnxruntime as ort
 import torch
 
 from flowserve.cli.build import train
+from flowserve.contract.spec import DENSITY, GENERATION
 from flowserve.export.data import digits
 from flowserve.export.exporter.formats import export_onnx
 from flowserve.export.flows.autoregressive import use_cached_inverse
 from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.training import load_checkpoint
-from flowserve.spec import DENSITY, GENERATION
 
 BATCHES = (1, 64, 1024)
 CACHED_FROM = 256  # the served cached graph's minimum batch (the CLI's default)
@@ -134,10 +134,10 @@ def gateway_rates(model, heldout: np.ndarray, folder: Path, rounds: int) -> None
     far the samples of one seed lie from the D-step ones, and LogLikelihood and Sample rows/s."""
     from flowserve.export.exporter.pipeline import export_model
     from flowserve.export.exporter.triton_config import ServingConfig
-    from flowserve.server.app import Gateway, GatewayConfig
     from flowserve.server.client import FlowClient
-    from flowserve.server.launcher import TritonServer, free_port
-    from flowserve.server.triton import TritonBackend
+    from flowserve.server.gateway.app import Gateway, GatewayConfig
+    from flowserve.server.gateway.triton_backend import TritonBackend
+    from flowserve.server.triton.launcher import TritonServer, free_port
 
     repository = folder / "repository"
     with contextlib.redirect_stdout(sys.stderr):

@@ -3,5 +3,5 @@ sets (``data``), training and checkpoints (``training``), export to a Triton rep
 (``exporter``), the quality report (``quality``) and plots (``plots``).
 
 Nothing here is imported by the gateway; this package imports the contract
-(:mod:`flowserve.spec`, :mod:`flowserve.metadata`) and nothing else of flowserve.
+(:mod:`flowserve.contract.spec`, :mod:`flowserve.contract.metadata`) and nothing else of flowserve.
 """

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from flowserve.metadata import LOWER_BOUND
-from flowserve.spec import bits_per_dim
+from flowserve.contract.metadata import LOWER_BOUND
+from flowserve.contract.spec import bits_per_dim
 
 from .data import Dataset, load_dataset
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the Python gRPC stubs of server/proto/*.proto in place.
+"""Generate the Python gRPC stubs of server/protocol/proto/*.proto in place.
 
 Run after editing a .proto: ``python scripts/gen_proto.py``. The stubs are committed;
 tests/test_proto.py fails when they are out of date. Needs grpcio-tools (a test extra).
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-PROTO_DIR = Path(__file__).resolve().parent.parent / "server" / "proto"
+PROTO_DIR = Path(__file__).resolve().parent.parent / "server" / "protocol" / "proto"
 
 
 def generate(out_dir: Path = PROTO_DIR) -> list[Path]:

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
+from flowserve.contract.spec import DENSITY, GENERATION
 from flowserve.export.exporter.formats import EXPORTERS, graph_stats, load_exported
 from flowserve.export.flows.registry import build_flow
-from flowserve.spec import DENSITY, GENERATION
 
 
 def measure(family: str, direction: str, dim: int, layers: int, fmt: str) -> dict:

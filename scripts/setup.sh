@@ -56,7 +56,7 @@ fi
 # Triton's Python stub links against libpython3.X, which some Python installs lack.
 stub_libs="$(.venv/bin/python - <<'PY'
 import subprocess
-from flowserve.server.launcher import TritonInstallation
+from flowserve.server.triton.launcher import TritonInstallation
 install = TritonInstallation.find()
 env = install.environment()
 print(subprocess.run(["ldd", str(install.stub)], env=env, capture_output=True, text=True).stdout)

@@ -1,2 +1,3 @@
-"""The runtime: the asyncio gRPC gateway in front of Triton, its client, launcher and
-metrics, and the Triton runner (``runner/model.py``). Imports the contract, never torch."""
+"""The runtime, cut along its processes: ``protocol`` (what both sides of the wire share),
+``gateway``, ``client`` and ``triton`` (the launcher, and the runner inside Triton). Only the
+CLI crosses between the last three. Nothing here imports torch."""

@@ -25,16 +25,16 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowserve import cli
+from flowserve.contract.spec import DirectionSpec
 from flowserve.export.data import train_test_split, two_moons
 from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.training import load_checkpoint
-from flowserve.server.backend import QueuePolicy
-from flowserve.server.domain import BackendUnavailable
-from flowserve.server.launcher import free_port
-from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
-from flowserve.spec import DirectionSpec
+from flowserve.server.gateway.backend import QueuePolicy
+from flowserve.server.protocol.errors import BackendUnavailable
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.server.triton.launcher import free_port
 
 # Two flows with the same weights whose Triton models batch differently, so the gateway
 # splits the same request into chunks of different sizes.
@@ -232,7 +232,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 class InMemoryBackend:
-    """A :class:`flowserve.server.backend.Backend` standing in for Triton.
+    """A :class:`flowserve.server.gateway.backend.Backend` standing in for Triton.
 
     Each call answers ``answer(spec, inputs)`` and is recorded as ``(model, spec, inputs)``
     with its timeout in ``timeouts``. Calls sleep ``delay`` seconds (a callable gets the

@@ -4,17 +4,22 @@ library's own."""
 
 from __future__ import annotations
 
+import library_flows
 import numpy as np
 import pytest
 import torch
 import zuko
+from conftest import add_weight_noise, start_serve, stop_serve, wait_for_health
 from grpc_health.v1 import health_pb2
+from library_flows import nflows_maf, nflows_spline_coupling
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow as NflowsBase
 from nflows.nn.nets import ResidualNet
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 
+from flowserve.contract.metadata import FlowMetadata, metadata_path
+from flowserve.contract.spec import triton_model_name
 from flowserve.export.adapters.builder import wrap
 from flowserve.export.adapters.nflows import NflowsFlow
 from flowserve.export.adapters.zuko import ZukoFlow
@@ -22,13 +27,7 @@ from flowserve.export.data import two_moons
 from flowserve.export.exporter.formats import export_onnx, graph_stats, load_exported
 from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import ServingConfig
-from flowserve.metadata import FlowMetadata, metadata_path
 from flowserve.server.client import FlowClient
-from flowserve.spec import triton_model_name
-
-import library_flows
-from conftest import add_weight_noise, start_serve, stop_serve, wait_for_health
-from library_flows import nflows_maf, nflows_spline_coupling
 
 # name: (builder, features, context, autoregressive transforms)
 ZUKO_FLOWS = {

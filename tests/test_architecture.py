@@ -12,28 +12,55 @@ import re
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import hermetic_env
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from conftest import hermetic_env
-
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_SIDE = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm", "zuko", "nflows", "flowserve.export")
+CONTRACT, CLI, EXPORT = "flowserve.contract", "flowserve.cli", "flowserve.export"
+PROTOCOL, GATEWAY, CLIENT, TRITON = (f"flowserve.server.{room}" for room in ("protocol", "gateway", "client", "triton"))
+
+
+@dataclass(frozen=True)
+class Room:
+    """A folder of the house: the rooms of flowserve its files may import, and whether they
+    may import the torch side (TORCH_SIDE) always, only inside functions, or never."""
+
+    may_import: tuple[str, ...]
+    torch_side: str = "never"  # "always", "in functions", "never"
+
+
+# The folder a file sits in names its room; the deepest folder listed wins. See docs/architecture.md.
+ROOMS = {
+    "flowserve": Room(()),
+    "flowserve/contract": Room((CONTRACT,)),
+    "flowserve/cli": Room((CONTRACT, CLI, EXPORT, PROTOCOL, GATEWAY, CLIENT, TRITON), torch_side="in functions"),
+    "export": Room((CONTRACT, EXPORT), torch_side="always"),
+    "server": Room(()),
+    "server/protocol": Room((CONTRACT, PROTOCOL)),
+    "server/gateway": Room((CONTRACT, PROTOCOL, GATEWAY)),
+    "server/client": Room((CONTRACT, PROTOCOL, CLIENT)),
+    "server/triton": Room((CONTRACT, TRITON)),
+    # Triton loads the runner on its own, from its backend directory; it imports torch for TorchScript models.
+    "server/triton/runner": Room((), torch_side="always"),
+}
 # The torch-free name registries of the torch side, which the CLI's parser reads: these
 # modules (and their packages) must import nothing heavy, since every command loads them.
-NAME_REGISTRIES = ("flowserve.export.flows.registry", "flowserve.export.data")
 NAME_REGISTRY_FILES = [ROOT / "export" / "__init__.py", ROOT / "export" / "flows" / "__init__.py",
                        ROOT / "export" / "flows" / "registry.py", ROOT / "export" / "data.py"]
-CLI = ROOT / "flowserve" / "cli"
-TORCH_SIDE_COMMANDS = (CLI / "build.py", CLI / "demo.py")
 # Distributions the gateway image must not carry.
 NOT_IN_THE_GATEWAY = {"torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "nvidia-pytriton",
                       "scikit-learn", "matplotlib", "zuko", "nflows"}
 GATEWAY_REQUIREMENTS = ROOT / "deploy" / "docker" / "gateway-requirements.txt"
+# The rooms the gateway image runs: all but the torch side (an extra) and the runner (Triton runs it).
+GATEWAY_IMAGE_ROOMS = ("flowserve", "flowserve/contract", "flowserve/cli", "server", "server/protocol",
+                       "server/gateway", "server/client", "server/triton")
 
 
 def imports(path: Path) -> list[tuple[str, bool]]:
@@ -70,8 +97,21 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def room_of(path: Path) -> str:
+    """The deepest folder of ROOMS that holds ``path``."""
+    folder = path.parent.relative_to(ROOT).as_posix()
+    while folder not in ROOMS:
+        assert "/" in folder, f"{path} is in no room of ROOMS"
+        folder = folder.rpartition("/")[0]
+    return folder
+
+
 def sources(*folders: str) -> list[Path]:
     return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def files_of(rooms) -> list[Path]:
+    return [p for p in sources("flowserve", "export", "server") if room_of(p) in rooms]
 
 
 def is_under(module: str, prefixes) -> bool:
@@ -80,27 +120,27 @@ def is_under(module: str, prefixes) -> bool:
 
 def test_relative_imports_resolve_to_the_installed_names():
     assert ("flowserve.export.flows.base", True) in imports(ROOT / "export" / "flows" / "vae.py")
-    assert ("flowserve.server.backend", True) in imports(ROOT / "server" / "service.py")
+    assert ("flowserve.server.gateway.backend", True) in imports(ROOT / "server" / "gateway" / "service.py")
     assert ("flowserve.cli.parser", True) in imports(ROOT / "flowserve" / "cli" / "__init__.py")
 
 
-RUNNER = ROOT / "server" / "runner" / "model.py"
+def test_every_source_file_sits_in_a_room():
+    assert {room_of(p) for p in sources("flowserve", "export", "server")} == set(ROOMS)
 
 
-@pytest.mark.parametrize("path", [p for p in sources("flowserve", "server") if p != RUNNER],
-                         ids=lambda p: str(p.relative_to(ROOT)))
-def test_the_contract_and_the_runtime_do_not_import_the_torch_side(path):
-    """Only the torch-side commands may import the torch side, and only inside a function;
-    the parser may read the name registries, inside a function. (The runner runs inside
-    Triton, not in the gateway: it imports torch for TorchScript models.)"""
-    def allowed(name: str, module_level: bool) -> bool:
-        if module_level:
-            return False
-        return path in TORCH_SIDE_COMMANDS or (path == CLI / "parser.py" and name in NAME_REGISTRIES)
-
-    offending = [name for name, module_level in imports(path)
-                 if is_under(name, TORCH_SIDE) and not allowed(name, module_level)]
-    assert offending == []
+@pytest.mark.parametrize("path", sources("flowserve", "export", "server"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_each_file_imports_only_what_its_room_may(path):
+    """Of flowserve, only the rooms its folder lists; of the torch side, only what its
+    folder allows (the CLI inside the functions of the commands that need it)."""
+    room = ROOMS[room_of(path)]
+    found = imports(path)
+    crossing = [name for name, _ in found
+                if is_under(name, ["flowserve"]) and name != "flowserve" and not is_under(name, room.may_import)]
+    assert crossing == []
+    if room.torch_side != "always":
+        heavy = [name for name, module_level in found if is_under(name, TORCH_SIDE)
+                 and (room.torch_side == "never" or module_level)]
+        assert heavy == []
 
 
 @pytest.mark.parametrize("path", NAME_REGISTRY_FILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -118,24 +158,10 @@ def test_building_the_parser_loads_no_torch_side_package():
     assert result.stdout.strip() == "[]"
 
 
-def test_the_runner_imports_nothing_of_flowserve():
-    """Triton loads the runner on its own, from its backend directory."""
-    names = [name for name, _ in imports(RUNNER)]
-    assert "triton_python_backend_utils" in names
-    assert not [name for name in names if is_under(name, ["flowserve"])]
-
-
-@pytest.mark.parametrize("path", sources("export"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_the_torch_side_imports_only_the_contract_of_flowserve(path):
-    names = [name for name, _ in imports(path) if is_under(name, ["flowserve"])]
-    allowed = ["flowserve.export", "flowserve.spec", "flowserve.metadata"]
-    assert [name for name in names if not is_under(name, allowed) and name != "flowserve"] == []
-
-
-@pytest.mark.parametrize("path", [ROOT / "flowserve" / "spec.py", ROOT / "flowserve" / "metadata.py"])
+@pytest.mark.parametrize("path", sources("flowserve/contract"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_contract_imports_only_the_standard_library_and_itself(path):
     names = [name for name, _ in imports(path)]
-    assert [name for name in names if not is_under(name, ["flowserve.spec"])
+    assert [name for name in names if not is_under(name, [CONTRACT])
             and name.split(".")[0] not in sys.stdlib_module_names] == []
 
 
@@ -160,12 +186,11 @@ def gateway_requirements() -> dict[str, Requirement]:
 
 
 def gateway_modules() -> set[str]:
-    """Top-level third-party modules the gateway image runs: everything under flowserve/
-    and server/ but the torch-side commands (train, export, quality, plot, demo), the
-    runner (Triton runs it) and the embedded Triton of ``serve`` without ``--triton-url``;
-    plus what loading the name registries that the parser reads imports."""
-    paths = [p for p in sources("flowserve", "server") if p not in TORCH_SIDE_COMMANDS and p != RUNNER]
-    names = {name.split(".")[0] for path in paths for name, _ in imports(path)} - {"pytriton"}
+    """Top-level third-party modules the gateway image runs: those its rooms import (the CLI
+    reaches the torch side only in commands that need the ``export`` extra), plus what loading
+    the name registries that the parser reads imports."""
+    names = {name.split(".")[0] for path in files_of(GATEWAY_IMAGE_ROOMS) for name, _ in imports(path)
+             if not is_under(name, TORCH_SIDE)}
     names |= {name.split(".")[0] for path in NAME_REGISTRY_FILES for name, module_level in imports(path)
               if module_level}
     return {name for name in names if name in providers() and name != "flowserve"}

@@ -22,24 +22,25 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from conftest import InMemoryBackend, hermetic_env
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from flowserve import cli
-from flowserve.server.app import Gateway, GatewayConfig
-from flowserve.server.auth import accepted_tokens, read_tokens
-from flowserve.server.client import FlowClient
-from flowserve.server.launcher import free_port
-from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.server.tls import ClientTLS, ServerTLS
-
-from conftest import InMemoryBackend, hermetic_env
 from test_deploy import TLS_FILES, build_with_components, gateway_container
 from test_gateway_context import UNCONDITIONAL, fake_answer, write_metadata
+
+from flowserve import cli
+from flowserve.server.client import FlowClient
+from flowserve.server.gateway.app import Gateway, GatewayConfig
+from flowserve.server.gateway.auth import accepted_tokens
+from flowserve.server.gateway.tls import ServerTLS
+from flowserve.server.protocol.auth import read_tokens
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.protocol.tls import ClientTLS
+from flowserve.server.triton.launcher import free_port
 
 TOKEN = "s3cr3t-Token_for.tests~1+2/3=="
 OTHER_TOKEN = "an0ther-token"

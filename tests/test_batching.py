@@ -11,18 +11,17 @@ import time
 import grpc
 import numpy as np
 import pytest
-
-from flowserve.metadata import FlowMetadata
-from flowserve.server.app import Gateway, GatewayConfig
-from flowserve.server.backend import QueuePolicy
-from flowserve.server.batching import EXPIRED_IN_QUEUE, BatchingBackend
-from flowserve.server.domain import BackendError, DeadlineExceeded, ResourceExhausted
-from flowserve.server.client import sample_request
-from flowserve.server.launcher import free_port
-from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
-from flowserve.spec import DENSITY, DIRECTIONS, direction_spec, triton_model_name
-
 from conftest import InMemoryBackend
+
+from flowserve.contract.metadata import FlowMetadata
+from flowserve.contract.spec import DENSITY, DIRECTIONS, direction_spec, triton_model_name
+from flowserve.server.client import sample_request
+from flowserve.server.gateway.app import Gateway, GatewayConfig
+from flowserve.server.gateway.backend import QueuePolicy
+from flowserve.server.gateway.batching import EXPIRED_IN_QUEUE, BatchingBackend
+from flowserve.server.protocol.errors import BackendError, DeadlineExceeded, ResourceExhausted
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.server.triton.launcher import free_port
 
 SPEC = direction_spec(DENSITY, 2)
 

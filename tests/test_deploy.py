@@ -304,10 +304,10 @@ def test_images_copy_only_what_the_dockerignore_admits():
 
 
 def test_triton_image_installs_the_runner_where_triton_looks_for_it():
-    from flowserve.spec import RUNNER_BACKEND
+    from flowserve.contract.spec import RUNNER_BACKEND
 
     text = (DEPLOY / "docker" / "triton.Dockerfile").read_text()
-    assert f"COPY server/runner/model.py /opt/tritonserver/backends/{RUNNER_BACKEND}/model.py" in text
+    assert f"COPY server/triton/runner/model.py /opt/tritonserver/backends/{RUNNER_BACKEND}/model.py" in text
 
 
 def test_overlays_use_the_images_the_dockerfiles_build(built):

@@ -22,23 +22,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client.parser import text_string_to_metric_families
-
-from flowserve.export.exporter.pipeline import export_flow, export_model
-from flowserve.export.exporter.triton_config import ServingConfig
-from flowserve.server.client import FlowClient, flow_health_service
-from flowserve.server.domain import DeadlineExceeded, ResourceExhausted, SampleQuery
-from flowserve.server.catalog import ModelCatalog
-from flowserve.server.service import FlowService, GatewayLimits
-from flowserve.server.tensors import encode
-from flowserve.server.backend import QueuePolicy
-from flowserve.server.triton import TritonBackend
-from flowserve.server.launcher import free_port
-from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.spec import GENERATION, triton_model_name
-
 from conftest import (
     LARGE_CHUNKS,
     MAX_ROWS_PER_REQUEST,
@@ -52,6 +35,24 @@ from conftest import (
     stop_serve,
     wait_for_health,
 )
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
+
+from flowserve.contract.spec import GENERATION, triton_model_name
+from flowserve.export.exporter.pipeline import export_flow, export_model
+from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.server.client import FlowClient
+from flowserve.server.gateway.backend import QueuePolicy
+from flowserve.server.gateway.catalog import ModelCatalog
+from flowserve.server.gateway.domain import SampleQuery
+from flowserve.server.gateway.service import FlowService, GatewayLimits
+from flowserve.server.gateway.triton_backend import TritonBackend
+from flowserve.server.protocol.errors import DeadlineExceeded, ResourceExhausted
+from flowserve.server.protocol.names import flow_health_service
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.protocol.tensors import encode
+from flowserve.server.triton.launcher import free_port
 
 pytestmark = pytest.mark.e2e
 

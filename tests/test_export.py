@@ -18,19 +18,25 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import LARGE_CHUNKS, SMALL_BATCH, SMALL_CHUNKS
 from torch import nn
 
 from flowserve import cli
+from flowserve.contract.metadata import FlowMetadata, read_all
+from flowserve.contract.spec import (
+    DENSITY,
+    DIRECTIONS,
+    GENERATION,
+    QUEUE_SIZE_PARAMETER,
+    QUEUE_TIMEOUT_PARAMETER,
+    direction_spec,
+)
 from flowserve.export.data import breast_cancer
 from flowserve.export.exporter import formats
 from flowserve.export.exporter.formats import export_onnx
 from flowserve.export.exporter.parity import ExportParityError, check_parity, parity_inputs, scaled_gap
 from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import parse_config_text
-from flowserve.metadata import FlowMetadata, read_all
-from flowserve.spec import DENSITY, DIRECTIONS, GENERATION, QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER, direction_spec
-
-from conftest import LARGE_CHUNKS, SMALL_BATCH, SMALL_CHUNKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +200,7 @@ def load_runner(monkeypatch):
     """The Triton runner module, loaded from its file as Triton's stub loads it, beside a
     stand-in for the stub's own ``triton_python_backend_utils``."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    spec = importlib.util.spec_from_file_location("flowserve_runner", ROOT / "server" / "runner" / "model.py")
+    spec = importlib.util.spec_from_file_location("flowserve_runner", ROOT / "server" / "triton" / "runner" / "model.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
     return runner

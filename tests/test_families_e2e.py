@@ -14,19 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import set_early_exit, start_serve, stop_serve, wait_for_health
 from grpc_health.v1 import health_pb2
 
+from flowserve.contract.spec import GENERATION
 from flowserve.export.data import load_dataset
 from flowserve.export.exporter.formats import export_onnx, load_exported
 from flowserve.export.exporter.pipeline import export_flow
-from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, default_flow_config
 from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, default_flow_config
 from flowserve.export.training import TrainConfig, load_checkpoint, save_checkpoint, train_flow
 from flowserve.server.client import FlowClient
-from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.spec import GENERATION
-
-from conftest import set_early_exit, start_serve, stop_serve, wait_for_health
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
 
 
 @dataclass(frozen=True)

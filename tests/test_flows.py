@@ -15,8 +15,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import add_weight_noise, set_early_exit
 
 from flowserve import cli
+from flowserve.contract.spec import DENSITY, GENERATION, triton_model_name
 from flowserve.export.data import DATASETS, Dataset, train_test_split, two_moons
 from flowserve.export.exporter.formats import EXPORTERS, export_onnx, graph_stats, load_exported
 from flowserve.export.exporter.graphs import GRAPHS
@@ -31,9 +33,6 @@ from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, family_cla
 from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.quality import gaussian_baseline
 from flowserve.export.training import TrainConfig, load_checkpoint, mean_log_prob, save_checkpoint, train_flow
-from flowserve.spec import DENSITY, GENERATION, triton_model_name
-
-from conftest import add_weight_noise, set_early_exit
 
 STANDARDIZE_3D = {"kind": "standardize", "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 1.0]}
 PIXELS = {"kind": "dequantize", "levels": 17}

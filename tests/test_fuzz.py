@@ -15,17 +15,16 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from conftest import InMemoryBackend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from flowserve.server.app import Gateway, GatewayConfig
-from flowserve.server.client import FlowClient, sample_request
-from flowserve.server.launcher import free_port
-from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.server.service import GatewayLimits
-
-from conftest import InMemoryBackend
 from test_gateway_context import CONDITIONAL, UNCONDITIONAL, fake_answer, fake_generation, write_metadata
+
+from flowserve.server.client import FlowClient, sample_request
+from flowserve.server.gateway.app import Gateway, GatewayConfig
+from flowserve.server.gateway.service import GatewayLimits
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.triton.launcher import free_port
 
 EXAMPLES = int(os.environ.get("FLOWSERVE_FUZZ_EXAMPLES", "2000"))
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

@@ -16,27 +16,25 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import SMALL_CHUNKS, InMemoryBackend
 
-from flowserve.metadata import SCHEMA_VERSION, FlowMetadata, metadata_path
-from flowserve.server.app import Gateway, GatewayConfig
-from flowserve.server.catalog import ModelCatalog
+from flowserve.contract.metadata import SCHEMA_VERSION, FlowMetadata, metadata_path
+from flowserve.contract.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, direction_spec, triton_model_name
 from flowserve.server.client import FlowClient
-from flowserve.server.domain import (
+from flowserve.server.gateway.app import Gateway, GatewayConfig
+from flowserve.server.gateway.catalog import ModelCatalog
+from flowserve.server.gateway.domain import LogLikelihoodQuery, SampleQuery
+from flowserve.server.gateway.service import FlowService, GatewayLimits
+from flowserve.server.protocol.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
     InvalidArgument,
-    LogLikelihoodQuery,
     ResourceExhausted,
-    SampleQuery,
 )
-from flowserve.server.launcher import free_port
-from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.server.service import FlowService, GatewayLimits
-from flowserve.server.tensors import encode
-from flowserve.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, direction_spec, triton_model_name
-
-from conftest import SMALL_CHUNKS, InMemoryBackend
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.protocol.tensors import encode
+from flowserve.server.triton.launcher import free_port
 
 CONDITIONAL = "digits-cond"
 UNCONDITIONAL = "digits-plain"
@@ -403,7 +401,7 @@ class RecordingTritonStub:
 ])
 def test_triton_tensor_names_follow_the_models_config(config_names, wire_inputs, wire_outputs):
     """Triton's PyTorch backend names tensors by position; the gateway maps them back."""
-    from flowserve.server.triton import TritonBackend
+    from flowserve.server.gateway.triton_backend import TritonBackend
 
     backend = TritonBackend.__new__(TritonBackend)
     backend._stub, backend._configs = RecordingTritonStub(config_names), {}
@@ -456,7 +454,7 @@ def test_pixel_values_outside_the_support_are_rejected(conditional_repository, s
     ("UNAVAILABLE", "Request timeout expired", ResourceExhausted, "queue for 'm' is full: Request timeout expired"),
 ])
 def test_triton_errors_are_mapped_by_status_code(status, message, error, text):
-    from flowserve.server.triton import translate_error
+    from flowserve.server.gateway.triton_backend import translate_error
 
     translated = translate_error(getattr(grpc.StatusCode, status), message, "m")
     assert type(translated) is error and text in str(translated)

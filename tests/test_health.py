@@ -13,22 +13,21 @@ import dataclasses
 
 import grpc
 import numpy as np
+from conftest import InMemoryBackend
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowserve import cli
-from flowserve.metadata import FlowMetadata
-from flowserve.server.app import Gateway, GatewayConfig
-from flowserve.server.catalog import ModelCatalog
-from flowserve.server.client import flow_health_service
-from flowserve.server.domain import DeadlineExceeded
-from flowserve.server.health import FlowHealth
-from flowserve.server.launcher import free_port
-from flowserve.server.metrics import GatewayMetrics
-from flowserve.server.proto import flowserve_pb2 as pb
-from flowserve.server.proto import flowserve_pb2_grpc as pb_grpc
-from flowserve.spec import DIRECTIONS, GENERATION, triton_model_name
-
-from conftest import InMemoryBackend
+from flowserve.contract.metadata import FlowMetadata
+from flowserve.contract.spec import DIRECTIONS, GENERATION, triton_model_name
+from flowserve.server.gateway.app import Gateway, GatewayConfig
+from flowserve.server.gateway.catalog import ModelCatalog
+from flowserve.server.gateway.health import FlowHealth
+from flowserve.server.gateway.metrics import GatewayMetrics
+from flowserve.server.protocol.errors import DeadlineExceeded
+from flowserve.server.protocol.names import flow_health_service
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.server.triton.launcher import free_port
 
 FLOWS = ("left", "right")
 

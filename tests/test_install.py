@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_CHUNKS, expected_samples, hermetic_env, start_serve, stop_serve, wait_for_health
 from grpc_health.v1 import health_pb2
 
+from flowserve.contract.metadata import FlowMetadata, metadata_path
 from flowserve.export.data import two_moons
-from flowserve.metadata import FlowMetadata, metadata_path
 from flowserve.server.client import FlowClient
-
-from conftest import SMALL_CHUNKS, expected_samples, hermetic_env, start_serve, stop_serve, wait_for_health
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the wheel is built from: the same sources the gateway image copies.
@@ -107,7 +106,7 @@ def test_the_wheel_holds_every_file_of_the_source_tree(wheel):
     with zipfile.ZipFile(wheel) as archive:
         packaged = {name for name in archive.namelist() if ".dist-info/" not in name}
     expected = installed_files()
-    assert "flowserve/export/adapters/zuko.py" in expected and "flowserve/server/proto/flowserve.proto" in expected
+    assert "flowserve/export/adapters/zuko.py" in expected and "flowserve/server/protocol/proto/flowserve.proto" in expected
     missing = sorted(expected - packaged)
     assert not missing, f"the wheel lacks {missing}: list their packages (or data files) in pyproject.toml"
     assert sorted(packaged - expected) == []

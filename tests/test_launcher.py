@@ -10,17 +10,16 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import processes_mentioning
 
-from flowserve.spec import RUNNER_BACKEND
-from flowserve.server.launcher import (
+from flowserve.contract.spec import RUNNER_BACKEND
+from flowserve.server.triton.launcher import (
     TritonGaveUp,
     TritonInstallation,
     TritonLaunchError,
     TritonServer,
     TritonSupervisor,
 )
-
-from conftest import processes_mentioning
 
 
 def test_environment_puts_wheel_libraries_and_this_python_first():

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from flowserve.metadata import SCHEMA_VERSION, FlowMetadata, metadata_path, read_all
-from flowserve.spec import DENSITY, GENERATION
+from flowserve.contract.metadata import SCHEMA_VERSION, FlowMetadata, metadata_path, read_all
+from flowserve.contract.spec import DENSITY, GENERATION
 
 MODELS = {DENSITY: "f-density", GENERATION: "f-generation"}
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pynvml
+from fake_nvml.pynvml import GIB, GPU_NAME, FakeNvml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fake_nvml.pynvml import GIB, GPU_NAME, FakeNvml
-
-from flowserve.server.metrics import GatewayMetrics
+from flowserve.server.gateway.metrics import GatewayMetrics
 
 
 def scrape(metrics: GatewayMetrics) -> dict[tuple[str, tuple], float]:

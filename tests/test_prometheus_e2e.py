@@ -24,16 +24,18 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2
-
+from conftest import SMALL_CHUNKS, start_serve, stop_serve, wait_for_health
 from fake_nvml.pynvml import GIB, MEMORY_ENV
-from flowserve.server.client import FlowClient
-from flowserve.server.launcher import free_port
+from grpc_health.v1 import health_pb2
 from monitoring_files import (
-    QUEUE_TIME_RULE, dashboard_queries, render_adapter_query, write_rule_file,
+    QUEUE_TIME_RULE,
+    dashboard_queries,
+    render_adapter_query,
+    write_rule_file,
 )
 
-from conftest import SMALL_CHUNKS, start_serve, stop_serve, wait_for_health
+from flowserve.server.client import FlowClient
+from flowserve.server.triton.launcher import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowserve.server import tensors
-from flowserve.server.proto import flowserve_pb2 as pb
+from flowserve.server.protocol import tensors
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def test_committed_stubs_are_up_to_date(tmp_path):
     written = gen_proto.generate(tmp_path)
     assert len(written) == 3
     for fresh in written:
-        committed = ROOT / "server" / "proto" / fresh.name
+        committed = ROOT / "server" / "protocol" / "proto" / fresh.name
         assert committed.read_text() == fresh.read_text(), f"{committed.name} is stale: run scripts/gen_proto.py"
 
 

@@ -6,14 +6,21 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from flowserve.contract.spec import (
+    DENSITY,
+    DIRECTIONS,
+    GENERATION,
+    QUEUE_SIZE_PARAMETER,
+    QUEUE_TIMEOUT_PARAMETER,
+    RUNNER_BACKEND,
+    direction_spec,
+)
 from flowserve.export.exporter.triton_config import (
     ServingConfig,
     build_model_config,
     config_text,
     parse_config_text,
 )
-from flowserve.spec import (DENSITY, DIRECTIONS, GENERATION, QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER,
-                            RUNNER_BACKEND, direction_spec)
 
 FLAVOURS = {
     "python-cpu": ServingConfig(),

@@ -10,14 +10,14 @@ import asyncio
 
 import numpy as np
 import pytest
-
-from flowserve.metadata import FlowMetadata
-from flowserve.server.catalog import ModelCatalog
-from flowserve.server.domain import BackendError, DeadlineExceeded, LogLikelihoodQuery, ResourceExhausted, SampleQuery
-from flowserve.server.service import FlowService, GatewayLimits
-from flowserve.spec import DENSITY, DIRECTIONS, triton_model_name
-
 from conftest import InMemoryBackend
+
+from flowserve.contract.metadata import FlowMetadata
+from flowserve.contract.spec import DENSITY, DIRECTIONS, triton_model_name
+from flowserve.server.gateway.catalog import ModelCatalog
+from flowserve.server.gateway.domain import LogLikelihoodQuery, SampleQuery
+from flowserve.server.gateway.service import FlowService, GatewayLimits
+from flowserve.server.protocol.errors import BackendError, DeadlineExceeded, ResourceExhausted
 
 FLOW = "plain"
 DIM = 2

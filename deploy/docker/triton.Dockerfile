@@ -13,7 +13,7 @@ COPY deploy/docker/triton-runner-requirements.txt /tmp/runner-requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m pip install --requirement /tmp/runner-requirements.txt
 
-COPY server/runner/model.py /opt/tritonserver/backends/flowserve_runner/model.py
+COPY server/triton/runner/model.py /opt/tritonserver/backends/flowserve_runner/model.py
 COPY --chown=triton-server:triton-server model_repository /models
 
 USER triton-server

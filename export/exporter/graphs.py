@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from flowserve.spec import DENSITY, GENERATION, DirectionSpec, direction_spec
+from flowserve.contract.spec import DENSITY, GENERATION, DirectionSpec, direction_spec
 
 from ..flows.base import ServableModel
 

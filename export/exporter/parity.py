@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flowserve.spec import DENSITY, GENERATION
+from flowserve.contract.spec import DENSITY, GENERATION
 
 from ..flows.base import Flow, ServableModel
 from .formats import load_exported

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from flowserve import __version__
-from flowserve.metadata import EXACT, FlowMetadata
-from flowserve.spec import DIRECTIONS, triton_model_name, validate_flow_name
+from flowserve.contract.metadata import EXACT, FlowMetadata
+from flowserve.contract.spec import DIRECTIONS, triton_model_name, validate_flow_name
 
 from ..data import summarize
 from ..flows.autoregressive import use_cached_inverse

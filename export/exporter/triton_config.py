@@ -21,7 +21,13 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowserve.spec import QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER, RUNNER_BACKEND, DirectionSpec, TensorSpec
+from flowserve.contract.spec import (
+    QUEUE_SIZE_PARAMETER,
+    QUEUE_TIMEOUT_PARAMETER,
+    RUNNER_BACKEND,
+    DirectionSpec,
+    TensorSpec,
+)
 
 BACKENDS = {"python": RUNNER_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
 NATIVE_BACKEND_FORMAT = {"onnxruntime": "onnx", "pytorch": "torchscript"}
@@ -39,7 +45,7 @@ class ServingConfig:
     backend: str = "python"
     format: str = "onnx"
     # 4096 rows: a large request is one call on Triton, not four. No queue delay: the gateway
-    # merges concurrent requests itself without a timer (``server/batching.py``), and Triton
+    # merges concurrent requests itself without a timer (``server/gateway/batching.py``), and Triton
     # still batches whatever queues up while an instance is busy.
     max_batch_size: int = 4096
     max_queue_delay_us: int = 0

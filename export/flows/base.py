@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from flowserve.metadata import EXACT
+from flowserve.contract.metadata import EXACT
 
 from .transforms import ComposedTransform, InvertibleLinearLU, PixelLogit, Standardize
 
@@ -100,7 +100,7 @@ class DensityModel(nn.Module):
     """The base of flowserve's families: a :class:`ServableModel` with a plain config.
 
     Subclasses set ``family`` and ``log_likelihood`` (``EXACT`` or ``LOWER_BOUND`` of
-    :mod:`flowserve.metadata`),
+    :mod:`flowserve.contract.metadata`),
     implement :meth:`log_prob`, :meth:`sample_with_log_prob` and :meth:`options`.
     """
 

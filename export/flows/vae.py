@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flowserve.metadata import LOWER_BOUND
+from flowserve.contract.metadata import LOWER_BOUND
 
 from .base import LOG_2PI, DensityModel, standard_normal_log_prob, widths, with_preprocessing
 from .nets import MLP

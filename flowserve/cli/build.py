@@ -12,7 +12,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flowserve.metadata import FlowMetadata
+from flowserve.contract.metadata import FlowMetadata
 
 EXPORT_EXTRA_MODULES = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib", "tqdm")
 

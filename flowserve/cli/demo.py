@@ -15,9 +15,9 @@ def demo_command(args) -> None:
     """Train, export, serve on free ports, sample and score through the gateway, then stop."""
     require_export_extra("demo")
     from flowserve.export.data import two_moons
-    from flowserve.server.app import Gateway, GatewayConfig
-    from flowserve.server.launcher import TritonServer, free_port
-    from flowserve.server.triton import TritonBackend
+    from flowserve.server.gateway.app import Gateway, GatewayConfig
+    from flowserve.server.gateway.triton_backend import TritonBackend
+    from flowserve.server.triton.launcher import TritonServer, free_port
 
     print("== 1/4 train RealNVP on two moons")
     progress = show_progress(args)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowserve.metadata import HELDOUT_LOG_LIKELIHOOD
+from flowserve.contract.metadata import HELDOUT_LOG_LIKELIHOOD
 
 from .parser import TOKEN_ENV
 
@@ -22,7 +22,7 @@ def _load_npy(path: Path) -> np.ndarray:
 def connect(args):
     """A :class:`~flowserve.server.client.FlowClient` of ``args.target`` with the command's TLS and token options."""
     from flowserve.server.client import FlowClient
-    from flowserve.server.tls import ClientTLS
+    from flowserve.server.protocol.tls import ClientTLS
 
     tls_options = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     tls = ClientTLS.from_files(*tls_options) if args.tls or any(o is not None for o in tls_options) else None
@@ -31,7 +31,7 @@ def connect(args):
 
 def _token(args) -> str | None:
     """The token of ``--token-file``, else of the environment; None without either."""
-    from flowserve.server.auth import read_tokens
+    from flowserve.server.protocol.auth import read_tokens
 
     if args.token_file is None:
         return os.environ.get(TOKEN_ENV) or None
@@ -100,7 +100,7 @@ def score_command(args) -> None:
 
 
 def models_command(args) -> None:
-    from flowserve.server.proto import flowserve_pb2 as pb
+    from flowserve.server.protocol.proto import flowserve_pb2 as pb
 
     with connect(args) as client:
         for m in client.list_models():

@@ -21,11 +21,11 @@ def run_event_loop(main):
 
 
 def serve_command(args) -> None:
-    from flowserve.server.app import GatewayConfig, run_gateway
-    from flowserve.server.auth import accepted_tokens
-    from flowserve.server.launcher import TritonServer, TritonSupervisor
-    from flowserve.server.service import GatewayLimits
-    from flowserve.server.tls import ServerTLS
+    from flowserve.server.gateway.app import GatewayConfig, run_gateway
+    from flowserve.server.gateway.auth import accepted_tokens
+    from flowserve.server.gateway.service import GatewayLimits
+    from flowserve.server.gateway.tls import ServerTLS
+    from flowserve.server.triton.launcher import TritonServer, TritonSupervisor
 
     if not args.model_repository.is_dir():
         raise FileNotFoundError(f"model repository {args.model_repository} does not exist; run flowserve export first")

@@ -14,20 +14,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from flowserve.server.protocol.names import SERVICE_NAME, flow_health_service
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.server.protocol.tensors import MAX_MESSAGE_BYTES
+
 from .auth import TokenAuthInterceptor
 from .backend import Backend
 from .batching import BatchingBackend
 from .catalog import ModelCatalog
-from .client import SERVICE_NAME, flow_health_service
 from .health import FlowHealth
 from .interceptor import ErrorAndMetricsInterceptor
 from .metrics import GatewayMetrics
-from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService, GatewayLimits
 from .servicer import FlowServicer
-from .tensors import MAX_MESSAGE_BYTES
 from .tls import ServerTLS
-from .triton import TritonBackend
+from .triton_backend import TritonBackend
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""One interceptor for every RPC: domain errors to gRPC status codes, and metrics; its
-handlers send ``tensors.Serialized`` responses as they are."""
+"""One interceptor for every RPC: errors to gRPC status codes (by their transport-neutral
+``Status``), and metrics; its handlers send ``tensors.Serialized`` responses as they are."""
 
 from __future__ import annotations
 
@@ -12,32 +12,14 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from .domain import (
-    BackendError,
-    BackendUnavailable,
-    DeadlineExceeded,
-    FlowServeError,
-    InvalidArgument,
-    ModelNotFound,
-    ResourceExhausted,
-)
+from flowserve.server.protocol.errors import FlowServeError, InvalidArgument, ResourceExhausted, status_of
+from flowserve.server.protocol.names import METHOD_PREFIX, RETRY_AFTER_KEY
+from flowserve.server.protocol.tensors import Serialized, serializer
+
 from .metrics import UNKNOWN_MODEL, GatewayMetrics
-from .tensors import Serialized, serializer
 
 log = logging.getLogger(__name__)
 
-STATUS_OF_ERROR: dict[type[FlowServeError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    BackendError: grpc.StatusCode.INTERNAL,
-}
-
-SERVICE_PREFIX = "/flowserve.v1.FlowService/"
-# Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds to wait before a retry.
-RETRY_AFTER_KEY = "retry-after-ms"
 # A client cancels when its deadline passes, a little before the server's clock agrees.
 DEADLINE_SLACK_S = 0.05
 
@@ -45,14 +27,6 @@ DEADLINE_SLACK_S = 0.05
 def _rows_of(response) -> int:
     """Rows a Sample or LogLikelihood response carries (0 for other RPCs)."""
     return response.rows if isinstance(response, Serialized) else 0
-
-
-def status_of(error: FlowServeError) -> grpc.StatusCode:
-    """The gRPC status code of a domain error."""
-    for error_type in type(error).__mro__:
-        if error_type in STATUS_OF_ERROR:
-            return STATUS_OF_ERROR[error_type]
-    return grpc.StatusCode.INTERNAL
 
 
 class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -80,9 +54,9 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if method in self._handlers:
             return self._handlers[method]
         handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(SERVICE_PREFIX):
+        if handler is None or not method.startswith(METHOD_PREFIX):
             return handler
-        name = method.removeprefix(SERVICE_PREFIX)
+        name = method.removeprefix(METHOD_PREFIX)
         # Requests arrive as bytes and are parsed inside the wrapper, where a message that does
         # not parse becomes INVALID_ARGUMENT and is counted (gRPC itself would answer UNKNOWN).
         if handler.unary_unary is not None:
@@ -123,8 +97,8 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         """Count an RPC that was refused before its handler ran: ``method`` is the full path of
         a method the server has, counted if it is a flowserve RPC; its request was never
         parsed, so its model is "unknown"."""
-        if method.startswith(SERVICE_PREFIX):
-            self.count(method.removeprefix(SERVICE_PREFIX), UNKNOWN_MODEL, code)
+        if method.startswith(METHOD_PREFIX):
+            self.count(method.removeprefix(METHOD_PREFIX), UNKNOWN_MODEL, code)
 
     def _wrap_unary(self, method: str, behaviour, deserialize):
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext):
@@ -187,7 +161,7 @@ class _Recorded:
                 if self.rows:
                     self.interceptor.rows_of(self.method, self.model).observe(self.rows)
             elif isinstance(error, FlowServeError):
-                code = status_of(error)
+                code = grpc.StatusCode[status_of(error).name]
                 retry_after_s = getattr(error, "retry_after_s", None)
                 hint = () if retry_after_s is None else ((RETRY_AFTER_KEY, str(math.ceil(1000 * retry_after_s))),)
                 await self.context.abort(code, str(error), trailing_metadata=hint)

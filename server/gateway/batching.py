@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flowserve.spec import DirectionSpec
+from flowserve.contract.spec import DirectionSpec
+from flowserve.server.protocol.errors import DeadlineExceeded, ResourceExhausted
 
 from .backend import Backend, QueuePolicy
-from .domain import DeadlineExceeded, ResourceExhausted
 
 # Weight of the newest batch in the running means of batch times and of the queue's pace.
 _NEWEST_WEIGHT = 0.2
@@ -181,7 +181,7 @@ class _ModelQueue:
 
 
 class BatchingBackend:
-    """A :class:`~flowserve.server.backend.Backend` that merges concurrent ``infer`` calls of
+    """A :class:`~flowserve.server.gateway.backend.Backend` that merges concurrent ``infer`` calls of
     a model (each at most its ``max_batch_size`` rows) before they reach ``backend``."""
 
     def __init__(self, backend: Backend, max_batches_in_flight: int = 1):

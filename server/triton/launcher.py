@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from flowserve.spec import RUNNER_BACKEND
+from flowserve.contract.spec import RUNNER_BACKEND
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class TritonInstallation:
         shutil.copy2(self.stub, python_dir / "triton_python_backend_stub")
         runner_dir = target / RUNNER_BACKEND
         runner_dir.mkdir(exist_ok=True)
-        runner = resources.files("flowserve.server") / "runner" / "model.py"
+        runner = resources.files("flowserve.server.triton") / "runner" / "model.py"
         (runner_dir / "model.py").write_text(runner.read_text())
         return target
 
@@ -156,11 +156,11 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--metrics-address=127.0.0.1",
             "--exit-on-error=true",
-            # Ready means up: model by model readiness is the gateway's (server/health.py), and a
+            # Ready means up: model by model readiness is the gateway's (server/gateway/health.py), and a
             # strict server would turn unready while any one model reloads.
             "--strict-readiness=false",
             # Explicit control: every model loads at start, and the gateway loads new versions
-            # and reloads broken models through the repository API (server/health.py).
+            # and reloads broken models through the repository API (server/gateway/health.py).
             "--model-control-mode=explicit",
             "--load-model=*",
             "--log-verbose=0",

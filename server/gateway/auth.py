@@ -16,33 +16,12 @@ from typing import Callable, Iterable
 
 import grpc
 
-AUTHORIZATION = "authorization"
+from flowserve.server.protocol.auth import AUTHORIZATION, NOT_A_TOKEN, is_bearer_token, read_tokens, token_of
+
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 """Methods callable without a token: health, for the probes of load balancers and Kubernetes."""
-_TOKEN = r"[A-Za-z0-9\-._~+/]+=*"
-"""RFC 6750's b64token: what a bearer token may be made of."""
-_BEARER = re.compile(rf"bearer +({_TOKEN})", re.IGNORECASE)
 _TOKEN_SEPARATORS = re.compile(r"[\s,]+")
-NOT_A_TOKEN = "letters, digits and -._~+/ with '=' at the end only"
 NO_TOKEN = "this gateway needs a token: send metadata 'authorization: Bearer <token>'"
-
-
-def is_bearer_token(token: str) -> bool:
-    """Whether ``token`` can travel in ``authorization: Bearer <token>`` metadata."""
-    return re.fullmatch(_TOKEN, token) is not None
-
-
-def read_tokens(path: Path) -> list[str]:
-    """The tokens of ``path``, one a line; blank lines and ``#`` comments are skipped.
-    ValueError (naming the line, never the token) for a line that is no bearer token."""
-    tokens = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        token = line.split("#", 1)[0].strip()
-        if token and not is_bearer_token(token):
-            raise ValueError(f"line {number} of {path} is not a bearer token ({NOT_A_TOKEN})")
-        if token:
-            tokens.append(token)
-    return tokens
 
 
 def _split_tokens(text: str, source: str) -> list[str]:
@@ -93,10 +72,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         values = [value for key, value in metadata or () if key == AUTHORIZATION]
         if not values:
             return grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN
-        match = _BEARER.fullmatch(values[0]) if len(values) == 1 else None
-        if match is None:
+        token = token_of(values[0]) if len(values) == 1 else None
+        if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata is not one 'Bearer <token>'"
-        digest = _digest(match.group(1))
+        digest = _digest(token)
         known = False
         for candidate in self._digests:  # every digest, so the time does not tell which one matched
             known |= hmac.compare_digest(digest, candidate)

@@ -3,7 +3,7 @@
 :class:`FlowMetadata` is the only code that reads or writes the file. The exporter writes
 one per flow, beside the flow's Triton models; the gateway reads them all to know what it
 serves (names, shapes, likelihood kind) and lists the rest in ``ListModels``. Like
-:mod:`flowserve.spec`, this module imports nothing heavy, so the gateway can use it.
+:mod:`flowserve.contract.spec`, this module imports nothing heavy, so the gateway can use it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from flowserve.spec import DIRECTIONS, DirectionSpec, direction_spec, validate_flow_name
+from flowserve.contract.spec import DIRECTIONS, DirectionSpec, direction_spec, validate_flow_name
 
 SCHEMA_VERSION = 1
 SUFFIX = ".flowserve.json"

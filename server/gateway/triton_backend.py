@@ -13,10 +13,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
-from flowserve.spec import QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER, DirectionSpec
+from flowserve.contract.spec import QUEUE_SIZE_PARAMETER, QUEUE_TIMEOUT_PARAMETER, DirectionSpec
+from flowserve.server.protocol.errors import (
+    BackendError,
+    BackendUnavailable,
+    DeadlineExceeded,
+    FlowServeError,
+    ResourceExhausted,
+)
 
 from .backend import QueuePolicy
-from .domain import BackendError, BackendUnavailable, DeadlineExceeded, FlowServeError, ResourceExhausted
 
 MAX_TRITON_MESSAGE_BYTES = 2**31 - 1
 _LOAD_TIMEOUT_S = 300.0  # a model load runs its warm-up batches, up to max_batch_size rows
@@ -31,7 +37,7 @@ _ERROR_OF_STATUS = {
 
 
 # A Python-backend model whose stub process died answers INTERNAL with this until it is
-# reloaded (server/health.py does): the client may retry.
+# reloaded (server/gateway/health.py does): the client may retry.
 _DEAD_STUB = "is not healthy"
 # The dynamic batcher's queue policy rejects with UNAVAILABLE and one of these.
 _QUEUE_REJECTIONS = ("Exceeds maximum queue size", "Request timeout expired")
@@ -56,7 +62,7 @@ def translate_error(code: grpc.StatusCode, details: str, model: str) -> FlowServ
 
 
 class TritonBackend:
-    """The gateway's connection to one Triton server (a :class:`~flowserve.server.backend.Backend`)."""
+    """The gateway's connection to one Triton server (a :class:`~flowserve.server.gateway.backend.Backend`)."""
 
     def __init__(self, url: str):
         self.url = url

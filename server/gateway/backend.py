@@ -1,7 +1,7 @@
 """What the gateway's service layer needs of an inference server.
 
-:class:`~flowserve.server.triton.TritonBackend` is the real one; tests use an in-memory
-one. Methods raise the domain errors of :mod:`flowserve.server.domain`
+:class:`~flowserve.server.gateway.triton_backend.TritonBackend` is the real one; tests use an in-memory
+one. Methods raise the domain errors of :mod:`flowserve.server.gateway.domain`
 (``BackendUnavailable``, ``DeadlineExceeded``, ``BackendError``), never a client library's.
 """
 
@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flowserve.spec import DirectionSpec
+from flowserve.contract.spec import DirectionSpec
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flowserve.metadata import SUFFIX, FlowMetadata, read_all
-
-from .domain import InvalidArgument, ModelNotFound, quoted
+from flowserve.contract.metadata import SUFFIX, FlowMetadata, read_all
+from flowserve.server.protocol.errors import InvalidArgument, ModelNotFound, quoted
 
 
 class ModelCatalog:

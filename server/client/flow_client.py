@@ -9,13 +9,12 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import tensors
-from .auth import AUTHORIZATION, NOT_A_TOKEN, is_bearer_token
-from .proto import flowserve_pb2 as pb
-from .proto import flowserve_pb2_grpc as pb_grpc
-from .tls import ClientTLS
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowService"].full_name
+from flowserve.server.protocol import tensors
+from flowserve.server.protocol.auth import bearer_metadata
+from flowserve.server.protocol.names import flow_health_service
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
+from flowserve.server.protocol.tls import ClientTLS
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,8 @@ class FlowClient:
 
     def __init__(self, target: str, timeout: float = 60.0, *, tls: ClientTLS | None = None,
                  token: str | None = None):
-        if token is not None and not is_bearer_token(token):
-            raise ValueError(f"the token is not a bearer token ({NOT_A_TOKEN})")
+        self.metadata = () if token is None else (bearer_metadata(token),)
         self.timeout = timeout
-        self.metadata = () if token is None else ((AUTHORIZATION, f"Bearer {token}"),)
         options = [
             ("grpc.max_receive_message_length", tensors.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", tensors.MAX_MESSAGE_BYTES),
@@ -107,11 +104,6 @@ class FlowClient:
         response = self.stub.LogLikelihood(request, timeout=self.timeout, metadata=self.metadata)
         bits_per_dim = np.asarray(response.bits_per_dim, dtype=np.float32) if return_bits_per_dim else None
         return Scores(np.asarray(response.log_prob, dtype=np.float32), bits_per_dim)
-
-
-def flow_health_service(flow: str) -> str:
-    """The gRPC health service name that reports one flow: ``flowserve.v1.FlowService/<flow>``."""
-    return f"{SERVICE_NAME}/{flow}"
 
 
 def sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,

@@ -18,24 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowserve.metadata import FlowMetadata
-from flowserve.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, DirectionSpec, bits_per_dim
+from flowserve.contract.metadata import FlowMetadata
+from flowserve.contract.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, DirectionSpec, bits_per_dim
+from flowserve.server.protocol.errors import DeadlineExceeded, FlowServeError, InvalidArgument, ResourceExhausted
+from flowserve.server.protocol.tensors import MAX_MESSAGE_BYTES, WIRE_DTYPE
 
 from .backend import Backend
 from .catalog import ModelCatalog
-from .domain import (
-    DeadlineExceeded,
-    FlowServeError,
-    InvalidArgument,
-    LogLikelihoodQuery,
-    LogLikelihoodResult,
-    ModelInfo,
-    ResourceExhausted,
-    SampleQuery,
-    SampleResult,
-)
+from .domain import LogLikelihoodQuery, LogLikelihoodResult, ModelInfo, SampleQuery, SampleResult
 from .health import FlowHealth
-from .tensors import MAX_MESSAGE_BYTES, WIRE_DTYPE
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import logging
 import math
 import time
 
-from flowserve.metadata import FlowMetadata
-from flowserve.spec import DirectionSpec
+from flowserve.contract.metadata import FlowMetadata
+from flowserve.contract.spec import DirectionSpec
+from flowserve.server.protocol.errors import DeadlineExceeded, FlowServeError
 
 from .backend import Backend
 from .catalog import ModelCatalog
-from .domain import DeadlineExceeded, FlowServeError
 from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-from .domain import InvalidArgument
+from flowserve.server.protocol.errors import InvalidArgument
+
 from .proto import flowserve_pb2 as pb
 
 WIRE_DTYPE = np.dtype("<f4")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from flowserve.metadata import EXACT, LOWER_BOUND
-from flowserve.spec import DENSITY, GENERATION
+from flowserve.contract.metadata import EXACT, LOWER_BOUND
+from flowserve.contract.spec import DENSITY, GENERATION
+from flowserve.server.protocol import tensors
+from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
 
-from . import tensors
 from .domain import LogLikelihoodQuery, SampleQuery
-from .proto import flowserve_pb2 as pb
-from .proto import flowserve_pb2_grpc as pb_grpc
 from .service import FlowService
 
 DIRECTION_ENUM = {DENSITY: pb.DIRECTION_DENSITY, GENERATION: pb.DIRECTION_GENERATION}

@@ -1,5 +1,6 @@
-"""TLS material of the gateway and its clients, read from PEM files and checked when loaded,
-so a wrong file stops the start with its name rather than failing every handshake later."""
+"""TLS material read from PEM files and checked when loaded, so a wrong file stops the start
+with its name rather than failing every handshake later; and :class:`ClientTLS`, how a
+client checks the gateway (the gateway's own side is ``flowserve.server.gateway.tls``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import grpc
 
 
-def _read_pem(path: Path, label: str, what: str) -> bytes:
+def read_pem(path: Path, label: str, what: str) -> bytes:
     """The bytes of ``path``; ValueError unless it holds a PEM block whose label ends in ``label``."""
     data = Path(path).read_bytes()
     if not re.search(rb"-----BEGIN [A-Z ]*" + label.encode() + rb"-----", data):
@@ -23,10 +24,10 @@ def _no_password() -> bytes:
     raise ValueError("the key is encrypted; gRPC needs an unencrypted PEM key")
 
 
-def _read_key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
+def read_key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
     """The certificate chain and private key of ``cert`` and ``key``, checked to belong together."""
-    chain = _read_pem(cert, "CERTIFICATE", "TLS certificate")
-    private_key = _read_pem(key, "PRIVATE KEY", "TLS key")
+    chain = read_pem(cert, "CERTIFICATE", "TLS certificate")
+    private_key = read_pem(key, "PRIVATE KEY", "TLS key")
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as exc:
@@ -38,39 +39,10 @@ def _read_key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
     return chain, private_key
 
 
-def _require_pair(cert: Path | None, key: Path | None, what: str) -> None:
+def require_pair(cert: Path | None, key: Path | None, what: str) -> None:
     if (cert is None) != (key is None):
         raise ValueError(f"{what} needs both a certificate and its key; got only the "
                          f"{'certificate' if key is None else 'key'}")
-
-
-@dataclass(frozen=True)
-class ServerTLS:
-    """The gateway's certificate chain and key, and, for mutual TLS, the CAs whose client
-    certificates it accepts (a client without such a certificate cannot connect)."""
-
-    cert_chain: bytes
-    key: bytes = field(repr=False)
-    client_ca: bytes | None = None
-
-    @classmethod
-    def from_files(cls, cert: Path | None, key: Path | None, client_ca: Path | None = None) -> ServerTLS | None:
-        """TLS from PEM files; None (plaintext) when no file is given. ValueError names the
-        file that is missing its part, holds no PEM, or does not match."""
-        if cert is None and key is None:
-            if client_ca is not None:
-                raise ValueError("a client CA (mutual TLS) needs the server's TLS certificate and key too")
-            return None
-        _require_pair(cert, key, "TLS")
-        chain, private_key = _read_key_pair(cert, key)
-        ca = None if client_ca is None else _read_pem(client_ca, "CERTIFICATE", "client CA")
-        return cls(chain, private_key, ca)
-
-    def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.key, self.cert_chain)], root_certificates=self.client_ca,
-            require_client_auth=self.client_ca is not None,
-        )
 
 
 @dataclass(frozen=True)
@@ -93,9 +65,9 @@ class ClientTLS:
                    server_name: str | None = None) -> ClientTLS:
         """TLS from PEM files; ValueError names the file that is missing its part, holds no
         PEM, or does not match."""
-        _require_pair(cert, key, "a client certificate")
-        chain, private_key = (None, None) if cert is None else _read_key_pair(cert, key)
-        roots = None if ca is None else _read_pem(ca, "CERTIFICATE", "TLS CA")
+        require_pair(cert, key, "a client certificate")
+        chain, private_key = (None, None) if cert is None else read_key_pair(cert, key)
+        roots = None if ca is None else read_pem(ca, "CERTIFICATE", "TLS CA")
         return cls(roots, chain, private_key, server_name)
 
     def credentials(self) -> grpc.ChannelCredentials:

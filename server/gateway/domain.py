@@ -1,0 +1,67 @@
+"""The gateway's queries and results, free of gRPC and of Triton.
+
+The service layer speaks only these (and the errors of ``flowserve.server.protocol.errors``);
+the servicer converts protos to and from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flowserve.contract.metadata import EXACT
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served flow as ListModels describes it."""
+
+    name: str
+    family: str
+    event_shape: tuple[int, ...]
+    directions: tuple[str, ...]
+    versions: tuple[str, ...]
+    ready: bool
+    context_shape: tuple[int, ...] = ()
+    """Shape of one row's context; empty when the flow takes no context."""
+    log_likelihood: str = EXACT
+    """One of ``flowserve.contract.metadata.LOG_LIKELIHOOD_KINDS``: exact log-density or a lower bound."""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleQuery:
+    """A Sample request; ``context`` is [*context_shape] or [num_samples, *context_shape]."""
+
+    model: str
+    num_samples: int
+    seed: int | None = None
+    temperature: float = 1.0
+    return_log_prob: bool = False
+    context: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    samples: np.ndarray
+    log_prob: np.ndarray | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class LogLikelihoodQuery:
+    """A LogLikelihood request; ``context`` is [N, *context_shape] or [*context_shape]."""
+
+    model: str
+    x: np.ndarray
+    context: np.ndarray | None = None
+    return_bits_per_dim: bool = False
+
+
+@dataclass(frozen=True)
+class LogLikelihoodResult:
+    """log p(x | context) per row, and bits per dimension when the query asked for them."""
+
+    log_prob: np.ndarray
+    bits_per_dim: np.ndarray | None
