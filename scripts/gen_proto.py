@@ -2,7 +2,7 @@
 """Generate the Python gRPC stubs of server/protocol/proto/*.proto in place.
 
 Run after editing a .proto: ``python scripts/gen_proto.py``. The stubs are committed;
-tests/test_proto.py fails when they are out of date. Needs grpcio-tools (a test extra).
+tests/unit/test_proto.py fails when they are out of date. Needs grpcio-tools (a test extra).
 """
 
 from __future__ import annotations

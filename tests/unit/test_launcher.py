@@ -1,0 +1,92 @@
+"""The Triton launcher without starting Triton: environment, backend directory, clear
+errors, and the supervisor's restarts and backoffs on an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from flowserve.contract.spec import RUNNER_BACKEND
+from flowserve.server.triton.launcher import (
+    TritonGaveUp,
+    TritonInstallation,
+    TritonLaunchError,
+    TritonServer,
+    TritonSupervisor,
+)
+
+
+def test_environment_puts_wheel_libraries_and_this_python_first():
+    env = TritonInstallation.find().environment()
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0].endswith("nvidia_pytriton.libs")
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_backend_directory_has_python_backend_and_one_runner(tmp_path):
+    backends = TritonInstallation.find().build_backend_directory(tmp_path / "backends")
+    python = backends / "python"
+    assert {p.name for p in python.iterdir()} == {
+        "libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
+    assert os.access(python / "triton_python_backend_stub", os.X_OK)
+    runner = (backends / RUNNER_BACKEND / "model.py").read_text()
+    assert "class TritonPythonModel" in runner
+
+
+def test_missing_repository_is_a_clear_error(tmp_path):
+    with pytest.raises(TritonLaunchError, match="does not exist"):
+        TritonServer(tmp_path / "nope", tmp_path / "work").start()
+
+
+def test_serve_without_a_repository_is_a_clear_cli_error(tmp_path, capsys):
+    from flowserve import cli
+
+    assert cli.main(["serve", "--model-repository", str(tmp_path / "nope"), "--triton-url", "127.0.0.1:1"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+class DyingTriton:
+    """Stands in for TritonServer: dies whenever the test says so, comes back on restart."""
+
+    def __init__(self):
+        self.running, self.restarts = True, 0
+        self.process = types.SimpleNamespace(returncode=-9)
+        self.grpc_url, self.log_path = "127.0.0.1:1", Path("tritonserver.log")
+
+    def is_running(self) -> bool:
+        return self.running
+
+    def restart(self, ready_timeout: float):
+        self.restarts += 1
+        self.running = True
+
+    def log_tail(self) -> str:
+        return "E1204 the last words"
+
+
+def test_the_supervisor_restarts_a_dead_triton_with_a_growing_backoff_then_gives_up():
+    triton = DyingTriton()
+    supervisor = TritonSupervisor(triton, max_restarts=2, first_backoff_s=0.05, max_backoff_s=0.1, poll_s=0.01)
+    begun = []
+
+    async def scenario():
+        watch = asyncio.ensure_future(supervisor.watch(lambda: begun.append(time.monotonic())))
+        deaths = []
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            deaths.append(time.monotonic())
+            triton.running = False
+            while not triton.running and not watch.done():
+                await asyncio.sleep(0.01)
+        with pytest.raises(TritonGaveUp, match=r"(?s)code -9 after 2 restart\(s\); giving up.*the last words"):
+            await asyncio.wait_for(watch, 5)
+        return deaths
+
+    deaths = asyncio.run(scenario())
+    assert triton.restarts == 2 and len(begun) == 2
+    assert 0.05 <= begun[0] - deaths[0] < 0.5 and 0.1 <= begun[1] - deaths[1] < 0.6  # 0.05 s, then doubled
