@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 
 from flowserve.contract.metadata import FlowMetadata
 from flowserve.contract.spec import DirectionSpec
@@ -98,7 +97,7 @@ class FlowHealth:
         return True
 
     def _reload_soon(self, flow: str, direction: str, model: str) -> None:
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         if model in self._reloads or now - self._last_reload.get(model, -math.inf) < self.min_reload_interval_s:
             return
         self._last_reload[model] = now

@@ -275,14 +275,16 @@ class TritonSupervisor:
     poll_s: float = 0.2
 
     async def watch(self, on_restart=lambda: None) -> None:
-        """Watch and restart until cancelled; ``on_restart()`` is called as each restart begins."""
+        """Watch and restart until cancelled; ``on_restart()`` is called as each restart begins.
+        Uptime and backoffs are kept on the running loop's clock."""
         import asyncio
 
-        restarts, backoff, up_since = 0, self.first_backoff_s, time.monotonic()
+        clock = asyncio.get_running_loop().time
+        restarts, backoff, up_since = 0, self.first_backoff_s, clock()
         while True:
             await asyncio.sleep(self.poll_s)
             if self.triton.is_running():
-                if time.monotonic() - up_since >= self.stable_s:
+                if clock() - up_since >= self.stable_s:
                     restarts, backoff = 0, self.first_backoff_s
                 continue
             code = self.triton.process.returncode
@@ -299,5 +301,5 @@ class TritonSupervisor:
             except TritonLaunchError as exc:
                 log.error("Triton did not come back: %s", exc)
                 continue
-            up_since = time.monotonic()
+            up_since = clock()
             log.warning("Triton restarted on %s", self.triton.grpc_url)

@@ -32,7 +32,7 @@ from helpers.flows import (
     add_weight_noise,
     expected_samples,
 )
-from helpers.processes import hermetic_env, processes_mentioning, start_serve, stop_serve, wait_for_health
+from helpers.processes import hermetic_env, poll_until, processes_mentioning, start_serve, stop_serve, wait_for_health
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowserve.contract.spec import GENERATION, triton_model_name
@@ -500,6 +500,8 @@ def test_serve_restarts_a_killed_triton_and_serves_again_without_help(repository
         assert process.poll() is None  # the gateway stayed up
     finally:
         stop_serve(process)
+    # With one of the two cores kept busy (yes > /dev/null), the first answers came 0.003-0.006 s
+    # after the kill, no call took over 0.025 s, and the calls served again 3.5-3.8 s after it.
     for mine in answers:
         assert mine[0][2] == grpc.StatusCode.UNAVAILABLE and mine[0][0] + mine[0][1] < 1.0, mine[:3]
         assert {code for _, _, code in mine[:-1]} == {grpc.StatusCode.UNAVAILABLE}
@@ -586,8 +588,7 @@ def test_a_version_exported_into_a_running_serve_rolls_out_with_no_failed_reques
         with ThreadPoolExecutor(2) as pool:
             loads = [pool.submit(load) for _ in range(2)]
             try:
-                while len(answers) < 20:
-                    time.sleep(0.05)
+                poll_until(lambda: len(answers) >= 20, 60, "20 answers from version 1")
                 export_model(version_2, private_repo, name=SMALL_CHUNKS, example_data=moons["test"], version=2,
                              serving=ServingConfig(max_batch_size=SMALL_BATCH, max_queue_delay_us=2000))
                 exported = len(answers)
@@ -597,8 +598,7 @@ def test_a_version_exported_into_a_running_serve_rolls_out_with_no_failed_reques
                                                             if m.name == SMALL_CHUNKS] != [["2"]]:
                         time.sleep(0.2)
                     rolled = len(answers)
-                    while len(answers) < rolled + 20:
-                        time.sleep(0.05)
+                    poll_until(lambda: len(answers) >= rolled + 20, 60, "20 answers after the roll-out")
                     after = client.sample(SMALL_CHUNKS, rows, seed=seed).x
             finally:
                 stop.set()
@@ -633,9 +633,14 @@ def test_a_burst_of_five_times_the_capacity_gets_its_excess_refused_at_once(chec
     assert {"OK", "RESOURCE_EXHAUSTED"} <= set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "EXPIRED"}, figures
     assert codes["RESOURCE_EXHAUSTED"] > codes["OK"] / 2, figures  # much of the excess was refused on arrival
     assert figures["rejected_with_hint"] == codes["RESOURCE_EXHAUSTED"] + codes.get("EXPIRED", 0), figures
+    # With one of the two cores kept busy (yes > /dev/null): rejected p50 1.0-1.2 ms, p99 2.2-4.6 ms;
+    # admitted p99 1.13-1.21 s (once 3.24 s on a CI machine).
     assert figures["rejected_p50_ms"] < 20 and figures["rejected_p99_ms"] < 100, figures  # refused at once
-    # Admitted calls wait at most the queue timeout (2 s by default), then their own batch.
-    assert figures["admitted_p99_ms"] < 3000, figures
+    # Admitted calls wait at most the queue timeout (2 s by default), then their own batch; 2 s
+    # more is room for a loaded machine. Without back-pressure the last of them would wait out
+    # the burst's backlog: (offered / capacity - 1) x 1.5 s, about 6 s.
+    backlog_ms = 1000 * (figures["offered_calls_per_s"] / figures["capacity_calls_per_s"] - 1) * 1.5
+    assert figures["admitted_p99_ms"] < 2000 + 2000 < backlog_ms, figures
 
 
 def test_the_service_passes_the_remaining_time_to_triton(live_server, repository):

@@ -107,3 +107,13 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline:
             found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+def poll_until(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    """Sleep ``poll_s`` at a time until ``condition()`` holds; TimeoutError naming ``what``
+    after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(poll_s)

@@ -7,6 +7,7 @@ import asyncio
 
 import grpc
 import pytest
+from helpers.clock import wait_until
 from helpers.fakes import InMemoryBackend
 
 from flowserve.contract.metadata import FlowMetadata
@@ -31,8 +32,7 @@ def test_rpcs_beyond_the_gateways_limit_are_refused_and_counted(tmp_path):
                 grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = pb_grpc.FlowServiceStub(channel)
             held = asyncio.ensure_future(stub.Sample(request, timeout=10))
-            while not backend.running:  # the first call holds the only slot
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: backend.running, timeout_s=30)  # the first call holds the only slot
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Sample(request, timeout=10)
             backend.gate.set()

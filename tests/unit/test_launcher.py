@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 import types
 from pathlib import Path
 
 import pytest
+from helpers.clock import run_on_virtual_clock, wait_until
 
 from flowserve.contract.spec import RUNNER_BACKEND
 from flowserve.server.triton.launcher import (
@@ -40,7 +40,7 @@ def test_backend_directory_has_python_backend_and_one_runner(tmp_path):
 
 def test_missing_repository_is_a_clear_error(tmp_path):
     with pytest.raises(TritonLaunchError, match="does not exist"):
-        TritonServer(tmp_path / "nope", tmp_path / "work").start()
+        TritonServer(tmp_path / "nope", tmp_path / "work", grpc_port=8001, metrics_port=8002).start()
 
 
 def test_serve_without_a_repository_is_a_clear_cli_error(tmp_path, capsys):
@@ -51,14 +51,18 @@ def test_serve_without_a_repository_is_a_clear_cli_error(tmp_path, capsys):
 
 
 class DyingTriton:
-    """Stands in for TritonServer: dies whenever the test says so, comes back on restart."""
+    """Stands in for TritonServer: dies whenever the test says so, comes back on restart, and
+    records the loop time at which the supervisor first saw it dead after each death."""
 
     def __init__(self):
         self.running, self.restarts = True, 0
         self.process = types.SimpleNamespace(returncode=-9)
         self.grpc_url, self.log_path = "127.0.0.1:1", Path("tritonserver.log")
+        self.seen_dead: list[float] = []
 
     def is_running(self) -> bool:
+        if not self.running and len(self.seen_dead) == self.restarts:
+            self.seen_dead.append(asyncio.get_running_loop().time())
         return self.running
 
     def restart(self, ready_timeout: float):
@@ -75,18 +79,38 @@ def test_the_supervisor_restarts_a_dead_triton_with_a_growing_backoff_then_gives
     begun = []
 
     async def scenario():
-        watch = asyncio.ensure_future(supervisor.watch(lambda: begun.append(time.monotonic())))
-        deaths = []
+        loop = asyncio.get_running_loop()
+        watch = asyncio.ensure_future(supervisor.watch(lambda: begun.append(loop.time())))
         for _ in range(3):
             await asyncio.sleep(0.05)
-            deaths.append(time.monotonic())
             triton.running = False
-            while not triton.running and not watch.done():
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: triton.running or watch.done(), timeout_s=5)
         with pytest.raises(TritonGaveUp, match=r"(?s)code -9 after 2 restart\(s\); giving up.*the last words"):
             await asyncio.wait_for(watch, 5)
-        return deaths
 
-    deaths = asyncio.run(scenario())
+    run_on_virtual_clock(scenario())
     assert triton.restarts == 2 and len(begun) == 2
-    assert 0.05 <= begun[0] - deaths[0] < 0.5 and 0.1 <= begun[1] - deaths[1] < 0.6  # 0.05 s, then doubled
+    # 0.05 s after the supervisor saw it dead, then doubled (and capped at 0.1 s).
+    waits = [restart - seen for restart, seen in zip(begun, triton.seen_dead)]
+    assert waits == pytest.approx([0.05, 0.1], abs=1e-9)
+    assert len(triton.seen_dead) == 3  # the third death: no restart left
+
+
+def test_the_backoff_stays_at_its_cap_and_starts_again_after_a_stable_spell():
+    triton = DyingTriton()
+    supervisor = TritonSupervisor(triton, max_restarts=9, first_backoff_s=0.05, max_backoff_s=0.1, stable_s=1.0,
+                                  poll_s=0.01)
+    begun = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        watch = asyncio.ensure_future(supervisor.watch(lambda: begun.append(loop.time())))
+        for pause in (0.05, 0.05, 0.05, 2.0):  # up 2 s before the fourth death: a stable spell
+            await asyncio.sleep(pause)
+            triton.running = False
+            await wait_until(lambda: triton.running, timeout_s=5)
+        watch.cancel()
+
+    run_on_virtual_clock(scenario())
+    waits = [restart - seen for restart, seen in zip(begun, triton.seen_dead)]
+    assert waits == pytest.approx([0.05, 0.1, 0.1, 0.05], abs=1e-9)

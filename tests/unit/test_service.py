@@ -10,6 +10,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from helpers.clock import run_on_virtual_clock
 from helpers.fakes import InMemoryBackend
 
 from flowserve.contract.metadata import FlowMetadata
@@ -46,7 +47,7 @@ def test_rows_go_in_chunks_of_the_max_batch_size_and_come_back_in_order(flow_rep
     service, backend = make_service(flow_repository)
     backend.delay = lambda index: 0.01 * (3 - index)  # later chunks finish first
     x = np.arange(20, dtype=np.float32).reshape(10, DIM)
-    result = asyncio.run(service.log_likelihood(LogLikelihoodQuery(FLOW, x)))
+    result = run_on_virtual_clock(service.log_likelihood(LogLikelihoodQuery(FLOW, x)))
     assert [len(chunk) for chunk in backend.chunks("x")] == [4, 4, 2]
     np.testing.assert_array_equal(result.log_prob, x.sum(axis=1))
 
@@ -55,7 +56,7 @@ def test_a_request_keeps_at_most_its_chunk_budget_in_flight(flow_repository):
     limits = GatewayLimits(max_chunks_in_flight_per_request=2)
     service, backend = make_service(flow_repository, limits, max_batch_size=1)
     backend.delay = 0.01
-    result = asyncio.run(service.sample(SampleQuery(FLOW, 7, seed=3, return_log_prob=True)))
+    result = run_on_virtual_clock(service.sample(SampleQuery(FLOW, 7, seed=3, return_log_prob=True)))
     assert len(backend.calls) == 7 and backend.most_running == 2
     noise = np.random.Generator(np.random.PCG64(3)).standard_normal((7, DIM), dtype=np.float32)
     np.testing.assert_array_equal(result.samples, 2 * noise)
@@ -77,7 +78,7 @@ def test_the_in_flight_budget_refuses_work_beyond_it_and_is_given_back(flow_repo
         assert (await first).samples.shape == (100, DIM) and (await fits).samples.shape == (50, DIM)
         assert (await service.sample(SampleQuery(FLOW, 100, seed=2))).samples.shape == (100, DIM)
 
-    asyncio.run(scenario())
+    run_on_virtual_clock(scenario())
 
 
 def test_a_failed_chunk_cancels_the_others_and_gives_the_rows_back_once_they_stopped(flow_repository):
@@ -93,7 +94,7 @@ def test_a_failed_chunk_cancels_the_others_and_gives_the_rows_back_once_they_sto
         backend.delay, backend.failure = 0.0, None
         assert (await service.sample(SampleQuery(FLOW, 100, seed=0))).samples.shape == (100, DIM)
 
-    asyncio.run(scenario())
+    run_on_virtual_clock(scenario())
 
 
 def test_each_chunk_gets_the_time_left_and_none_starts_after_the_deadline(flow_repository):
@@ -101,17 +102,15 @@ def test_each_chunk_gets_the_time_left_and_none_starts_after_the_deadline(flow_r
     service, backend = make_service(flow_repository, limits, max_batch_size=1)
     backend.delay = 0.4
     with pytest.raises(DeadlineExceeded, match="deadline exceeded before 'plain-generation' was called"):
-        asyncio.run(service.sample(SampleQuery(FLOW, 5, seed=0), timeout=1.0))
-    # About 1.0, 0.6 and 0.2 s left for the first three chunks; the fourth found none and never
-    # reached the backend. (A stall on a busy machine only means fewer calls.)
-    timeouts = backend.timeouts
-    assert 1 <= len(timeouts) <= 3 and 0.8 < timeouts[0] <= 1.0
-    assert all(0 < later <= earlier - 0.4 for earlier, later in zip(timeouts, timeouts[1:]))
+        run_on_virtual_clock(service.sample(SampleQuery(FLOW, 5, seed=0), timeout=1.0))
+    # 1.0, 0.6 and 0.2 s left for the first three chunks (each takes 0.4 s on the loop's clock);
+    # the fourth found none and never reached the backend.
+    assert backend.timeouts == pytest.approx([1.0, 0.6, 0.2], abs=1e-9)
 
 
 def test_without_a_deadline_the_backend_gets_none(flow_repository):
     service, backend = make_service(flow_repository)
-    asyncio.run(service.log_likelihood(LogLikelihoodQuery(FLOW, np.zeros((5, DIM), np.float32))))
+    run_on_virtual_clock(service.log_likelihood(LogLikelihoodQuery(FLOW, np.zeros((5, DIM), np.float32))))
     assert backend.timeouts == [None, None]
 
 
@@ -123,7 +122,7 @@ def test_a_stream_gives_the_samples_of_sample_for_the_same_seed_bit_for_bit(flow
         chunks = [chunk async for chunk in service.sample_stream(query)]
         return chunks, await service.sample(query)
 
-    chunks, whole = asyncio.run(scenario())
+    chunks, whole = run_on_virtual_clock(scenario())
     assert [len(chunk.samples) for chunk in chunks] == [4, 4, 2] and {chunk.seed for chunk in chunks} == {5}
     np.testing.assert_array_equal(np.concatenate([chunk.samples for chunk in chunks]), whole.samples)
     np.testing.assert_array_equal(np.concatenate([chunk.log_prob for chunk in chunks]), whole.log_prob)
@@ -142,7 +141,7 @@ def test_a_stream_holds_a_few_chunks_of_the_budget_and_gives_them_back_when_the_
         await stream.aclose()  # the reader leaves after one chunk
         return first, held
 
-    first, held = asyncio.run(scenario())
+    first, held = run_on_virtual_clock(scenario())
     assert len(first.samples) == 4 and held == 8  # two chunks of four rows, not 10^6
     assert service._rows_in_flight == 0 and backend.running == 0
     assert len(backend.calls) <= 3  # chunks are drawn as the reader takes them
