@@ -8,7 +8,7 @@ import pytest
 import torch
 import zuko
 from grpc_health.v1 import health_pb2
-from helpers import library_flows
+from helpers import library_adapters, library_flows
 from helpers.processes import start_serve, stop_serve, wait_for_health
 
 from flowserve.contract.metadata import FlowMetadata, metadata_path
@@ -25,12 +25,12 @@ from flowserve.server.client import FlowClient
 # name: (builder, features, context, autoregressive transforms)
 @pytest.mark.parametrize("name", ["realnvp"])  # the autoregressive ones are exported in the live test below
 def test_zuko_flows_export_with_their_inverse_as_a_loop(name, tmp_path):
-    model = library_flows.perturbed(name)
-    rows, context = library_flows.inputs(model, 64, seed=3)
+    model = library_adapters.perturbed(name)
+    rows, context = library_adapters.inputs(model, 64, seed=3)
     meta = export_model(model, tmp_path, name=name, example_data=rows.numpy(),
                         example_context=None if context is None else context.numpy())
     assert max(meta.parity_max_diff.values()) <= 1e-4 and meta.family == "zuko"
-    autoregressive = library_flows.ZUKO_FLOWS[name][3]
+    autoregressive = library_adapters.ZUKO_FLOWS[name][3]
     assert meta.graphs["generation"]["loops"] == autoregressive and meta.graphs["density"]["loops"] == 0
 
 
@@ -45,12 +45,12 @@ def test_a_64_dimensional_zuko_flow_generates_through_three_loops_not_64_copies(
 # name: (builder, context, autoregressive layers)
 @pytest.mark.parametrize("name", ["spline-coupling"])  # the MAF is exported in the live test
 def test_nflows_flows_export_with_their_inverse_as_a_loop(name, tmp_path):
-    model = library_flows.perturbed_nflows(name)
-    rows, context = library_flows.inputs(model, 64, seed=3)
+    model = library_adapters.perturbed_nflows(name)
+    rows, context = library_adapters.inputs(model, 64, seed=3)
     meta = export_model(model, tmp_path, name=name, example_data=3 * rows.numpy(),
                         example_context=None if context is None else context.numpy())
     assert max(meta.parity_max_diff.values()) <= 1e-4 and meta.family == "nflows"
-    assert meta.graphs["generation"]["loops"] == library_flows.NFLOWS_FLOWS[name][2]
+    assert meta.graphs["generation"]["loops"] == library_adapters.NFLOWS_FLOWS[name][2]
     assert meta.graphs["density"]["loops"] == 0
 
 
@@ -150,10 +150,10 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
     with torch.no_grad():
         for name, (model, context) in models.items():
             log_prob, samples = served[name]
-            expected = library_flows.library_log_prob(model, torch.from_numpy(rows[:300]),
+            expected = library_adapters.library_log_prob(model, torch.from_numpy(rows[:300]),
                                         None if context is None else torch.from_numpy(context[:300]))
             np.testing.assert_allclose(log_prob, expected.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
-            x, expected_log_prob = library_flows.library_generation(model, torch.from_numpy(noise),
+            x, expected_log_prob = library_adapters.library_generation(model, torch.from_numpy(noise),
                                                       None if context is None else torch.ones(300, 1))
             np.testing.assert_allclose(samples.x, x.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
             np.testing.assert_allclose(samples.log_prob, expected_log_prob.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)

@@ -24,6 +24,8 @@ BIN = Path(sys.executable).parent
 LINT_BIN = ROOT / ".venv" / "tools" / "lint" / "bin"
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 SECURITY_COMPONENTS = ["tls", "mtls", "tokens"]
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def built(request, tmp_path_factory) -> tuple[str, list[dict], Path]:
     text = build(request.param)

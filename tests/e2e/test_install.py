@@ -40,7 +40,6 @@ def build():
 '''
 
 
-
 def run(command: list, timeout: float = 900, **options) -> subprocess.CompletedProcess:
     """Run ``command`` in the tests' environment; fail with its output if it fails."""
     result = subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=timeout,

@@ -1,6 +1,8 @@
-"""Stand-ins for Triton: ``InMemoryBackend``, and a conditional and an unconditional flow
-whose answers depend on every row's inputs (so a row that travels with another's context
-shows); and ``serve_and_call``, the real gateway on loopback in front of them."""
+"""Stand-ins for what the fast lanes lack: ``InMemoryBackend`` for Triton, a conditional and
+an unconditional flow whose answers depend on every row's inputs (so a row that travels with
+another's context shows), ``serve_and_call`` (the real gateway on loopback in front of them),
+the batcher and health on the in-memory backend, and the runner beside a stand-in for
+Triton's ``triton_python_backend_utils``."""
 
 from __future__ import annotations
 
@@ -163,13 +165,16 @@ def serve_and_call(config: GatewayConfig, calls: Callable[[str], object], backen
 
 
 SPEC = direction_spec(DENSITY, 2)
+"""The batcher tests' direction: density of a 2-D flow."""
 
 
 def row_sums(spec, inputs):
+    """An answer of each row's own: the sum of its x."""
     return {"log_prob": inputs["x"].sum(axis=1)}
 
 
 def rows(start: int, count: int) -> dict[str, np.ndarray]:
+    """``count`` rows of x, numbered from ``start`` so that each row can be told apart."""
     return {"x": np.arange(2 * start, 2 * (start + count), dtype=np.float32).reshape(count, 2)}
 
 
@@ -184,17 +189,20 @@ FLOWS = ("left", "right")
 
 
 def write_flows(repository) -> None:
+    """The metadata of two 2-D flows, ``left`` and ``right``."""
     for flow in FLOWS:
         models = {d: triton_model_name(flow, d) for d in DIRECTIONS}
         FlowMetadata(name=flow, family="maf", event_shape=(2,), models=models).write(repository)
 
 
 def zeros(spec, inputs):
+    """An answer of zeros of the direction's output shapes."""
     rows = next(iter(inputs.values())).shape[0]
     return {t.name: np.zeros((rows, *t.dims), t.dtype) for t in spec.outputs}
 
 
 def health_of(tmp_path, **options) -> tuple[FlowHealth, InMemoryBackend, GatewayMetrics]:
+    """``FlowHealth`` over the two flows of :func:`write_flows` on an in-memory backend."""
     write_flows(tmp_path)
     backend, metrics = InMemoryBackend(zeros), GatewayMetrics()
     return FlowHealth(backend, ModelCatalog(tmp_path), metrics, **options), backend, metrics
@@ -204,7 +212,8 @@ def load_runner(monkeypatch):
     """The Triton runner module, loaded from its file as Triton's stub loads it, beside a
     stand-in for the stub's own ``triton_python_backend_utils``."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    spec = importlib.util.spec_from_file_location("flowserve_runner", ROOT / "server" / "triton" / "runner" / "model.py")
+    path = ROOT / "server" / "triton" / "runner" / "model.py"
+    spec = importlib.util.spec_from_file_location("flowserve_runner", path)
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
     return runner

@@ -1,5 +1,6 @@
-"""Small things about flows the tests share: the two served flows' names and batch sizes,
-the samples a seed must give, and weights that compute something."""
+"""Flows the tests share: the two served flows' names and batch sizes, the samples a seed
+must give, small configs of every family (``FLOW_CONFIGS``) with inputs that fit them, and
+the measures the sequential directions are checked with."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ SMALL_CHUNKS = "moons-small-chunks"
 LARGE_CHUNKS = "moons-large-chunks"
 SMALL_BATCH = 64
 MAX_ROWS_PER_REQUEST = 80_000  # not the default (100,000), so the flag is tested
+
 
 def expected_samples(flow, seed: int, n: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """What the gateway must return for Sample: the flow applied to PCG64(seed) noise."""
@@ -43,11 +45,7 @@ def set_early_exit(model: torch.nn.Module, early_exit: bool) -> torch.nn.Module:
 
 
 STANDARDIZE_3D = {"kind": "standardize", "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 1.0]}
-
-
 PIXELS = {"kind": "dequantize", "levels": 17}
-
-
 FLOW_CONFIGS: dict[str, dict] = {
     "nice-2d": {"family": "nice", "event_shape": [2], "num_couplings": 4, "hidden_features": [16, 16]},
     "realnvp-2d": {"family": "realnvp", "event_shape": [2], "num_couplings": 4, "hidden_features": [32, 32]},
@@ -72,6 +70,7 @@ FLOW_CONFIGS: dict[str, dict] = {
 
 
 def parametrize_configs(predicate) -> pytest.MarkDecorator:
+    """Parametrize ``config`` over the configs of FLOW_CONFIGS that ``predicate`` admits."""
     chosen = {name: config for name, config in FLOW_CONFIGS.items() if predicate(config)}
     return pytest.mark.parametrize("config", chosen.values(), ids=chosen.keys())
 

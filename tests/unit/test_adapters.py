@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 import zuko
-from helpers.library_flows import (
+from helpers.library_adapters import (
     NFLOWS_FLOWS,
     ZUKO_FLOWS,
     inputs,
     library_generation,
     library_log_prob,
-    nflows_maf,
     perturbed,
     perturbed_nflows,
 )
+from helpers.library_flows import nflows_maf
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow as NflowsBase
 from nflows.nn.nets import ResidualNet
