@@ -166,8 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, default=1000)
     sample.add_argument("--seed", type=int, default=None)
     sample.add_argument("--temperature", type=float, default=None)
-    sample.add_argument("--context", type=_float_list, default=None, metavar="V1,V2,...",
-                        help="one context for every sample, e.g. a one-hot label: 0,0,1,0,0,0,0,0,0,0")
+    contexts = sample.add_mutually_exclusive_group()
+    contexts.add_argument("--context", type=_float_list, default=None, metavar="V1,V2,...",
+                          help="one context for every sample, e.g. a one-hot label: 0,0,1,0,0,0,0,0,0,0")
+    contexts.add_argument("--context-file", type=Path, default=None, metavar="C.npy",
+                          help="contexts from a .npy file: one per sample, or B of them with --per-context")
+    sample.add_argument("--per-context", type=int, default=None, metavar="N",
+                        help="N samples for each context (B x N in all; -n is then ignored): "
+                             "the output is [B, N, *event_shape]")
     sample.add_argument("--stream", action="store_true",
                         help="SampleStream: any number of samples, in chunks, written to --output as they come "
                              "(raise --timeout for very many)")

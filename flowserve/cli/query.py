@@ -42,38 +42,47 @@ def _token(args) -> str | None:
 
 
 def sample_command(args) -> None:
+    context = args.context if args.context_file is None else _load_npy(args.context_file)
+    if args.per_context is not None and context is None:
+        raise ValueError("--per-context draws samples for each context: give --context-file (or --context)")
+    num_samples = 0 if args.per_context is not None else args.num_samples
     with connect(args) as client:
         if args.stream:
-            _sample_stream(client, args)
+            _sample_stream(client, args, num_samples, context)
             return
-        result = client.sample(args.model, args.num_samples, seed=args.seed, temperature=args.temperature,
-                               context=args.context)
-    print(f"{len(result.x)} samples from {args.model} (seed {result.seed}); "
+        result = client.sample(args.model, num_samples, seed=args.seed, temperature=args.temperature,
+                               context=context, samples_per_context=args.per_context)
+    grouped = "" if args.per_context is None else f" ({result.x.shape[0]} contexts x {args.per_context})"
+    print(f"{result.log_prob.size} samples{grouped} from {args.model} (seed {result.seed}); "
           f"mean log p(x) {result.log_prob.mean():.4f}")
-    print(np.array2string(result.x[:5], precision=4))
+    print(np.array2string(result.x.reshape(result.log_prob.size, *result.x.shape[result.log_prob.ndim:])[:5],
+                          precision=4))
     if args.output:
         np.save(args.output, result.x)
         print(f"wrote {args.output}")
 
 
-def _sample_stream(client, args) -> None:
+def _sample_stream(client, args, num_samples: int, context: np.ndarray | None) -> None:
     """SampleStream: chunks go straight into the .npy file (memory-mapped), so any number of
     samples fits in a few chunks of memory here too; progress on a terminal."""
+    per = args.per_context
+    rows = num_samples if per is None else per * (1 if context.ndim == 1 else len(context))
     output, seed, total, log_prob_sum = None, None, 0, 0.0
     show_progress = sys.stderr.isatty()
     try:
-        for chunk in client.sample_stream(args.model, args.num_samples, seed=args.seed,
-                                          temperature=args.temperature, context=args.context):
+        for chunk in client.sample_stream(args.model, num_samples, seed=args.seed, temperature=args.temperature,
+                                          context=context, samples_per_context=per):
             if args.output and output is None:
+                groups = (rows,) if per is None else (rows // per, per)
                 output = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32,
-                                                   shape=(args.num_samples, *chunk.x.shape[1:]))
+                                                   shape=(*groups, *chunk.x.shape[1:]))
             if output is not None:
-                output[total:total + len(chunk.x)] = chunk.x
+                output.reshape(rows, *chunk.x.shape[1:])[total:total + len(chunk.x)] = chunk.x
             if total == 0:
                 print(np.array2string(chunk.x[:5], precision=4))
             seed, total, log_prob_sum = chunk.seed, total + len(chunk.x), log_prob_sum + float(chunk.log_prob.sum())
             if show_progress:
-                print(f"\rSampleStream: {total:,} of {args.num_samples:,} rows", end="", file=sys.stderr, flush=True)
+                print(f"\rSampleStream: {total:,} of {rows:,} rows", end="", file=sys.stderr, flush=True)
     finally:
         if show_progress:
             print(file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,9 +20,16 @@ from flowserve.server.protocol.tls import ClientTLS
 
 @dataclass(frozen=True)
 class Samples:
+    """Sample's answer: x [num_samples, *event_shape] (with samples_per_context N:
+    [B, N, *event_shape]) and log p of the same leading shape when asked for. A stream's chunk
+    is [rows, *event_shape]; ``first_row`` places it among the call's rows and
+    ``context_index`` (with samples_per_context) says which context each row belongs to."""
+
     x: np.ndarray
     log_prob: np.ndarray | None
     seed: int
+    first_row: int = 0
+    context_index: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -73,22 +81,28 @@ class FlowClient:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata).models)
 
     def sample(
-        self, model: str, num_samples: int, seed: int | None = None,
-        temperature: float | None = None, return_log_prob: bool = True, context: np.ndarray | None = None,
+        self, model: str, num_samples: int = 0, seed: int | None = None, temperature: float | None = None,
+        return_log_prob: bool = True, context: np.ndarray | None = None, samples_per_context: int | None = None,
     ) -> Samples:
-        """Draw samples; ``context`` is [*context_shape] (one for all) or [num_samples, *context_shape]."""
-        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context)
-        return _samples(self.stub.Sample(request, timeout=self.timeout, metadata=self.metadata), return_log_prob)
+        """Draw samples; ``context`` is [*context_shape] (one for all) or [num_samples, *context_shape].
+        With ``samples_per_context`` N, ``context`` is [B, *context_shape] and the answer holds
+        N samples for each context: x [B, N, *event_shape], log_prob [B, N]."""
+        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context, samples_per_context)
+        response = self.stub.Sample(request, timeout=self.timeout, metadata=self.metadata)
+        samples = _samples(response, return_log_prob)
+        if samples_per_context is not None and samples.log_prob is not None:
+            return dataclasses.replace(samples, log_prob=samples.log_prob.reshape(samples.x.shape[:2]))
+        return samples
 
     def sample_stream(
-        self, model: str, num_samples: int, seed: int | None = None,
-        temperature: float | None = None, return_log_prob: bool = True, context: np.ndarray | None = None,
+        self, model: str, num_samples: int = 0, seed: int | None = None, temperature: float | None = None,
+        return_log_prob: bool = True, context: np.ndarray | None = None, samples_per_context: int | None = None,
     ) -> Iterator[Samples]:
         """Draw any number of samples, in consecutive chunks as the gateway sends them: the same
         seed gives the rows of :meth:`sample`. The client's timeout bounds the whole stream."""
-        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context)
+        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context, samples_per_context)
         for response in self.stub.SampleStream(request, timeout=self.timeout, metadata=self.metadata):
-            yield _samples(response, return_log_prob)
+            yield _samples(response, return_log_prob, samples_per_context)
 
     def log_likelihood(self, model: str, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         """log p(x | context) of each row of ``x``; see :meth:`score` for bits/dim."""
@@ -107,10 +121,13 @@ class FlowClient:
 
 
 def sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,
-                   return_log_prob: bool, context: np.ndarray | pb.Tensor | None) -> pb.SampleRequest:
-    """A SampleRequest; ``seed`` and ``temperature`` stay unset when None, as does ``context``
-    (an array, or a Tensor message as it is)."""
+                   return_log_prob: bool, context: np.ndarray | pb.Tensor | None,
+                   samples_per_context: int | None = None) -> pb.SampleRequest:
+    """A SampleRequest; ``seed``, ``temperature`` and ``samples_per_context`` stay unset when
+    None, as does ``context`` (an array, or a Tensor message as it is)."""
     request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
+    if samples_per_context is not None:
+        request.samples_per_context = samples_per_context
     if seed is not None:
         request.seed = seed
     if temperature is not None:
@@ -120,6 +137,10 @@ def sample_request(model: str, num_samples: int, seed: int | None, temperature: 
     return request
 
 
-def _samples(response: pb.SampleResponse, return_log_prob: bool) -> Samples:
+def _samples(response: pb.SampleResponse, return_log_prob: bool, samples_per_context: int | None = None) -> Samples:
+    """The Samples of a response; with ``samples_per_context``, a stream's chunk (flat rows)
+    also gets each row's context index, from its first row."""
+    x = tensors.decode(response.samples, "samples")
     log_prob = np.asarray(response.log_prob, dtype=np.float32) if return_log_prob else None
-    return Samples(tensors.decode(response.samples, "samples"), log_prob, response.seed)
+    index = None if samples_per_context is None else (response.first_row + np.arange(len(x))) // samples_per_context
+    return Samples(x, log_prob, response.seed, response.first_row, index)

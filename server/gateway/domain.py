@@ -32,7 +32,9 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SampleQuery:
-    """A Sample request; ``context`` is [*context_shape] or [num_samples, *context_shape]."""
+    """A Sample request; ``context`` is [*context_shape] or [num_samples, *context_shape], or
+    with ``samples_per_context`` N, [B, *context_shape]: N samples for each of B contexts
+    (``num_samples`` is then 0 or B x N)."""
 
     model: str
     num_samples: int
@@ -40,13 +42,19 @@ class SampleQuery:
     temperature: float = 1.0
     return_log_prob: bool = False
     context: np.ndarray | None = None
+    samples_per_context: int | None = None
 
 
 @dataclass(frozen=True)
 class SampleResult:
+    """Samples [rows, *event_shape] (Sample with samples_per_context N: [B, N, *event_shape]),
+    their log p in row order, the seed, and the index of the first row among the call's rows
+    (a stream's chunks)."""
+
     samples: np.ndarray
     log_prob: np.ndarray | None
     seed: int
+    first_row: int = 0
 
 
 @dataclass(frozen=True)

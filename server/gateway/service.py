@@ -101,62 +101,92 @@ class FlowService:
         return infos
 
     async def sample(self, query: SampleQuery, timeout: float | None = None) -> SampleResult:
-        """Draw ``num_samples`` samples; the base noise comes from the seed alone.
+        """Draw ``num_samples`` samples (or ``samples_per_context`` for each context); the base
+        noise comes from the seed alone.
 
-        The noise is [num_samples, noise_dim] standard normal from PCG64(seed), times the
+        The noise is [rows, noise_dim] standard normal from PCG64(seed), times the
         temperature, drawn chunk by chunk as the chunks go to Triton; the results are written
-        into the response's arrays as they come back.
+        into the response's arrays as they come back. With ``samples_per_context`` N, each of
+        the B contexts is repeated N times, one per row: the rows are those of that call.
         """
         flow = self.catalog.get(query.model)
-        self._check_rows("num_samples", query.num_samples, flow)
-        context, seed = self._sample_setup(flow, query)
-        n = query.num_samples
+        n, context = self._sample_rows(flow, query, stream=False)
+        seed = self._seed(query)
         with self._reserve(n):
             chunk = await self.backend.max_batch_size(flow.models[GENERATION])
             samples = np.empty((n, flow.dim), np.float32)
             log_prob = np.empty(n, np.float32)
-            async for start, outputs in self._generate(flow, query, seed, context, chunk, timeout):
+            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, timeout):
                 rows = len(outputs["log_prob"])
                 samples[start:start + rows] = outputs["x"]
                 log_prob[start:start + rows] = outputs["log_prob"]
-        return SampleResult(samples.reshape(n, *flow.event_shape), log_prob if query.return_log_prob else None, seed)
+        per = query.samples_per_context
+        shape = (n, *flow.event_shape) if per is None else (n // per, per, *flow.event_shape)
+        return SampleResult(samples.reshape(shape), log_prob if query.return_log_prob else None, seed)
 
     async def sample_stream(self, query: SampleQuery, timeout: float | None = None) -> AsyncIterator[SampleResult]:
         """The samples of :meth:`sample` for the same query and seed, as consecutive chunks of
         Triton's ``max_batch_size`` rows, up to ``max_rows_per_stream`` in all. At most
         ``max_chunks_in_flight_per_request`` chunks are in the gateway at once, and none is
         drawn before the reader has taken the ones before: memory does not grow with the rows.
-        A chunk also fits in one message (fewer rows for very wide flows)."""
+        A chunk also fits in one message (fewer rows for very wide flows), and says where its
+        first row is among the call's rows."""
         flow = self.catalog.get(query.model)
-        if not 1 <= query.num_samples <= self.limits.max_rows_per_stream:
-            raise InvalidArgument(f"num_samples must be in 1..{self.limits.max_rows_per_stream} for a stream, "
-                                  f"got {query.num_samples}")
-        context, seed = self._sample_setup(flow, query)
+        n, context = self._sample_rows(flow, query, stream=True)
+        seed = self._seed(query)
         chunk = min(await self.backend.max_batch_size(flow.models[GENERATION]), _message_rows(flow))
-        with self._reserve(min(query.num_samples, chunk * self.limits.max_chunks_in_flight_per_request)):
-            async for _, outputs in self._generate(flow, query, seed, context, chunk, timeout):
+        with self._reserve(min(n, chunk * self.limits.max_chunks_in_flight_per_request)):
+            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, timeout):
                 samples = outputs["x"].reshape(-1, *flow.event_shape)
-                yield SampleResult(samples, outputs["log_prob"] if query.return_log_prob else None, seed)
+                yield SampleResult(samples, outputs["log_prob"] if query.return_log_prob else None, seed, start)
 
-    def _sample_setup(self, flow: FlowMetadata, query: SampleQuery) -> tuple[np.ndarray | None, int]:
-        """The query's context rows and its seed (a fresh one when unset); checks the temperature."""
+    def _sample_rows(self, flow: FlowMetadata, query: SampleQuery, stream: bool) -> tuple[int, Contexts | None]:
+        """The query's rows and their context rows, checked against the call's row limits."""
+        per = query.samples_per_context
+        if per is None:
+            n = query.num_samples
+            if not stream:
+                self._check_rows("num_samples", n, flow)
+            elif not 1 <= n <= self.limits.max_rows_per_stream:
+                raise InvalidArgument(f"num_samples must be in 1..{self.limits.max_rows_per_stream} for a stream, "
+                                      f"got {n}")
+            return n, _context_rows(flow, query.context, n, "num_samples")
+        if per < 1:
+            raise InvalidArgument(f"samples_per_context must be >= 1, got {per}")
+        contexts = _context_batch(flow, query.context)
+        n = len(contexts) * per
+        product = f"{len(contexts)} contexts x samples_per_context {per} = {n} rows"
+        if query.num_samples not in (0, n):
+            raise InvalidArgument(f"num_samples is {query.num_samples} but {product}; leave num_samples 0 or send {n}")
+        limit = self.limits.max_rows_per_stream if stream else self.limits.max_rows_per_request
+        if n > limit:
+            where = "per stream" if stream else "per request: use SampleStream, which takes up to " \
+                f"{self.limits.max_rows_per_stream}"
+            raise InvalidArgument(f"{product}, above this gateway's limit of {limit} rows {where}")
+        if not stream:
+            self._check_rows(product, n, flow)
+        return n, _RepeatedContexts(contexts, per)
+
+    @staticmethod
+    def _seed(query: SampleQuery) -> int:
+        """The query's seed (a fresh one when unset); checks the temperature."""
         if not (math.isfinite(query.temperature) and query.temperature > 0):
             raise InvalidArgument(f"temperature must be a finite number > 0, got {query.temperature}")
-        context = _context_rows(flow, query.context, query.num_samples, "num_samples")
-        return context, secrets.randbits(64) if query.seed is None else query.seed
+        return secrets.randbits(64) if query.seed is None else query.seed
 
     async def _generate(
-        self, flow: FlowMetadata, query: SampleQuery, seed: int, context: np.ndarray | None, chunk: int,
+        self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: Contexts | None, chunk: int,
         timeout: float | None,
     ) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
-        """(first row, outputs) of each chunk of ``chunk`` rows of the generation direction, in order."""
+        """(first row, outputs) of each chunk of ``chunk`` of ``rows`` rows of the generation
+        direction, in order."""
         spec = flow.spec(GENERATION)
         rng = np.random.Generator(np.random.PCG64(seed))
         temperature = np.float32(query.temperature)
 
         def chunks() -> Iterator[dict[str, np.ndarray]]:
-            for start in range(0, query.num_samples, chunk):
-                noise = rng.standard_normal((min(chunk, query.num_samples - start), flow.noise_dim), dtype=np.float32)
+            for start in range(0, rows, chunk):
+                noise = rng.standard_normal((min(chunk, rows - start), flow.noise_dim), dtype=np.float32)
                 noise *= temperature
                 yield _inputs(spec, noise, None if context is None else context[start:start + chunk])
 
@@ -308,6 +338,42 @@ def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, row
     if not finite.all():
         raise InvalidArgument(f"context has non-finite values (NaN or inf) in row {int(np.argmin(finite))}")
     return context.reshape(rows, flow.context_dim)
+
+
+class _RepeatedContexts:
+    """B contexts, each repeated ``per`` times, one per row: sliced by rows like the [B x per,
+    context_dim] array they stand for, without holding it (a stream may have 10^9 rows)."""
+
+    def __init__(self, contexts: np.ndarray, per: int):
+        self.contexts, self.per = contexts, per
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(len(self.contexts) * self.per)
+        return self.contexts[np.arange(start, stop) // self.per]
+
+
+Contexts = np.ndarray | _RepeatedContexts
+"""A sample call's context rows: an array [rows, context_dim], or B contexts repeated."""
+
+
+def _context_batch(flow: FlowMetadata, context: np.ndarray | None) -> np.ndarray:
+    """The B contexts of a samples_per_context query as [B, context_dim]: ``context`` is
+    [B, *context_shape], or [*context_shape] for B = 1. Raises InvalidArgument naming ``context``."""
+    shape = flow.context_shape
+    if not shape:
+        raise InvalidArgument(f"samples_per_context draws samples for each context, but model {flow.name!r} takes "
+                              "no context; use num_samples alone")
+    if context is None:
+        raise InvalidArgument(f"samples_per_context needs context of shape [B, {_dims(shape)}]; context is unset")
+    if tuple(context.shape) == shape:
+        context = context.reshape(1, *shape)
+    if context.ndim != 1 + len(shape) or tuple(context.shape[1:]) != shape:
+        raise InvalidArgument(f"context.shape is {list(context.shape)}; with samples_per_context model {flow.name!r} "
+                              f"expects [B, {_dims(shape)}]")
+    finite = np.isfinite(context).reshape(len(context), -1).all(axis=1)
+    if not finite.all():
+        raise InvalidArgument(f"context has non-finite values (NaN or inf) in row {int(np.argmin(finite))}")
+    return context.reshape(len(context), flow.context_dim)
 
 
 def _inputs(spec: DirectionSpec, rows: np.ndarray, context: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ def _sample_query(request: pb.SampleRequest) -> SampleQuery:
         temperature=request.temperature if request.HasField("temperature") else 1.0,
         return_log_prob=request.return_log_prob,
         context=_context(request),
+        samples_per_context=request.samples_per_context if request.HasField("samples_per_context") else None,
     )
 
 
@@ -67,12 +68,14 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         ])
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
-        result = await self.service.sample(_sample_query(request), timeout=context.time_remaining())
-        return tensors.sample_response(result.samples, result.log_prob, result.seed)
+        query = _sample_query(request)
+        result = await self.service.sample(query, timeout=context.time_remaining())
+        rows = len(result.samples) * (query.samples_per_context or 1)
+        return tensors.sample_response(result.samples, result.log_prob, result.seed, rows=rows)
 
     async def SampleStream(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
         async for chunk in self.service.sample_stream(_sample_query(request), timeout=context.time_remaining()):
-            yield tensors.sample_response(chunk.samples, chunk.log_prob, chunk.seed)
+            yield tensors.sample_response(chunk.samples, chunk.log_prob, chunk.seed, chunk.first_row)
 
     async def LogLikelihood(self, request: pb.LogLikelihoodRequest, context: grpc.aio.ServicerContext):
         query = LogLikelihoodQuery(

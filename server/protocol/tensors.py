@@ -100,13 +100,16 @@ def _floats(array: np.ndarray | None) -> list:
     return [] if array is None else [memoryview(np.ascontiguousarray(array, dtype=WIRE_DTYPE)).cast("B")]
 
 
-def sample_response(samples: np.ndarray, log_prob: np.ndarray | None, seed: int) -> Serialized:
-    """A ``SampleResponse`` on the wire, the samples' bytes copied once."""
+def sample_response(samples: np.ndarray, log_prob: np.ndarray | None, seed: int, first_row: int = 0,
+                    rows: int | None = None) -> Serialized:
+    """A ``SampleResponse`` on the wire, the samples' bytes copied once; ``rows`` (the samples
+    it carries, for the metrics) defaults to ``len(samples)``."""
     parts = _length_delimited(pb.SampleResponse, "samples", _tensor(samples))
     parts += _length_delimited(pb.SampleResponse, "log_prob", _floats(log_prob))
-    if seed:
-        parts += [_key(pb.SampleResponse, "seed", _VARINT), _varint(seed)]
-    return Serialized(b"".join(parts), len(samples))
+    for field, value in (("seed", seed), ("first_row", first_row)):
+        if value:
+            parts += [_key(pb.SampleResponse, field, _VARINT), _varint(value)]
+    return Serialized(b"".join(parts), len(samples) if rows is None else rows)
 
 
 def log_likelihood_response(log_prob: np.ndarray, bits_per_dim: np.ndarray | None) -> Serialized:

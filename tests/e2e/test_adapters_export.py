@@ -144,16 +144,26 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
                 one_side = None if context is None else np.ones(1, np.float32)
                 served[name] = (client.log_likelihood(name, rows[:300], None if context is None else context[:300]),
                                 client.sample(name, 300, seed=5, context=one_side))
+            both_sides = np.array([[0.0], [1.0]], np.float32)  # 150 samples of each moon in one call
+            grouped = client.sample("zuko-nsf-conditional", seed=6, context=both_sides, samples_per_context=150)
+            repeated = client.sample("zuko-nsf-conditional", 300, seed=6, context=np.repeat(both_sides, 150, axis=0))
+            streamed = list(client.sample_stream("zuko-nsf-conditional", seed=6, context=both_sides,
+                                                 samples_per_context=150))
     finally:
         assert stop_serve(process) == 0
     assert families == {name: name.split("-")[0] for name in LIVE_FLOWS}
+    assert grouped.x.shape == (2, 150, 2) and grouped.log_prob.shape == (2, 150)
+    np.testing.assert_array_equal(grouped.x.reshape(300, 2), repeated.x)  # B x N: bit for bit
+    np.testing.assert_array_equal(grouped.log_prob.reshape(300), repeated.log_prob)
+    np.testing.assert_array_equal(np.concatenate([chunk.x for chunk in streamed]), repeated.x)
+    assert np.concatenate([chunk.context_index for chunk in streamed]).tolist() == [0] * 150 + [1] * 150
     with torch.no_grad():
         for name, (model, context) in models.items():
             log_prob, samples = served[name]
             expected = library_adapters.library_log_prob(model, torch.from_numpy(rows[:300]),
-                                        None if context is None else torch.from_numpy(context[:300]))
+                                                         None if context is None else torch.from_numpy(context[:300]))
             np.testing.assert_allclose(log_prob, expected.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
             x, expected_log_prob = library_adapters.library_generation(model, torch.from_numpy(noise),
-                                                      None if context is None else torch.ones(300, 1))
+                                                                       None if context is None else torch.ones(300, 1))
             np.testing.assert_allclose(samples.x, x.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
             np.testing.assert_allclose(samples.log_prob, expected_log_prob.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)

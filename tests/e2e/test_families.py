@@ -132,6 +132,22 @@ def test_served_samples_equal_pytorch_with_the_same_noise(zoo_server, zoo, name)
     np.testing.assert_allclose(result.log_prob, expected_log_prob.numpy(), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", [name for name, entry in ZOO.items() if entry.dataset.endswith("-conditional")])
+def test_samples_per_context_are_the_repeated_context_samples_bit_for_bit(zoo_server, zoo, name):
+    """B x N on the real Triton: 4 contexts x 25 samples are the samples of the call that
+    sends each context 25 times, one per row, with the same seed; SampleStream likewise."""
+    model, _, context = _heldout(zoo[name])
+    contexts = context[:4].numpy()
+    grouped = zoo_server.sample(name, seed=3, context=contexts, samples_per_context=25)
+    repeated = zoo_server.sample(name, 100, seed=3, context=np.repeat(contexts, 25, axis=0))
+    streamed = list(zoo_server.sample_stream(name, seed=3, context=contexts, samples_per_context=25))
+    assert grouped.x.shape == (4, 25, *model.event_shape) and grouped.log_prob.shape == (4, 25)
+    np.testing.assert_array_equal(grouped.x.reshape(repeated.x.shape), repeated.x)
+    np.testing.assert_array_equal(grouped.log_prob.reshape(100), repeated.log_prob)
+    np.testing.assert_array_equal(np.concatenate([chunk.x for chunk in streamed]), repeated.x)
+    assert np.concatenate([chunk.context_index for chunk in streamed]).tolist() == [i // 25 for i in range(100)]
+
+
 def test_served_maf_samples_are_the_d_step_loops(zoo_server, zoo):
     """The early exit changes no served sample: Sample through the gateway equals the
     generation graph that runs all D steps, on the same seeded noise."""

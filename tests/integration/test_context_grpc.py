@@ -12,7 +12,9 @@ import grpc
 import numpy as np
 import pytest
 from helpers import fakes
+from helpers.fakes import InMemoryBackend, fake_answer, serve_and_call
 
+from flowserve import cli
 from flowserve.server.client import FlowClient
 from flowserve.server.gateway.app import Gateway, GatewayConfig
 from flowserve.server.protocol.proto import flowserve_pb2 as pb
@@ -118,3 +120,41 @@ def test_messages_that_do_not_parse_and_oversized_input_get_precise_bounded_erro
     invalid = {"method": "Sample", "model": "unknown", "code": "INVALID_ARGUMENT"}
     assert registry.get_sample_value("flowserve_requests_total", invalid) == 2
     assert "Traceback" not in caplog.text
+
+
+def test_samples_per_context_through_grpc_the_client_and_the_cli(conditional_repository, tmp_path, capsys):
+    """B x N through the real gateway: the client's [B, N] answer equals the repeated-context
+    call, a stream's chunks say each row's context, and ``flowserve sample --per-context``
+    writes [B, N, *event_shape]."""
+    contexts = np.random.default_rng(4).normal(size=(3, 3)).astype(np.float32)
+    np.save(tmp_path / "contexts.npy", contexts)
+
+    def calls(target: str) -> tuple:
+        with FlowClient(target, timeout=30) as client:
+            grouped = client.sample(fakes.CONDITIONAL, seed=5, context=contexts, samples_per_context=4)
+            flat = client.sample(fakes.CONDITIONAL, 12, seed=5, context=np.repeat(contexts, 4, axis=0))
+            chunks = list(client.sample_stream(fakes.CONDITIONAL, seed=5, context=contexts, samples_per_context=4))
+            with pytest.raises(grpc.RpcError) as refused:
+                client.sample(fakes.CONDITIONAL, seed=5, context=contexts, samples_per_context=0)
+        base = ["--target", target, "--model", fakes.CONDITIONAL, "--seed", "5", "--context-file",
+                str(tmp_path / "contexts.npy"), "--per-context", "4"]
+        codes = [cli.main(["sample", *base, "-o", str(tmp_path / "grouped.npy")]),
+                 cli.main(["sample", *base, "--stream", "-o", str(tmp_path / "streamed.npy")])]
+        return grouped, flat, chunks, refused.value, codes
+
+    (grouped, flat, chunks, refused, codes), _ = serve_and_call(
+        GatewayConfig(conditional_repository, triton_url="in-memory", host="127.0.0.1", port=0,
+                      metrics_port=free_port()), calls,
+        InMemoryBackend(fake_answer, max_batch_size=fakes.CHUNK))
+    assert grouped.x.shape == (3, 4, *fakes.EVENT_SHAPE) and grouped.log_prob.shape == (3, 4)
+    np.testing.assert_array_equal(grouped.x.reshape(flat.x.shape), flat.x)
+    np.testing.assert_array_equal(grouped.log_prob.reshape(-1), flat.log_prob)
+    assert [chunk.first_row for chunk in chunks] == [0, 4, 8]
+    assert [chunk.context_index.tolist() for chunk in chunks] == [[0] * 4, [1] * 4, [2] * 4]
+    np.testing.assert_array_equal(np.concatenate([chunk.x for chunk in chunks]), flat.x)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details() == "samples_per_context must be >= 1, got 0"
+    assert codes == [0, 0]
+    assert "12 samples (3 contexts x 4)" in capsys.readouterr().out
+    for name in ("grouped.npy", "streamed.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / name), grouped.x)

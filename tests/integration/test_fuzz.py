@@ -92,8 +92,10 @@ def _score(model, x, context, bits) -> pb.LogLikelihoodRequest:
     return request
 
 
+SAMPLES_PER_CONTEXT = st.none() | st.integers(-3, 8) | st.sampled_from([10**6, 2**62])
 samples = st.builds(sample_request, MODELS, NUM_SAMPLES, st.none() | st.integers(0, 2**64 - 1),
-                    st.none() | st.floats(0.25, 2, width=32) | st.floats(width=32), st.booleans(), CONTEXTS)
+                    st.none() | st.floats(0.25, 2, width=32) | st.floats(width=32), st.booleans(), CONTEXTS,
+                    SAMPLES_PER_CONTEXT)
 scores = st.builds(_score, MODELS, tensors([-1, 1, 2, 2]), CONTEXTS, st.booleans())
 calls = st.one_of(
     st.tuples(st.sampled_from(["Sample", "SampleStream"]), samples.map(pb.SampleRequest.SerializeToString)),

@@ -89,6 +89,47 @@ def test_sample_broadcasts_one_context_to_every_row(service, backend):
     assert result.samples.shape == (10, *EVENT_SHAPE) and result.log_prob is None
 
 
+def test_samples_per_context_are_the_samples_of_the_repeated_contexts_bit_for_bit(service):
+    contexts = np.random.default_rng(2).normal(size=(3, 3)).astype(np.float32)
+    query = SampleQuery(CONDITIONAL, 0, seed=9, temperature=0.7, return_log_prob=True, context=contexts,
+                        samples_per_context=5)
+    repeated = SampleQuery(CONDITIONAL, 15, seed=9, temperature=0.7, return_log_prob=True,
+                           context=np.repeat(contexts, 5, axis=0))
+    grouped, flat = asyncio.run(service.sample(query)), asyncio.run(service.sample(repeated))
+    assert grouped.samples.shape == (3, 5, *EVENT_SHAPE) and grouped.seed == flat.seed == 9
+    np.testing.assert_array_equal(grouped.samples.reshape(flat.samples.shape), flat.samples)
+    np.testing.assert_array_equal(grouped.log_prob, flat.log_prob)
+
+    async def stream(q):
+        return [chunk async for chunk in service.sample_stream(q)]
+
+    chunks = asyncio.run(stream(query))
+    assert [chunk.first_row for chunk in chunks] == [0, 4, 8, 12]  # the stand-in's chunks of 4 rows
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in chunks]), flat.samples)
+    np.testing.assert_array_equal(np.concatenate([c.log_prob for c in chunks]), flat.log_prob)
+    one = asyncio.run(service.sample(SampleQuery(CONDITIONAL, 5, seed=9, context=contexts[0], samples_per_context=5)))
+    assert one.samples.shape == (1, 5, *EVENT_SHAPE)  # one context of [*context_shape]: B = 1
+
+
+@pytest.mark.parametrize(("model", "context", "per", "num_samples", "message"), [
+    (CONDITIONAL, np.zeros((2, 3)), 0, 0, "samples_per_context must be >= 1, got 0"),
+    (CONDITIONAL, np.zeros((2, 3)), -4, 0, "samples_per_context must be >= 1, got -4"),
+    (CONDITIONAL, np.zeros((2, 4)), 3, 0, r"context.shape is \[2, 4\]; with samples_per_context model 'digits-cond' "
+                                          r"expects \[B, 3\]"),
+    (CONDITIONAL, None, 3, 0, r"samples_per_context needs context of shape \[B, 3\]; context is unset"),
+    (CONDITIONAL, np.zeros((2, 3)), 3, 7, "num_samples is 7 but 2 contexts x samples_per_context 3 = 6 rows"),
+    (CONDITIONAL, np.zeros((4, 3)), 30_000, 0, "4 contexts x samples_per_context 30000 = 120000 rows, above this "
+                                               "gateway's limit of 100000 rows per request: use SampleStream"),
+    (UNCONDITIONAL, np.zeros((2, 3)), 3, 0, "model 'digits-plain' takes no context; use num_samples alone"),
+])
+def test_samples_per_context_errors_name_the_field(service, backend, model, context, per, num_samples, message):
+    query = SampleQuery(model, num_samples, context=None if context is None else context.astype(np.float32),
+                        samples_per_context=per)
+    with pytest.raises(InvalidArgument, match=message):
+        asyncio.run(service.sample(query))
+    assert backend.calls == []
+
+
 @pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "broadcast"])
 def test_log_likelihood_chunks_carry_their_context_rows_and_give_bits_per_dim(service, backend, per_row):
     rng = np.random.default_rng(1)

@@ -34,10 +34,11 @@ def test_responses_built_on_the_wire_are_what_protobuf_writes(shape, seed):
     rng = np.random.default_rng(seed % 1000)
     samples = rng.standard_normal(shape).astype(np.float32)
     log_prob = rng.standard_normal(shape[0]).astype(np.float32)
-    for optional in (log_prob, None):
+    for optional, first_row in ((log_prob, 0), (None, 0), (log_prob, 3 * seed % 2**40 + 1)):
         expected = pb.SampleResponse(samples=pb.Tensor(shape=list(shape), data=samples.tobytes()),
-                                     log_prob=[] if optional is None else optional.tolist(), seed=seed)
-        built = tensors.sample_response(samples, optional, seed)
+                                     log_prob=[] if optional is None else optional.tolist(), seed=seed,
+                                     first_row=first_row)
+        built = tensors.sample_response(samples, optional, seed, first_row)
         assert built.data == expected.SerializeToString() and built.rows == shape[0]
         expected = pb.LogLikelihoodResponse(log_prob=log_prob.tolist(),
                                             bits_per_dim=[] if optional is None else (2 * optional).tolist())

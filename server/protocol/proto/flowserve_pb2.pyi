@@ -73,30 +73,34 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "num_samples", "seed", "temperature", "return_log_prob", "context")
+    __slots__ = ("model", "num_samples", "seed", "temperature", "return_log_prob", "context", "samples_per_context")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_samples: int
     seed: int
     temperature: float
     return_log_prob: bool
     context: Tensor
-    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_log_prob: _Optional[bool] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    samples_per_context: int
+    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_log_prob: _Optional[bool] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., samples_per_context: _Optional[int] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("samples", "log_prob", "seed")
+    __slots__ = ("samples", "log_prob", "seed", "first_row")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROW_FIELD_NUMBER: _ClassVar[int]
     samples: Tensor
     log_prob: _containers.RepeatedScalarFieldContainer[float]
     seed: int
-    def __init__(self, samples: _Optional[_Union[Tensor, _Mapping]] = ..., log_prob: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ...) -> None: ...
+    first_row: int
+    def __init__(self, samples: _Optional[_Union[Tensor, _Mapping]] = ..., log_prob: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., first_row: _Optional[int] = ...) -> None: ...
 
 class LogLikelihoodRequest(_message.Message):
     __slots__ = ("model", "x", "context", "return_bits_per_dim")
