@@ -160,9 +160,9 @@ class FlowService:
             raise InvalidArgument(f"num_samples is {query.num_samples} but {product}; leave num_samples 0 or send {n}")
         limit = self.limits.max_rows_per_stream if stream else self.limits.max_rows_per_request
         if n > limit:
-            where = "per stream" if stream else "per request: use SampleStream, which takes up to " \
-                f"{self.limits.max_rows_per_stream}"
-            raise InvalidArgument(f"{product}, above this gateway's limit of {limit} rows {where}")
+            advice = "" if stream else f": use SampleStream, which takes up to {self.limits.max_rows_per_stream}"
+            raise InvalidArgument(f"{product}, above this gateway's limit of {limit} rows per "
+                                  f"{'stream' if stream else 'request'}{advice}")
         if not stream:
             self._check_rows(product, n, flow)
         return n, _RepeatedContexts(contexts, per)
