@@ -53,10 +53,10 @@ def sample_command(args) -> None:
         result = client.sample(args.model, num_samples, seed=args.seed, temperature=args.temperature,
                                context=context, samples_per_context=args.per_context)
     grouped = "" if args.per_context is None else f" ({result.x.shape[0]} contexts x {args.per_context})"
-    print(f"{result.log_prob.size} samples{grouped} from {args.model} (seed {result.seed}); "
+    rows = result.x if args.per_context is None else result.x.reshape(-1, *result.x.shape[2:])
+    print(f"{len(rows)} samples{grouped} from {args.model} (seed {result.seed}); "
           f"mean log p(x) {result.log_prob.mean():.4f}")
-    print(np.array2string(result.x.reshape(result.log_prob.size, *result.x.shape[result.log_prob.ndim:])[:5],
-                          precision=4))
+    print(np.array2string(rows[:5], precision=4))
     if args.output:
         np.save(args.output, result.x)
         print(f"wrote {args.output}")

@@ -1,7 +1,7 @@
 """What the gateway's service layer needs of an inference server.
 
 :class:`~flowserve.server.gateway.triton_backend.TritonBackend` is the real one; tests use an in-memory
-one. Methods raise the domain errors of :mod:`flowserve.server.gateway.domain`
+one. Methods raise the errors of :mod:`flowserve.server.protocol.errors`
 (``BackendUnavailable``, ``DeadlineExceeded``, ``BackendError``), never a client library's.
 """
 

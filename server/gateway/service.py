@@ -206,9 +206,7 @@ class FlowService:
             )
         rows = x.shape[0]
         self._check_rows("x.shape[0]", rows, flow)
-        finite = np.isfinite(x).reshape(rows, -1).all(axis=1)
-        if not finite.all():
-            raise InvalidArgument(f"x has non-finite values (NaN or inf) in row {int(np.argmin(finite))}")
+        _check_finite_rows(x, "x")
         if flow.support is not None:
             low, high = flow.support
             inside = ((x >= low) & (x <= high)).reshape(rows, -1).all(axis=1)
@@ -334,9 +332,7 @@ def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, row
             f"context has {context.shape[0]} rows but {rows_field} is {rows}; send {rows} context rows "
             f"or a single context of shape [{_dims(shape)}]"
         )
-    finite = np.isfinite(context).reshape(rows, -1).all(axis=1)
-    if not finite.all():
-        raise InvalidArgument(f"context has non-finite values (NaN or inf) in row {int(np.argmin(finite))}")
+    _check_finite_rows(context, "context")
     return context.reshape(rows, flow.context_dim)
 
 
@@ -370,10 +366,15 @@ def _context_batch(flow: FlowMetadata, context: np.ndarray | None) -> np.ndarray
     if context.ndim != 1 + len(shape) or tuple(context.shape[1:]) != shape:
         raise InvalidArgument(f"context.shape is {list(context.shape)}; with samples_per_context model {flow.name!r} "
                               f"expects [B, {_dims(shape)}]")
-    finite = np.isfinite(context).reshape(len(context), -1).all(axis=1)
-    if not finite.all():
-        raise InvalidArgument(f"context has non-finite values (NaN or inf) in row {int(np.argmin(finite))}")
+    _check_finite_rows(context, "context")
     return context.reshape(len(context), flow.context_dim)
+
+
+def _check_finite_rows(array: np.ndarray, field: str) -> None:
+    """InvalidArgument naming ``field`` and its first row that holds NaN or inf."""
+    finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
+    if not finite.all():
+        raise InvalidArgument(f"{field} has non-finite values (NaN or inf) in row {int(np.argmin(finite))}")
 
 
 def _inputs(spec: DirectionSpec, rows: np.ndarray, context: np.ndarray | None) -> dict[str, np.ndarray]:
