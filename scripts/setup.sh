@@ -42,6 +42,14 @@ if $test_tools; then
     "$PYTHON" -m venv .venv/tools/lint
   fi
   .venv/tools/lint/bin/python -m pip install -qq --disable-pip-version-check -r deploy/lint-requirements.txt
+  # Triton's Python stub under numpy 2 (tests/e2e/test_numpy2_stub.py): an interpreter of its own.
+  if [ ! -x .venv/tools/numpy2/bin/python ]; then
+    "$PYTHON" -m venv .venv/tools/numpy2
+  fi
+  .venv/tools/numpy2/bin/python -m pip install -qq --disable-pip-version-check torch==2.13.0 \
+    ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  .venv/tools/numpy2/bin/python -m pip install -qq --disable-pip-version-check \
+    -r tests/helpers/numpy2_stub_requirements.txt
   if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
     if [ "$(id -u)" -ne 0 ]; then
       echo "setup: the tests need Prometheus and promtool: run as root, or apt-get install prometheus" >&2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def serve_command(args) -> None:
         triton_url = triton.grpc_url
         print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}, log {triton.log_path}",
               flush=True)
+        for model, reason in sorted(triton.failed_models.items()):
+            print(f"flowserve serve: model {model!r} failed to load and is not served: {reason}",
+                  file=sys.stderr, flush=True)
     config = GatewayConfig(
         model_repository=args.model_repository, triton_url=triton_url, host=args.host, port=args.port,
         metrics_port=args.metrics_port, limits=limits, load_changes=triton is not None,

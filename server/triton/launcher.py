@@ -6,8 +6,9 @@ needs, found and set up here:
 * a backend directory holding the Python backend (``libtriton_python.so``, its utils and
   the stub built for this Python) and the ``flowserve_runner`` runner;
 * ``LD_LIBRARY_PATH`` with the wheel's bundled libraries;
-* this environment's ``bin`` first on ``PATH``: the stub ignores ``PYTHONPATH`` and takes
-  its interpreter, and so numpy and onnxruntime, from ``python3`` on ``PATH``.
+* this environment's ``bin`` (or that of another interpreter, ``stub_python``) first on
+  ``PATH``: the stub ignores ``PYTHONPATH`` and takes its interpreter, and so numpy,
+  onnxruntime and torch, from ``python3`` on ``PATH``.
 
 Triton runs in its own process group, so stopping it also stops its stub processes, and
 on Linux it is told to die with its parent, so a killed launcher leaves no orphans.
@@ -27,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -42,16 +43,19 @@ class TritonLaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class TritonInstallation:
-    """Paths inside the installed ``nvidia-pytriton`` wheel."""
+    """Paths inside the installed ``nvidia-pytriton`` wheel, and the interpreter its Python
+    stub will run."""
 
     binary: Path
     python_backend: Path
     stub: Path
     libraries: Path
+    stub_python: Path
 
     @classmethod
-    def find(cls) -> "TritonInstallation":
-        """Locate ``tritonserver`` and its pieces in the installed wheel."""
+    def find(cls, stub_python: Path | None = None) -> "TritonInstallation":
+        """Locate ``tritonserver`` and its pieces in the installed wheel; the stub runs
+        ``stub_python`` (default: this interpreter), with that interpreter's packages."""
         # Found, not imported: importing pytriton loads its client (and gevent), which serve does not use.
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
@@ -61,11 +65,14 @@ class TritonInstallation:
             )
         root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
         python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if stub_python is not None:
+            python_version = _python_version(stub_python)
         found = cls(
             binary=root / "bin" / "tritonserver",
             python_backend=root / "backends" / "python",
             stub=root / "python_backend_stubs" / python_version / "triton_python_backend_stub",
             libraries=root.parent.parent / "nvidia_pytriton.libs",
+            stub_python=Path(stub_python or sys.executable),
         )
         for path in (found.binary, found.python_backend, found.stub, found.libraries):
             if not path.exists():
@@ -91,8 +98,18 @@ class TritonInstallation:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(self.libraries), env.get("LD_LIBRARY_PATH", "")) if p
         )
-        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        env["PATH"] = os.pathsep.join((str(self.stub_python.parent), env.get("PATH", "")))
         return env
+
+
+def _python_version(python: Path) -> str:
+    """``major.minor`` of the interpreter ``python``."""
+    try:
+        found = subprocess.run([str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise TritonLaunchError(f"cannot run the stub's Python {python}: {exc}") from None
+    return found.stdout.strip()
 
 
 def free_port() -> int:
@@ -120,7 +137,10 @@ class TritonServer:
     workdir: Path
     grpc_port: int = 0
     metrics_port: int = 0
+    stub_python: Path | None = None
     process: subprocess.Popen | None = None
+    failed_models: dict[str, str] = field(default_factory=dict)
+    """Models that did not load at the last start, each with Triton's reason."""
 
     def __post_init__(self):
         self.grpc_port = self.grpc_port or free_port()
@@ -139,11 +159,13 @@ class TritonServer:
         return self.workdir / "tritonserver.log"
 
     def start(self, ready_timeout: float = 120.0) -> "TritonServer":
-        """Start Triton and wait until it reports ready; raise TritonLaunchError otherwise."""
+        """Start Triton and wait until it reports ready, noting the models that failed to load
+        in :attr:`failed_models`; raise TritonLaunchError if it is not ready, or if the
+        repository has models and none of them loaded."""
         repository = Path(self.model_repository).resolve()
         if not repository.is_dir():
             raise TritonLaunchError(f"model repository {repository} does not exist")
-        install = TritonInstallation.find()
+        install = TritonInstallation.find(self.stub_python)
         self.workdir.mkdir(parents=True, exist_ok=True)
         backends = install.build_backend_directory(self.workdir / "backends")
         command = [
@@ -155,7 +177,8 @@ class TritonServer:
             "--allow-http=false",
             f"--metrics-port={self.metrics_port}",
             "--metrics-address=127.0.0.1",
-            "--exit-on-error=true",
+            # A model that fails to load leaves the others serving; start() reports it, with Triton's reason.
+            "--exit-on-error=false",
             # Ready means up: model by model readiness is the gateway's (server/gateway/health.py), and a
             # strict server would turn unready while any one model reloads.
             "--strict-readiness=false",
@@ -201,16 +224,42 @@ class TritonServer:
                         f"tritonserver exited with code {self.process.returncode} before it was ready; "
                         f"errors and last lines of {self.log_path}:\n{self.log_tail()}"
                     )
+                ready = False
                 with contextlib.suppress(Exception):
-                    if client.is_server_ready(client_timeout=1.0):
-                        log.info("Triton ready on %s", self.grpc_url)
-                        return
+                    ready = client.is_server_ready(client_timeout=1.0)
+                if ready:
+                    log.info("Triton ready on %s", self.grpc_url)
+                    self._note_failed_models(client.get_model_repository_index(as_json=True).get("models", []))
+                    return
                 time.sleep(0.05)
         finally:
             client.close()
         raise TritonLaunchError(
             f"tritonserver was not ready after {timeout:.0f} s; errors and last lines of {self.log_path}:\n{self.log_tail()}"
         )
+
+    def _note_failed_models(self, index: list[dict]) -> None:
+        """Keep each model of the repository that is not READY, with Triton's reason (from its
+        repository index, or its log for a model it could not even index); raise when the
+        repository has models and none of them is READY."""
+        states = {m["name"]: m for m in index}
+        models = sorted(p.parent.name for p in Path(self.model_repository).glob("*/config.pbtxt"))
+        self.failed_models = {
+            name: self._load_failure(name, states.get(name, {}).get("reason"))
+            for name in models if states.get(name, {}).get("state") != "READY"
+        }
+        if models and len(self.failed_models) == len(models):
+            reasons = "\n".join(f"  {name}: {reason}" for name, reason in self.failed_models.items())
+            raise TritonLaunchError(f"Triton loaded none of the {len(models)} model(s) of {self.model_repository}:\n"
+                                    f"{reasons}\n(Triton's log: {self.log_path})")
+
+    def _load_failure(self, model: str, reason: str | None) -> str:
+        """The first line of Triton's reason (it appends the runner's traceback after it)."""
+        if not reason and self.log_path.exists():
+            pattern = re.compile(rf"failed to load (?:model )?'{re.escape(model)}'(?: version \d+)?: (.*)")
+            found = [m.group(1) for m in map(pattern.search, self.log_path.read_text(errors="replace").splitlines()) if m]
+            reason = found[-1].rstrip('"') if found else None
+        return (reason or "not loaded; see Triton's log").replace("\\n", "\n").split("\n")[0]
 
     def log_tail(self, lines: int = 5) -> str:
         """Triton's error lines (glog ``E`` lines) and the last ``lines`` lines of its log."""
@@ -303,3 +352,5 @@ class TritonSupervisor:
                 continue
             up_since = clock()
             log.warning("Triton restarted on %s", self.triton.grpc_url)
+            for model, reason in self.triton.failed_models.items():
+                log.error("model %r failed to load again and is not served: %s", model, reason)

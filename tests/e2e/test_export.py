@@ -190,7 +190,7 @@ def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path
     threads = torch.get_num_threads()
     try:
         session = load_runner(monkeypatch).TorchScriptSession(str(repo / "ts-generation" / "1" / "model.pt"), 1, None)
-        x, log_prob = session.run(["OUTPUT__0", "OUTPUT__1"], {"INPUT__0": np.zeros((3, 2), np.float32)}, ["INPUT__0"])
+        x, log_prob = session.run(["OUTPUT__0", "OUTPUT__1"], ["INPUT__0"], [torch.zeros(3, 2)])
     finally:
         torch.set_num_threads(threads)  # the session sets the process's threads, as it may inside Triton
     assert x.shape == (3, 2) and log_prob.shape == (3,)

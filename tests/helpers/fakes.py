@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 import types
 from collections.abc import Callable
@@ -208,12 +209,76 @@ def health_of(tmp_path, **options) -> tuple[FlowHealth, InMemoryBackend, Gateway
     return FlowHealth(backend, ModelCatalog(tmp_path), metrics, **options), backend, metrics
 
 
-def load_runner(monkeypatch):
-    """The Triton runner module, loaded from its file as Triton's stub loads it, beside a
-    stand-in for the stub's own ``triton_python_backend_utils``."""
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+class _CapsuleHolder:
+    """A CPU DLPack capsule behind the ``__dlpack__`` protocol that ``np.from_dlpack`` reads."""
+
+    def __init__(self, capsule):
+        self.capsule = capsule
+
+    def __dlpack__(self, stream=None):
+        return self.capsule
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+class StubTensor:
+    """A stand-in for the stub's ``pb_utils.Tensor``: DLPack in and out, as the real one, and
+    ``as_numpy`` for the test's own reading."""
+
+    def __init__(self, name: str, array: np.ndarray):
+        self.name, self.array = name, array
+
+    @classmethod
+    def from_dlpack(cls, name: str, source) -> "StubTensor":
+        source = _CapsuleHolder(source) if type(source).__name__ == "PyCapsule" else source
+        return cls(name, np.array(np.from_dlpack(source)))  # a copy, as the stub's answer to Triton is
+
+    def __dlpack__(self, stream=None):
+        return self.array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    def shape(self) -> list[int]:
+        return list(self.array.shape)
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class StubResponse:
+    """A stand-in for ``pb_utils.InferenceResponse``."""
+
+    def __init__(self, output_tensors=(), error=None):
+        self.outputs = {t.name: t.as_numpy() for t in output_tensors}
+        self.error = error
+
+
+def stub_utils() -> types.ModuleType:
+    """A stand-in for the stub's ``triton_python_backend_utils``: what the runner uses of it."""
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.Tensor = StubTensor
+    utils.InferenceResponse = StubResponse
+    utils.TritonError = str
+    utils.Logger = types.SimpleNamespace(log_info=lambda message: None)
+    utils.triton_string_to_numpy = lambda name: {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64}[name]
+    utils.get_input_tensor_by_name = lambda request, name: request[name]
+    return utils
+
+
+def load_runner(monkeypatch, utils: types.ModuleType | None = None):
+    """The Triton runner module, loaded from its file as Triton's stub loads it, beside
+    ``utils`` (default :func:`stub_utils`) as the stub's own ``triton_python_backend_utils``."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils or stub_utils())
     path = ROOT / "server" / "triton" / "runner" / "model.py"
     spec = importlib.util.spec_from_file_location("flowserve_runner", path)
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
     return runner
+
+
+def runner_args(model_dir: Path, config: dict, kind: str = "CPU") -> dict[str, str]:
+    """The ``args`` Triton hands a runner instance's ``initialize``."""
+    return {"model_config": json.dumps(config), "model_repository": str(model_dir), "model_version": "1",
+            "model_instance_kind": kind, "model_instance_device_id": "0"}

@@ -4,6 +4,7 @@ errors, and the supervisor's restarts and backoffs on an injected clock."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import types
@@ -59,6 +60,7 @@ class DyingTriton:
         self.process = types.SimpleNamespace(returncode=-9)
         self.grpc_url, self.log_path = "127.0.0.1:1", Path("tritonserver.log")
         self.seen_dead: list[float] = []
+        self.failed_models: dict[str, str] = {}
 
     def is_running(self) -> bool:
         if not self.running and len(self.seen_dead) == self.restarts:
@@ -114,3 +116,23 @@ def test_the_backoff_stays_at_its_cap_and_starts_again_after_a_stable_spell():
     run_on_virtual_clock(scenario())
     waits = [restart - seen for restart, seen in zip(begun, triton.seen_dead)]
     assert waits == pytest.approx([0.05, 0.1, 0.1, 0.05], abs=1e-9)
+
+
+def test_the_supervisor_names_the_models_that_fail_to_load_after_a_restart(caplog):
+    triton = DyingTriton()
+    supervisor = TritonSupervisor(triton, first_backoff_s=0.05, poll_s=0.01)
+
+    async def scenario():
+        watch = asyncio.ensure_future(supervisor.watch())
+        await asyncio.sleep(0.05)
+        triton.failed_models = {"moons-density": "Internal: RuntimeError: flowserve_runner: a GPU instance, but ..."}
+        triton.running = False
+        await wait_until(lambda: triton.running, timeout_s=5)
+        await asyncio.sleep(0.05)
+        watch.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="flowserve.server.triton.launcher"):
+        run_on_virtual_clock(scenario())
+    assert [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()] == [
+        "model 'moons-density' failed to load again and is not served: Internal: RuntimeError: flowserve_runner: "
+        "a GPU instance, but ..."]

@@ -9,12 +9,22 @@ Installed once as the Python-based backend ``flowserve_runner`` (Triton looks fo
 Triton's dynamic batcher hands ``execute`` a list of requests. They are concatenated
 along the batch dimension, run as ONE call, and split back per request.
 
+Tensors cross the stub through DLPack both ways, never through ``as_numpy()`` or
+``pb_utils.Tensor(name, ndarray)``: the stub of Triton 2.51 was built against numpy 1's
+binary layout, and under numpy 2 those two garble inputs and send empty outputs
+(docs/performance.md). At load, a known tensor makes the round trip first; a runner whose
+round trip comes back wrong refuses to load, with the reason.
+
 On a ``KIND_GPU`` instance the model runs on the instance's GPU (ONNX Runtime's CUDA
-execution provider, or torch on ``cuda:<id>``); on ``KIND_CPU`` on the CPU only.
-(onnxruntime-gpu lists CUDA as available even without a GPU, so the decision follows
-the instance kind.)
+execution provider, or torch on ``cuda:<id>``), or refuses to load with the reason; on
+``KIND_CPU`` on the CPU only. (onnxruntime-gpu lists CUDA as available even without a GPU,
+so the decision follows the instance kind, and the session's providers are checked.)
+
+A config with the parameter ``flowserve_probe`` runs no model: it answers each request with
+its inputs, through the same path (``flowserve doctor`` serves one to test the stub).
 """
 
+import ctypes
 import json
 import os
 
@@ -23,6 +33,45 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 DEFAULT_MODEL_FILENAME = "model.onnx"
+PROBE_PARAMETER = "flowserve_probe"
+NUMPY_FIX = ("the runner exchanges tensors with the stub through DLPack; if this stub cannot, "
+             "give Triton's python3 numpy<2 (nvidia-pytriton's own pin: pip install 'numpy<2')")
+
+# The stub (python_backend r24.10) renames a capsule it consumes "used_dlpack" rather than
+# the standard "used_dltensor". numpy's capsule destructor then takes the capsule for
+# unconsumed and fails on it (under numpy 1.26 the stub dies). The standard name tells
+# numpy that the stub owns the array now; the stub releases it with the tensor.
+_set_capsule_name = ctypes.pythonapi.PyCapsule_SetName
+_set_capsule_name.argtypes = (ctypes.py_object, ctypes.c_char_p)
+_CONSUMED = b"used_dltensor"
+
+
+def array_of(tensor):
+    """A stub tensor as a numpy array over the same memory (read-only under numpy 2)."""
+    return np.from_dlpack(tensor)
+
+
+def tensor_of(name, array, dtype):
+    """A numpy array as a stub tensor of ``dtype`` over the array's memory."""
+    array = np.require(array, dtype=dtype, requirements=("C_CONTIGUOUS", "WRITEABLE"))
+    capsule = array.__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    _set_capsule_name(capsule, _CONSUMED)
+    return tensor
+
+
+def check_round_trip():
+    """Send a known array through the stub's tensor type and back; raise if it changes."""
+    known = np.arange(-6, 6, dtype=np.float32).reshape(4, 3) / 4
+    try:
+        back = array_of(tensor_of("flowserve_round_trip", known, np.float32))
+        intact = back.shape == known.shape and back.dtype == known.dtype and np.array_equal(back, known)
+        problem = None if intact else f"came back as {back.dtype}{list(back.shape)} {back.ravel()[:4].tolist()}"
+    except Exception as exc:  # noqa: BLE001 - any failure of the stub's tensor API is the finding
+        problem = f"failed: {type(exc).__name__}: {exc}"
+    if problem is not None:
+        raise RuntimeError(f"flowserve_runner: a known float32[4, 3] tensor sent through Triton's Python stub "
+                           f"{problem} (numpy {np.__version__}); {NUMPY_FIX}")
 
 
 def _parameter(model_config, key, default):
@@ -40,7 +89,21 @@ def _threads(model_config):
     return max(1, len(os.sched_getaffinity(0)) // instances)
 
 
-class OnnxSession:
+class NumpySession:
+    """Batches kept as numpy arrays: read from the stub, concatenated, split, written back."""
+
+    def batch(self, tensors):
+        arrays = [array_of(t) for t in tensors]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+    def split(self, output, row_counts):
+        return np.split(output, np.cumsum(row_counts)[:-1], axis=0)
+
+    def tensor(self, name, part, dtype):
+        return tensor_of(name, part, dtype)
+
+
+class OnnxSession(NumpySession):
     """ONNX Runtime on the instance's device."""
 
     def __init__(self, path, threads, device_id):
@@ -51,30 +114,72 @@ class OnnxSession:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device_id is not None:
+            available = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in available:
+                raise RuntimeError(
+                    f"flowserve_runner: a GPU instance, but ONNX Runtime {ort.__version__} has no CUDA execution "
+                    f"provider (it has {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime, "
+                    f"or export the flow with --instance-kind cpu")
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self.session = ort.InferenceSession(path, options, providers=providers)
         self.device = self.session.get_providers()[0]
+        if device_id is not None and self.device != "CUDAExecutionProvider":
+            raise RuntimeError(
+                f"flowserve_runner: a GPU instance, but ONNX Runtime {ort.__version__} could not start its CUDA "
+                f"execution provider on GPU {device_id} and would run on the CPU (its error is in the lines above: "
+                f"usually CUDA or cuDNN libraries it cannot load); install the CUDA and cuDNN versions this "
+                f"onnxruntime-gpu was built for, or export the flow with --instance-kind cpu")
 
-    def run(self, output_names, feeds, input_names):
-        return self.session.run(output_names, feeds)
+    def run(self, output_names, input_names, inputs):
+        return self.session.run(output_names, dict(zip(input_names, inputs)))
 
 
 class TorchScriptSession:
-    """A TorchScript module on the instance's device; inputs positional, in config order."""
+    """A TorchScript module on the instance's device; inputs positional, in config order.
+    Each batch moves to the device once; outputs go back to the stub through DLPack as they
+    are (on the GPU for a GPU instance)."""
 
     def __init__(self, path, threads, device_id):
         import torch
 
         self.torch = torch
+        if device_id is not None:
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"flowserve_runner: a GPU instance, but torch {torch.__version__} sees no CUDA device "
+                    f"(CUDA build: {torch.version.cuda or 'none, a CPU-only wheel'}); install a CUDA build of torch "
+                    f"that this machine's driver supports, or export the flow with --instance-kind cpu")
+            if device_id >= torch.cuda.device_count():
+                raise RuntimeError(f"flowserve_runner: GPU {device_id} was asked for, but torch sees "
+                                   f"{torch.cuda.device_count()} CUDA device(s)")
         torch.set_num_threads(threads)
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.module = torch.jit.load(path, map_location=self.device).eval()
 
-    def run(self, output_names, feeds, input_names):
+    def batch(self, tensors):
+        parts = [self.torch.from_dlpack(t) for t in tensors]
+        return (parts[0] if len(parts) == 1 else self.torch.cat(parts)).to(self.device)
+
+    def run(self, output_names, input_names, inputs):
         with self.torch.inference_mode():
-            outputs = self.module(*(self.torch.from_numpy(feeds[name]).to(self.device) for name in input_names))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        return [output.cpu().numpy() for output in outputs]
+            outputs = self.module(*inputs)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    def split(self, output, row_counts):
+        return self.torch.split(output, row_counts)
+
+    def tensor(self, name, part, dtype):
+        part = part.to(self.torch.from_numpy(np.empty(0, dtype)).dtype).contiguous()
+        return pb_utils.Tensor.from_dlpack(name, part)
+
+
+class ProbeSession(NumpySession):
+    """No model: answers each request with its inputs (``flowserve doctor``'s stub check)."""
+
+    device = "the stub's tensor path only"
+
+    def run(self, output_names, input_names, inputs):
+        return inputs
 
 
 SESSIONS = {".onnx": OnnxSession, ".pt": TorchScriptSession}
@@ -84,47 +189,41 @@ class TritonPythonModel:
     """One ONNX Runtime or TorchScript session per Triton model instance."""
 
     def initialize(self, args):
+        check_round_trip()
         model_config = json.loads(args["model_config"])
         filename = model_config.get("default_model_filename") or DEFAULT_MODEL_FILENAME
         path = os.path.join(args["model_repository"], args["model_version"], filename)
         threads = _threads(model_config)
         gpu = args["model_instance_kind"] == "GPU"
         device_id = int(args["model_instance_device_id"]) if gpu else None
-        session_type = SESSIONS.get(os.path.splitext(filename)[1])
-        if session_type is None:
-            raise pb_utils.TritonModelException(f"flowserve_runner: cannot run {filename}; expected .onnx or .pt")
-        self.session = session_type(path, threads, device_id)
+        if _parameter(model_config, PROBE_PARAMETER, None) is not None:
+            self.session = ProbeSession()
+        else:
+            session_type = SESSIONS.get(os.path.splitext(filename)[1])
+            if session_type is None:
+                raise RuntimeError(f"flowserve_runner: cannot run {filename}; expected .onnx or .pt")
+            self.session = session_type(path, threads, device_id)
         self.input_names = [t["name"] for t in model_config["input"]]
         self.output_names = [t["name"] for t in model_config["output"]]
-        self.output_dtypes = {
-            t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in model_config["output"]
-        }
+        self.output_dtypes = [pb_utils.triton_string_to_numpy(t["data_type"]) for t in model_config["output"]]
         pb_utils.Logger.log_info(
-            f"flowserve_runner: loaded {path} on {self.session.device} "
-            f"(instance kind {args['model_instance_kind']}, {threads} intra-op thread(s))"
+            f"flowserve_runner: loaded {path} on {self.session.device} (instance kind "
+            f"{args['model_instance_kind']}, {threads} intra-op thread(s), numpy {np.__version__})"
         )
 
     def execute(self, requests):
         try:
-            feeds = {}
-            row_counts = None
+            inputs = []
             for name in self.input_names:
-                arrays = [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
-                if row_counts is None:
-                    row_counts = [a.shape[0] for a in arrays]
-                feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-            results = self.session.run(self.output_names, feeds, self.input_names)
+                tensors = [pb_utils.get_input_tensor_by_name(r, name) for r in requests]
+                inputs.append(self.session.batch(tensors))
+            row_counts = [int(t.shape()[0]) for t in tensors]
+            outputs = self.session.run(self.output_names, self.input_names, inputs)
+            per_request = [[] for _ in requests]
+            for name, dtype, output in zip(self.output_names, self.output_dtypes, outputs):
+                for tensors_of_request, part in zip(per_request, self.session.split(output, row_counts)):
+                    tensors_of_request.append(self.session.tensor(name, part, dtype))
         except Exception as exc:  # one failed batch fails its requests, not the server
             error = pb_utils.TritonError(f"flowserve_runner: {type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
-
-        splits = np.cumsum(row_counts)[:-1]
-        per_output = [np.split(r, splits, axis=0) for r in results]
-        responses = []
-        for i in range(len(requests)):
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(parts[i], dtype=self.output_dtypes[name]))
-                for name, parts in zip(self.output_names, per_output)
-            ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        return responses
+        return [pb_utils.InferenceResponse(output_tensors=tensors) for tensors in per_request]

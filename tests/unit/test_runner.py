@@ -1,0 +1,175 @@
+"""The Triton runner, called as Triton calls it, beside a stand-in for the stub's
+``triton_python_backend_utils`` (the real stub runs in tests/e2e/test_numpy2_stub.py): it batches
+requests through DLPack, and refuses to load, with the reason, where it would answer wrongly
+or on the wrong device."""
+
+from __future__ import annotations
+
+import re
+import types
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers.fakes import StubTensor, load_runner, runner_args, stub_utils
+from onnx import TensorProto, helper
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]*` is deprecated:DeprecationWarning")
+ROWS = (1, 5, 2)
+
+
+def write_onnx_flow(path) -> None:
+    """A stand-in density graph: ``log_prob = sum(2 x)`` over x of [batch, 2]."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["doubled"]),
+         helper.make_node("ReduceSum", ["doubled", "axes"], ["log_prob"], keepdims=0)],
+        "density",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("log_prob", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+class Doubling(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x, (2 * x).sum(dim=1)
+
+
+def write_torchscript_flow(path) -> None:
+    """A stand-in generation module: ``(2 z, sum(2 z))``."""
+    torch.jit.save(torch.jit.script(Doubling()), str(path))
+
+
+FORMATS = {
+    "onnx": ("model.onnx", write_onnx_flow, ["log_prob"]),
+    "torchscript": ("model.pt", write_torchscript_flow, ["x", "log_prob"]),
+}
+
+
+def model_dir(tmp_path, fmt: str) -> tuple:
+    filename, write, outputs = FORMATS[fmt]
+    (tmp_path / "1").mkdir()
+    write(tmp_path / "1" / filename)
+    config = {
+        "default_model_filename": filename,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [2]}],
+        "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [2] if name == "x" else [1]} for name in outputs],
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": {"intra_op_num_threads": {"string_value": "1"}},
+    }
+    return tmp_path, config
+
+
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the runner sets the process's threads, as it may inside Triton
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_runner_runs_requests_as_one_batch_and_splits_the_answers(tmp_path, monkeypatch, keep_torch_threads, fmt):
+    runner = load_runner(monkeypatch)
+    model = runner.TritonPythonModel()
+    model.initialize(runner_args(*model_dir(tmp_path, fmt)))
+    calls = []
+    run = model.session.run
+    monkeypatch.setattr(model.session, "run", lambda *args: calls.append(args) or run(*args))
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(rows, 2)).astype(np.float32) for rows in ROWS]
+    responses = model.execute([{"x": StubTensor("x", x)} for x in inputs])
+    assert len(calls) == 1
+    for x, response in zip(inputs, responses):
+        assert response.error is None
+        np.testing.assert_allclose(response.outputs["log_prob"], (2 * x).sum(axis=1), rtol=1e-6)
+        assert response.outputs["log_prob"].dtype == np.float32
+        if fmt == "torchscript":
+            np.testing.assert_array_equal(response.outputs["x"], 2 * x)
+
+
+def test_a_failing_batch_fails_its_requests_with_the_reason(tmp_path, monkeypatch):
+    runner = load_runner(monkeypatch)
+    model = runner.TritonPythonModel()
+    model.initialize(runner_args(*model_dir(tmp_path, "onnx")))
+    responses = model.execute([{"x": StubTensor("x", np.zeros((2, 3), np.float32))}] * 2)
+    assert [r.error is not None for r in responses] == [True, True]
+    assert "flowserve_runner: InvalidArgument" in responses[0].error
+
+
+def test_a_probe_config_answers_each_request_with_its_inputs(tmp_path, monkeypatch):
+    runner = load_runner(monkeypatch)
+    model = runner.TritonPythonModel()
+    config = {"input": [{"name": "probe_in", "data_type": "TYPE_FP32"}],
+              "output": [{"name": "probe_out", "data_type": "TYPE_FP32"}],
+              "parameters": {runner.PROBE_PARAMETER: {"string_value": "echo"}}}
+    model.initialize(runner_args(tmp_path, config))
+    known = [np.arange(6, dtype=np.float32).reshape(2, 3), np.full((1, 3), -1.5, np.float32)]
+    responses = model.execute([{"probe_in": StubTensor("probe_in", x)} for x in known])
+    for x, response in zip(known, responses):
+        np.testing.assert_array_equal(response.outputs["probe_out"], x)
+
+
+def zeroing_utils() -> types.ModuleType:
+    """A stub whose tensors come back as zeros: what ``as_numpy`` does under numpy 2."""
+    utils = stub_utils()
+
+    class ZeroingTensor(StubTensor):
+        @classmethod
+        def from_dlpack(cls, name, source):
+            return cls(name, np.zeros_like(StubTensor.from_dlpack(name, source).array))
+
+    utils.Tensor = ZeroingTensor
+    return utils
+
+
+def raising_utils() -> types.ModuleType:
+    """A stub that cannot take DLPack at all."""
+    utils = stub_utils()
+
+    class NoDLPack(StubTensor):
+        @classmethod
+        def from_dlpack(cls, name, source):
+            raise ValueError("PyCapsule_GetPointer called with incorrect name")
+
+    utils.Tensor = NoDLPack
+    return utils
+
+
+@pytest.mark.parametrize("utils, found", [(zeroing_utils, r"came back as float32\[4, 3\] \[0.0, 0.0"),
+                                           (raising_utils, "failed: ValueError: PyCapsule")])
+def test_a_stub_whose_round_trip_comes_back_wrong_fails_the_load_naming_numpy(tmp_path, monkeypatch, utils, found):
+    runner = load_runner(monkeypatch, utils())
+    with pytest.raises(RuntimeError, match=found) as info:
+        runner.TritonPythonModel().initialize(runner_args(*model_dir(tmp_path, "onnx")))
+    assert f"(numpy {np.__version__})" in str(info.value) and "numpy<2" in str(info.value)
+
+
+def test_a_gpu_instance_fails_the_load_when_onnx_runtime_has_no_cuda_provider_mocked(tmp_path, monkeypatch):
+    runner = load_runner(monkeypatch)
+    monkeypatch.setattr(runner.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="a GPU instance, but ONNX Runtime .* has no CUDA execution provider "
+                                           r"\(it has CPUExecutionProvider\); install onnxruntime-gpu"):
+        runner.TritonPythonModel().initialize(runner_args(*model_dir(tmp_path, "onnx"), kind="GPU"))
+
+
+def test_a_gpu_instance_fails_the_load_when_the_cuda_provider_cannot_start_mocked(tmp_path, monkeypatch):
+    runner = load_runner(monkeypatch)
+    real_session = runner.ort.InferenceSession
+    monkeypatch.setattr(runner.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # ONNX Runtime logs why CUDA would not start and falls back to the CPU, as it does here for missing libraries.
+    monkeypatch.setattr(runner.ort, "InferenceSession", lambda path, options, providers: real_session(
+        path, options, providers=["CPUExecutionProvider"]))
+    with pytest.raises(RuntimeError, match="could not start its CUDA execution provider on GPU 0 and would run on "
+                                           "the CPU"):
+        runner.TritonPythonModel().initialize(runner_args(*model_dir(tmp_path, "onnx"), kind="GPU"))
+
+
+def test_a_gpu_instance_fails_the_load_when_torch_sees_no_cuda_device_mocked(tmp_path, monkeypatch, keep_torch_threads):
+    runner = load_runner(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=re.escape(f"a GPU instance, but torch {torch.__version__} sees no CUDA device")):
+        runner.TritonPythonModel().initialize(runner_args(*model_dir(tmp_path, "torchscript"), kind="GPU"))
