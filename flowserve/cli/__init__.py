@@ -1,5 +1,5 @@
-"""The ``flowserve`` command: build (train, export, quality, plot), serve, query (sample,
-score, models, health) and demo. The commands import what they need (torch, the gateway) when
+"""The ``flowserve`` command: build (train, export, quality, plot), doctor, serve, query
+(sample, score, models, health) and demo. The commands import what they need (torch, the gateway) when
 they run; the parser reads only the torch-free name registries of ``flowserve.export``,
 so ``flowserve --help`` and the client commands start fast and work without the extra."""
 
@@ -10,7 +10,7 @@ import sys
 
 import grpc
 
-from . import build, demo, query, serve
+from . import build, demo, doctor, query, serve
 from .parser import build_parser
 
 COMMANDS = {
@@ -18,6 +18,7 @@ COMMANDS = {
     "export": build.export_command,
     "quality": build.quality_command,
     "plot": build.plot_command,
+    "doctor": doctor.doctor_command,
     "serve": serve.serve_command,
     "sample": query.sample_command,
     "score": query.score_command,
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
     except grpc.RpcError as exc:
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as exc:  # files, ports, parity, launch, input, missing extra
         print(f"flowserve {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0

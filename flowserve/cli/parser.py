@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_REPOSITORY = Path("model_repository")
-DEFAULT_TARGET = "127.0.0.1:8500"
+DEFAULT_PORT = 8500
+DEFAULT_METRICS_PORT = 8502
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 TRITON_URL_ENV = "FLOWSERVE_TRITON_URL"
 TOKENS_FILE_ENV = "FLOWSERVE_TOKENS_FILE"
 TOKENS_ENV = "FLOWSERVE_TOKENS"
@@ -52,6 +54,16 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
                                f"token of env {TOKEN_ENV}, if set")
 
 
+def _add_listen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+
+
+def _add_ready_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every ``flowserve`` command."""
     from flowserve.export.data import DATASETS
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="flowserve", description="Train, export and serve normalizing flows: train, export, quality, plot "
-                                      "(need the 'export' extra); serve; sample, score, models; demo.")
+                                      "(need the 'export' extra); doctor, serve; sample, score, models; demo.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -128,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start Triton (unless --triton-url) and the gateway")
     serve.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8500)
-    serve.add_argument("--metrics-port", type=int, default=8502)
+    _add_listen(serve)
     serve.add_argument("--triton-url", default=os.environ.get(TRITON_URL_ENV),
                        help=f"use this external Triton (host:port of its gRPC API) instead of starting one "
                             f"(env {TRITON_URL_ENV})")
@@ -145,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent-rpcs", type=int, default=0,
                        help="Sample, SampleStream, LogLikelihood and ListModels calls the gateway runs at once; "
                             "more are refused with RESOURCE_EXHAUSTED and counted (0: no limit)")
-    serve.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton")
+    _add_ready_timeout(serve)
     serve.add_argument("--triton-max-restarts", type=int, default=5,
                        help="restarts of a dying embedded Triton (backoff 0.5 s doubling to 8 s) before serve "
                             "exits with code 1; the count starts again after 60 s up")
@@ -194,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="print the gateway's health; exit code 0 when SERVING (for probes)")
     _add_target(health)
     health.add_argument("--model", help="one flow's health (its Triton models answer) instead of the whole server's")
+
+    doctor = commands.add_parser(
+        "doctor", help="check that this machine can serve a model repository: Python, numpy, torch, ONNX Runtime, "
+                       "GPUs, Triton and its Python stub, ports, and each flow; exit code 1 on any blocking problem")
+    doctor.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    _add_listen(doctor)
+    _add_ready_timeout(doctor)
+    doctor.add_argument("--skip-triton", action="store_true",
+                        help="do not start Triton to test its Python stub (a few seconds)")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
 
     demo = commands.add_parser("demo", help="train and export RealNVP on two moons, serve it, sample and score")
     demo.add_argument("--steps", type=int, default=1500)

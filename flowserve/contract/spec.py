@@ -21,6 +21,11 @@ RUNNER_BACKEND = "flowserve_runner"
 """Name of flowserve's Python-based Triton backend: the configs the exporter writes name it,
 and the launcher (or the Triton image) installs the runner under it."""
 
+RUNNER_PROBE_PARAMETER = "flowserve_probe"
+"""A model config's parameter that makes the runner answer each request with its inputs, no
+model file involved: ``flowserve doctor`` serves one to test Triton's Python stub. (The runner,
+which imports nothing of flowserve, spells the name out itself.)"""
+
 QUEUE_SIZE_PARAMETER = "flowserve_max_queue_size"
 QUEUE_TIMEOUT_PARAMETER = "flowserve_queue_timeout_ms"
 """Keys of a model config's ``parameters`` that carry its queue bounds to the gateway's

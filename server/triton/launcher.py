@@ -235,7 +235,8 @@ class TritonServer:
         finally:
             client.close()
         raise TritonLaunchError(
-            f"tritonserver was not ready after {timeout:.0f} s; errors and last lines of {self.log_path}:\n{self.log_tail()}"
+            f"tritonserver was not ready after {timeout:.0f} s; errors and last lines of {self.log_path}:\n"
+            f"{self.log_tail()}"
         )
 
     def _note_failed_models(self, index: list[dict]) -> None:
@@ -257,7 +258,8 @@ class TritonServer:
         """The first line of Triton's reason (it appends the runner's traceback after it)."""
         if not reason and self.log_path.exists():
             pattern = re.compile(rf"failed to load (?:model )?'{re.escape(model)}'(?: version \d+)?: (.*)")
-            found = [m.group(1) for m in map(pattern.search, self.log_path.read_text(errors="replace").splitlines()) if m]
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            found = [m.group(1) for m in map(pattern.search, lines) if m]
             reason = found[-1].rstrip('"') if found else None
         return (reason or "not loaded; see Triton's log").replace("\\n", "\n").split("\n")[0]
 

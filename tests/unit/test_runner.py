@@ -27,7 +27,8 @@ def write_onnx_flow(path) -> None:
         "density",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
         [helper.make_tensor_value_info("log_prob", TensorProto.FLOAT, ["batch"])],
-        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+         helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -159,7 +160,8 @@ def test_a_gpu_instance_fails_the_load_when_onnx_runtime_has_no_cuda_provider_mo
 def test_a_gpu_instance_fails_the_load_when_the_cuda_provider_cannot_start_mocked(tmp_path, monkeypatch):
     runner = load_runner(monkeypatch)
     real_session = runner.ort.InferenceSession
-    monkeypatch.setattr(runner.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runner.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     # ONNX Runtime logs why CUDA would not start and falls back to the CPU, as it does here for missing libraries.
     monkeypatch.setattr(runner.ort, "InferenceSession", lambda path, options, providers: real_session(
         path, options, providers=["CPUExecutionProvider"]))
@@ -171,5 +173,6 @@ def test_a_gpu_instance_fails_the_load_when_the_cuda_provider_cannot_start_mocke
 def test_a_gpu_instance_fails_the_load_when_torch_sees_no_cuda_device_mocked(tmp_path, monkeypatch, keep_torch_threads):
     runner = load_runner(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=re.escape(f"a GPU instance, but torch {torch.__version__} sees no CUDA device")):
+    message = f"a GPU instance, but torch {torch.__version__} sees no CUDA device"
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         runner.TritonPythonModel().initialize(runner_args(*model_dir(tmp_path, "torchscript"), kind="GPU"))

@@ -1,0 +1,68 @@
+"""``flowserve doctor`` on this machine and its real Triton: every check shown and exit 0, and
+a stub whose round trip comes back wrong (a runner made to read zeros) gives its ✗ and fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from helpers.processes import hermetic_env
+
+from flowserve import cli
+from flowserve.server.triton import launcher
+from flowserve.server.triton.launcher import free_port
+
+CHECKS = ["python", "numpy", "torch", "onnxruntime", "GPUs (NVML)", "triton", "triton stub", "gateway port",
+          "metrics port"]
+
+
+def doctor(repository, workdir, *extra: str) -> subprocess.CompletedProcess:
+    """``flowserve doctor`` run as a user runs it, from ``workdir``."""
+    ports = ["--port", str(free_port()), "--metrics-port", str(free_port())]
+    return subprocess.run([sys.executable, "-m", "flowserve.cli", "doctor", "--model-repository", str(repository),
+                           *ports, *extra], capture_output=True, text=True, timeout=300, env=hermetic_env(),
+                          cwd=workdir)
+
+
+def test_doctor_on_this_machine_shows_every_check_and_is_ready(repository, tmp_path):
+    text = doctor(repository, tmp_path)
+    assert text.returncode == 0, text.stdout + text.stderr
+    lines = text.stdout.splitlines()
+    marks = {line[2:].split("  ")[0].strip(): line[0] for line in lines[:-1] if line[:1] in "✓✗!–"}
+    flows = sorted(name for name in marks if name.startswith("flow "))
+    assert flows == ["flow moons-large-chunks", "flow moons-small-chunks"]
+    assert [name for name in marks if not name.startswith("flow ")] == CHECKS
+    assert marks["GPUs (NVML)"] == "–" and all(marks[name] == "✓" for name in CHECKS if name != "GPUs (NVML)")
+    assert f"client → Triton → stub (numpy {np.__version__}) → client unchanged" in text.stdout
+    assert lines[-1] == "flowserve doctor: ready to serve"
+
+    report = json.loads(doctor(repository, tmp_path, "--json").stdout)
+    assert report["ok"] is True
+    assert [c["name"] for c in report["checks"]] == list(marks)
+    assert {c["status"] for c in report["checks"]} == {"ok", "not applicable"}
+
+
+def test_doctor_reports_a_stub_whose_round_trip_comes_back_wrong_injected(tmp_path, monkeypatch, capsys):
+    build = launcher.TritonInstallation.build_backend_directory
+
+    def zeroing_runner(self, target):
+        backends = build(self, target)
+        runner = backends / "flowserve_runner" / "model.py"
+        source = runner.read_text()
+        assert "    return np.from_dlpack(tensor)\n" in source
+        runner.write_text(source.replace("    return np.from_dlpack(tensor)\n",
+                                          "    return np.zeros_like(np.from_dlpack(tensor))\n"))
+        return backends
+
+    monkeypatch.setattr(launcher.TritonInstallation, "build_backend_directory", zeroing_runner)
+    code = cli.main(["doctor", "--model-repository", str(tmp_path / "none"),
+                     "--port", str(free_port()), "--metrics-port", str(free_port())])
+    out = capsys.readouterr().out
+    assert code == 1
+    stub = next(line for line in out.splitlines() if "triton stub" in line)
+    assert stub.startswith("✗ triton stub") and "the probe model did not load" in stub
+    assert f"came back as float32[4, 3] [0.0, 0.0, 0.0, 0.0] (numpy {np.__version__})" in stub
+    assert "fix: give the stub's Python" in out and "numpy<2" in out
+    assert out.splitlines()[-1] == "flowserve doctor: 1 blocking problem(s)"
