@@ -1,0 +1,126 @@
+"""The cost of moving tensors in and out of Triton's Python stub, by path, side by side.
+
+One embedded Triton (this environment's numpy) serves three echo models that answer each
+request with its input, so the time is the I/O alone (client → Triton → stub → Triton →
+client), no flow:
+
+* ``numpy-path``: ``as_numpy()`` in, ``pb_utils.Tensor(name, ndarray)`` out: how the runner
+  moved tensors before it used DLPack (under numpy 2 these garble inputs and send nothing);
+* ``runner``: flowserve's runner with the probe parameter: ``np.from_dlpack`` in, a DLPack
+  capsule out, the path of its ONNX sessions;
+* ``torch-dlpack``: ``torch.from_dlpack`` in, ``pb_utils.Tensor.from_dlpack(torch tensor)`` out,
+  the path of its TorchScript sessions.
+
+In interleaved rounds (the best median is kept) each gets sequential calls of 1, 64 and 4096
+rows of 64 float32 columns; it prints each path's median per call and its ratio to the
+numpy path.
+
+Usage (about a minute on 2 cores)::
+
+    .venv/bin/python benchmarks/runner_io.py [--calls 200] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as triton_grpc
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from flowserve.contract.spec import RUNNER_BACKEND, RUNNER_PROBE_PARAMETER
+from flowserve.server.triton.launcher import TritonServer
+
+COLUMNS = 64
+ROWS = (1, 64, 4096)
+ECHO_MODEL = '''
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.torch_path = "torch" in args["model_name"]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            tensor = pb_utils.get_input_tensor_by_name(request, "probe_in")
+            if self.torch_path:
+                out = pb_utils.Tensor.from_dlpack("probe_out", torch.from_dlpack(tensor))
+            else:
+                out = pb_utils.Tensor("probe_out", np.ascontiguousarray(tensor.as_numpy()))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses
+'''
+PATHS = ("numpy-path", "runner", "torch-dlpack")
+
+
+def write_repository(repository: Path) -> Path:
+    """The three echo models of float32[COLUMNS] rows."""
+    for name in PATHS:
+        config = mc.ModelConfig(name=name, max_batch_size=max(ROWS),
+                                backend=RUNNER_BACKEND if name == "runner" else "python")
+        config.input.add(name="probe_in", data_type=mc.TYPE_FP32, dims=[COLUMNS])
+        config.output.add(name="probe_out", data_type=mc.TYPE_FP32, dims=[COLUMNS])
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        if name == "runner":
+            config.parameters[RUNNER_PROBE_PARAMETER].string_value = "echo"
+        (repository / name / "1").mkdir(parents=True)
+        (repository / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+        if name != "runner":
+            (repository / name / "1" / "model.py").write_text(ECHO_MODEL)
+    return repository
+
+
+def median_ms(client, model: str, rows: int, calls: int) -> float:
+    """Median milliseconds of ``calls`` sequential echo calls of ``rows`` rows; checks each answer."""
+    x = np.random.default_rng(rows).normal(size=(rows, COLUMNS)).astype(np.float32)
+    tensor = triton_grpc.InferInput("probe_in", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        answer = client.infer(model, [tensor]).as_numpy("probe_out")
+        times.append(time.perf_counter() - started)
+        if not np.array_equal(answer, x):
+            raise SystemExit(f"{model} did not echo its input at {rows} rows")
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=200, help="calls per path, size and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, numpy {np.__version__}; "
+          f"{args.calls} sequential calls per path and size, best median of {args.rounds} rounds")
+    with tempfile.TemporaryDirectory(prefix="flowserve-runner-io-") as folder:
+        repository = write_repository(Path(folder) / "repository")
+        with TritonServer(repository, Path(folder) / "triton") as triton:
+            client = triton_grpc.InferenceServerClient(triton.grpc_url)
+            for model in PATHS:  # warm up each stub
+                median_ms(client, model, max(ROWS), 5)
+            best = {(model, rows): float("inf") for model in PATHS for rows in ROWS}
+            for _ in range(args.rounds):
+                for rows in ROWS:
+                    for model in PATHS:
+                        best[model, rows] = min(best[model, rows], median_ms(client, model, rows, args.calls))
+            client.close()
+    print(f"{'rows':>6} " + " ".join(f"{model + ' ms':>16}" for model in PATHS) + "   ratio to numpy-path")
+    for rows in ROWS:
+        base = best["numpy-path", rows]
+        ratios = " ".join(f"{best[model, rows] / base:.2f}" for model in PATHS[1:])
+        print(f"{rows:>6} " + " ".join(f"{best[model, rows]:>16.3f}" for model in PATHS) + f"   {ratios}")
+
+
+if __name__ == "__main__":
+    main()
