@@ -1,8 +1,9 @@
 """Stand-ins for what the fast lanes lack: ``InMemoryBackend`` for Triton, a conditional and
 an unconditional flow whose answers depend on every row's inputs (so a row that travels with
 another's context shows), ``serve_and_call`` (the real gateway on loopback in front of them),
-the batcher and health on the in-memory backend, and the runner beside a stand-in for
-Triton's ``triton_python_backend_utils``."""
+the batcher and health on the in-memory backend, the runner beside a stand-in for Triton's
+``triton_python_backend_utils``, and a flow's repository files without a real export
+(``write_flow``, for ``flowserve doctor``)."""
 
 from __future__ import annotations
 
@@ -282,3 +283,17 @@ def runner_args(model_dir: Path, config: dict, kind: str = "CPU") -> dict[str, s
     """The ``args`` Triton hands a runner instance's ``initialize``."""
     return {"model_config": json.dumps(config), "model_repository": str(model_dir), "model_version": "1",
             "model_instance_kind": kind, "model_instance_device_id": "0"}
+
+
+def write_flow(repository, name: str, *, backend: str = "flowserve_runner", filename: str = "model.onnx",
+               kind: str = "KIND_CPU", with_files: bool = True) -> None:
+    """A flow's metadata and the ``config.pbtxt`` (and, ``with_files``, an empty model file) of each direction."""
+    models = {d: triton_model_name(name, d) for d in DIRECTIONS}
+    FlowMetadata(name=name, family="realnvp", event_shape=(2,), models=models).write(repository)
+    for model in models.values():
+        (repository / model / "1").mkdir(parents=True)
+        (repository / model / "config.pbtxt").write_text(
+            f'name: "{model}"\nbackend: "{backend}"\ndefault_model_filename: "{filename}"\n'
+            f"instance_group {{ count: 1 kind: {kind} }}\n")
+        if with_files:
+            (repository / model / "1" / filename).write_bytes(b"")

@@ -1,14 +1,21 @@
-"""``flowserve doctor`` from the command line, without starting Triton (--skip-triton; the real
-stub check is in tests/e2e/test_doctor_live.py): a port in use is a ✗ with its fix and exit
-code 1, and ``--json`` carries the same checks."""
+"""``flowserve doctor`` from the command line, without starting Triton (the real stub check is
+in tests/e2e/test_doctor_live.py): each fault, injected as a made-up machine, a repository or a
+port in use, is a ✗ with its fix and exit code 1, and ``--json`` carries the same checks."""
 
 from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
+
+import pytest
+from helpers.fakes import write_flow
 
 from flowserve import cli
-from flowserve.server.triton.launcher import free_port
+from flowserve.cli import doctor
+from flowserve.cli.doctor import Machine
+from flowserve.server.triton import launcher
+from flowserve.server.triton.launcher import TritonLaunchError, free_port
 
 
 def test_a_port_in_use_fails_with_its_fix_and_json_carries_it(tmp_path, capsys):
@@ -32,3 +39,38 @@ def test_a_port_in_use_fails_with_its_fix_and_json_carries_it(tmp_path, capsys):
     assert lines[-1] == "flowserve doctor: 1 blocking problem(s)"
     assert report["ok"] is False
     assert [c["status"] for c in report["checks"] if c["name"] == "gateway port"] == ["fail"]
+
+
+NO_GPU = Machine(python="3.11.7", numpy="1.26.4", onnxruntime="1.31.1", providers=["CPUExecutionProvider"],
+                 torch="2.13.0+cpu", nvml_error="NVMLError_LibraryNotFound: NVML Shared Library Not Found")
+
+
+def no_triton():
+    raise TritonLaunchError("no embedded Triton: nvidia-pytriton is not installed")
+
+
+# Each fault: the made-up machine, how the repository is written, the ✗ line's start, its fix's start.
+FAULTS = {
+    "gpu flow, no gpu": (NO_GPU, dict(kind="KIND_GPU"), "✗ GPUs (NVML)", "run on a machine with an NVIDIA GPU"),
+    "torchscript, no torch": (replace(NO_GPU, torch=None), dict(filename="model.pt"), "✗ torch", "pip install torch"),
+    "no onnxruntime": (replace(NO_GPU, onnxruntime=None, providers=[]), {}, "✗ onnxruntime",
+                       "pip install onnxruntime-gpu"),
+    "missing model file": (NO_GPU, dict(with_files=False), "✗ flow moons", "export the flow again"),
+    "no triton": (NO_GPU, {}, "✗ triton ", "pip install nvidia-pytriton"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_each_injected_fault_gives_its_cross_its_fix_and_exit_1(tmp_path, monkeypatch, capsys, fault):
+    machine, flow_options, cross, fix = FAULTS[fault]
+    write_flow(tmp_path, "moons", **flow_options)
+    monkeypatch.setattr(doctor, "gather_machine", lambda: machine)
+    monkeypatch.setattr(launcher.TritonInstallation, "find", no_triton)  # nor is the stub started: tests/e2e does
+    code = cli.main(["doctor", "--model-repository", str(tmp_path), "--port", str(free_port()),
+                     "--metrics-port", str(free_port())])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    crossed = [i for i, line in enumerate(lines) if line.startswith(cross)]
+    assert len(crossed) == 1, lines
+    assert lines[crossed[0] + 1].strip().startswith(f"fix: {fix}")
+    assert lines[-1] == f"flowserve doctor: {sum(line.startswith('✗') for line in lines)} blocking problem(s)"

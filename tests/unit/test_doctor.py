@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 from helpers.fake_nvml.pynvml import FakeNvml
+from helpers.fakes import write_flow
 
 from flowserve.cli.doctor import (
     FAIL,
@@ -20,28 +21,12 @@ from flowserve.cli.doctor import (
     model_checks,
     read_models,
 )
-from flowserve.contract.metadata import FlowMetadata
-from flowserve.contract.spec import DIRECTIONS, triton_model_name
 
 CPU_ONLY = Machine(python="3.11.7", numpy="1.26.4", onnxruntime="1.31.1",
                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"], torch="2.13.0+cpu",
                    nvml_error="NVMLError_LibraryNotFound: NVML Shared Library Not Found")
 TWO_GPUS_MOCKED = replace(CPU_ONLY, torch="2.11.0+cu130", torch_cuda="13.0", cuda_devices=2,
                           gpus=["NVIDIA H100 80GB HBM3, 80 GiB"] * 2, nvml_error="")
-
-
-def write_flow(repository, name: str, *, backend: str = "flowserve_runner", filename: str = "model.onnx",
-               kind: str = "KIND_CPU", with_files: bool = True) -> None:
-    """A flow's metadata and the config (and, ``with_files``, an empty model file) of each direction."""
-    models = {d: triton_model_name(name, d) for d in DIRECTIONS}
-    FlowMetadata(name=name, family="realnvp", event_shape=(2,), models=models).write(repository)
-    for model in models.values():
-        (repository / model / "1").mkdir(parents=True)
-        (repository / model / "config.pbtxt").write_text(
-            f'name: "{model}"\nbackend: "{backend}"\ndefault_model_filename: "{filename}"\n'
-            f"instance_group {{ count: 1 kind: {kind} }}\n")
-        if with_files:
-            (repository / model / "1" / filename).write_bytes(b"")
 
 
 def checks_of(machine, tmp_path, cuda_starts=lambda path: None) -> dict[str, tuple[str, str, str]]:
