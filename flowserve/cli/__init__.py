@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        code = COMMANDS[args.command](args)
+        COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
     except grpc.RpcError as exc:
@@ -43,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as exc:  # files, ports, parity, launch, input, missing extra
         print(f"flowserve {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    return code or 0
+    return 0

@@ -334,9 +334,10 @@ def run_checks(args) -> list[Check]:
     return checks + model_checks(machine, models, cuda_session_starts)
 
 
-def doctor_command(args) -> int:
+def doctor_command(args) -> None:
+    """Print every check (as JSON with ``--json``); RuntimeError (exit code 1) if any is a ✗."""
     checks = run_checks(args)
-    blocking = [c for c in checks if c.status == FAIL]
+    blocking = [c.name for c in checks if c.status == FAIL]
     if args.json:
         print(json.dumps({"ok": not blocking, "checks": [asdict(c) for c in checks]}, indent=2))
     else:
@@ -345,6 +346,7 @@ def doctor_command(args) -> int:
             print(f"{MARKS[check.status]} {check.name:<{width}}  {check.detail}")
             if check.fix and check.status in (FAIL, WARN):
                 print(f"  {'':<{width}}  fix: {check.fix}")
-        print(f"flowserve doctor: {len(blocking)} blocking problem(s)" if blocking else
-              "flowserve doctor: ready to serve")
-    return 1 if blocking else 0
+        if not blocking:
+            print("flowserve doctor: ready to serve")
+    if blocking:
+        raise RuntimeError(f"{len(blocking)} blocking problem(s): {', '.join(blocking)}")

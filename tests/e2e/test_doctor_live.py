@@ -59,10 +59,10 @@ def test_doctor_reports_a_stub_whose_round_trip_comes_back_wrong_injected(tmp_pa
     monkeypatch.setattr(launcher.TritonInstallation, "build_backend_directory", zeroing_runner)
     code = cli.main(["doctor", "--model-repository", str(tmp_path / "none"),
                      "--port", str(free_port()), "--metrics-port", str(free_port())])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 1
     stub = next(line for line in out.splitlines() if "triton stub" in line)
     assert stub.startswith("✗ triton stub") and "the probe model did not load" in stub
     assert f"came back as float32[4, 3] [0.0, 0.0, 0.0, 0.0] (numpy {np.__version__})" in stub
     assert "fix: give the stub's Python" in out and "numpy<2" in out
-    assert out.splitlines()[-1] == "flowserve doctor: 1 blocking problem(s)"
+    assert err == "flowserve doctor: error: 1 blocking problem(s): triton stub\n"

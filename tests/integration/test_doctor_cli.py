@@ -26,9 +26,11 @@ def test_a_port_in_use_fails_with_its_fix_and_json_carries_it(tmp_path, capsys):
         argv = ["doctor", "--skip-triton", "--model-repository", str(tmp_path / "none"), "--port", str(port),
                 "--metrics-port", str(free_port())]
         code = cli.main(argv)
-        out = capsys.readouterr().out
+        out, err = capsys.readouterr()
         json_code = cli.main([*argv, "--json"])
-        report = json.loads(capsys.readouterr().out)
+        json_out, json_err = capsys.readouterr()
+        report = json.loads(json_out)
+        err += json_err
     assert code == json_code == 1
     lines = out.splitlines()
     failed = lines.index(next(line for line in lines if line.startswith("✗ gateway port")))
@@ -36,7 +38,7 @@ def test_a_port_in_use_fails_with_its_fix_and_json_carries_it(tmp_path, capsys):
     assert lines[failed + 1].strip() == "fix: stop what holds it, or pass serve (and doctor) another --port"
     assert any(line.startswith("✓ metrics port") for line in lines)
     assert any(line.startswith("– model repository") for line in lines)
-    assert lines[-1] == "flowserve doctor: 1 blocking problem(s)"
+    assert err.splitlines() == ["flowserve doctor: error: 1 blocking problem(s): gateway port"] * 2
     assert report["ok"] is False
     assert [c["status"] for c in report["checks"] if c["name"] == "gateway port"] == ["fail"]
 
@@ -68,9 +70,10 @@ def test_each_injected_fault_gives_its_cross_its_fix_and_exit_1(tmp_path, monkey
     monkeypatch.setattr(launcher.TritonInstallation, "find", no_triton)  # nor is the stub started: tests/e2e does
     code = cli.main(["doctor", "--model-repository", str(tmp_path), "--port", str(free_port()),
                      "--metrics-port", str(free_port())])
-    lines = capsys.readouterr().out.splitlines()
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
     assert code == 1
     crossed = [i for i, line in enumerate(lines) if line.startswith(cross)]
     assert len(crossed) == 1, lines
     assert lines[crossed[0] + 1].strip().startswith(f"fix: {fix}")
-    assert lines[-1] == f"flowserve doctor: {sum(line.startswith('✗') for line in lines)} blocking problem(s)"
+    assert err.startswith(f"flowserve doctor: error: {sum(line.startswith('✗') for line in lines)} blocking problem(s): ")
