@@ -294,7 +294,7 @@ def stub_probe(timeout: float) -> Check:
             return Check("triton stub", FAIL, f"the probe call failed: {type(exc).__name__}: {exc}", fix)
         finally:
             client.close()
-            server.stop(timeout=1.0)  # nothing to drain: a probe need not wait for Triton's orderly exit
+            server.kill()  # a probe has nothing to drain
     if back.size != known.size or not np.array_equal(back.reshape(known.shape), known):
         return Check("triton stub", FAIL, f"a float32[{PROBE_ROWS}, 3] tensor came back as {back.size} value(s) "
                                           f"{back[:4].tolist()}..., not as sent (numpy {np.__version__})", fix)

@@ -283,6 +283,13 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 log.warning("Triton did not stop within %.0f s; killing it", timeout)
         # Also after a crash: stubs that outlived tritonserver share its process group.
+        self.kill()
+
+    def kill(self) -> None:
+        """Kill Triton and its stubs at once (SIGKILL to the process group): for a Triton
+        with nothing to drain."""
+        if self.process is None:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
