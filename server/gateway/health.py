@@ -30,7 +30,10 @@ class FlowHealth:
 
     :meth:`check` probes every model of every flow at once. A probe that runs out of its
     ``probe_timeout_s`` means a busy model, not a broken one: the flow keeps its last state.
-    A model is reloaded at most once per ``min_reload_interval_s``.
+    A model is reloaded at most once per ``min_reload_interval_s``, and each further reload
+    that it has not answered a probe since doubles the wait, up to ``max_reload_interval_s``:
+    a model that cannot load (a corrupt file, a GPU it cannot have) costs a stub process's
+    start every few minutes, not every few seconds.
 
     With ``load_changes``, each check also looks for flows whose metadata file is new or was
     rewritten (an export writes it last) and asks Triton to load their models. Triton loads
@@ -38,16 +41,19 @@ class FlowHealth:
     """
 
     def __init__(self, backend: Backend, catalog: ModelCatalog, metrics: GatewayMetrics,
-                 probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0, load_changes: bool = False):
+                 probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0,
+                 max_reload_interval_s: float = 300.0, load_changes: bool = False):
         self.backend = backend
         self.catalog = catalog
         self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
         self.min_reload_interval_s = min_reload_interval_s
+        self.max_reload_interval_s = max_reload_interval_s
         self.load_changes = load_changes
         self._ready: dict[str, bool] = {}
         self._reloads: dict[str, asyncio.Task] = {}  # by model
         self._last_reload: dict[str, float] = {}
+        self._unanswered_reloads: dict[str, int] = {}  # by model: reloads since it last answered a probe
         self._loads: dict[str, asyncio.Task] = {}  # by flow
         self._loaded = {name: catalog.get(name) for name in catalog.names()}  # Triton loaded these at its start
 
@@ -75,6 +81,8 @@ class FlowHealth:
                 answered = self._ready.get(name, False)
             elif not answered and server_ready:
                 self._reload_soon(name, direction, model)
+            elif answered:
+                self._unanswered_reloads.pop(model, None)
             ready[name] = ready[name] and answered
         self._ready = ready
         for name, flow_ready in ready.items():
@@ -98,9 +106,12 @@ class FlowHealth:
 
     def _reload_soon(self, flow: str, direction: str, model: str) -> None:
         now = asyncio.get_running_loop().time()
-        if model in self._reloads or now - self._last_reload.get(model, -math.inf) < self.min_reload_interval_s:
+        unanswered = self._unanswered_reloads.get(model, 0)
+        wait = min(self.min_reload_interval_s * 2 ** max(unanswered - 1, 0), self.max_reload_interval_s)
+        if model in self._reloads or now - self._last_reload.get(model, -math.inf) < wait:
             return
         self._last_reload[model] = now
+        self._unanswered_reloads[model] = unanswered + 1
         task = asyncio.create_task(self._reload(flow, direction, model))
         self._reloads[model] = task
         task.add_done_callback(lambda _: self._reloads.pop(model, None))
@@ -111,8 +122,8 @@ class FlowHealth:
         try:
             await self.backend.unload_model(model)
             await self.backend.load_model(model)
-        except FlowServeError as exc:
-            log.error("reloading %s failed: %s", model, exc)
+        except FlowServeError as exc:  # Triton's reason comes first; the runner's traceback follows it
+            log.error("reloading %s failed: %s", model, str(exc).split("\n")[0])
         else:
             log.warning("%s reloaded", model)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from helpers.clock import run_on_virtual_clock
 from helpers.fakes import health_of
 
 from flowserve.contract.metadata import FlowMetadata
 from flowserve.contract.spec import DIRECTIONS, GENERATION, triton_model_name
-from flowserve.server.protocol.errors import DeadlineExceeded
+from flowserve.server.protocol.errors import BackendError, DeadlineExceeded
 
 
 def test_a_flow_whose_model_stops_answering_is_not_ready_until_its_model_is_reloaded(tmp_path):
@@ -100,3 +101,35 @@ def test_flows_with_new_files_get_their_models_loaded_and_stay_ready_meanwhile(t
         assert len(backend.loads) == 4  # loaded once
 
     asyncio.run(scenario())
+
+
+def test_a_model_that_will_not_load_is_retried_ever_more_rarely_until_it_answers(tmp_path):
+    health, backend, _ = health_of(tmp_path, min_reload_interval_s=5.0, max_reload_interval_s=60.0)
+    broken = triton_model_name("left", GENERATION)
+    attempts, loadable = [], False
+    load = backend.load_model
+
+    async def load_when_loadable(model):
+        attempts.append(round(asyncio.get_running_loop().time() - start))
+        if not loadable:
+            raise BackendError(f"load failed for {model!r}: RuntimeError: flowserve_runner: ...\n\nAt:\n  model.py")
+        await load(model)
+
+    async def scenario():
+        nonlocal loadable, start
+        start = asyncio.get_running_loop().time()
+        backend.broken.add(broken)
+        for second in range(270):  # one check a second, as the gateway does
+            loadable = loadable or second == 200  # its files fixed, say
+            if second == 262:
+                backend.broken.add(broken)  # it answered at 256: broken anew
+            await health.check(server_ready=True)
+            await asyncio.sleep(1.0)
+
+    start = 0.0
+    backend.load_model = load_when_loadable
+    run_on_virtual_clock(scenario())
+    # Waits of 5, 10, 20, 40, then 60 s while it cannot load; it loads at 255, answers, and
+    # breaks at 262: the wait starts from 5 s again, so it is reloaded at once.
+    assert attempts == [0, 5, 15, 35, 75, 135, 195, 255, 262]
+    assert health.is_ready("left")
