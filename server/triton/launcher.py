@@ -229,7 +229,11 @@ class TritonServer:
                     ready = client.is_server_ready(client_timeout=1.0)
                 if ready:
                     log.info("Triton ready on %s", self.grpc_url)
-                    self._note_failed_models(client.get_model_repository_index(as_json=True).get("models", []))
+                    try:
+                        index = client.get_model_repository_index(as_json=True).get("models", [])
+                    except Exception as exc:  # tritonclient's InferenceServerException
+                        raise TritonLaunchError(f"Triton is ready but did not list its models: {exc}") from exc
+                    self._note_failed_models(index)
                     return
                 time.sleep(0.05)
         finally:
@@ -243,12 +247,10 @@ class TritonServer:
         """Keep each model of the repository that is not READY, with Triton's reason (from its
         repository index, or its log for a model it could not even index); raise when the
         repository has models and none of them is READY."""
-        states = {m["name"]: m for m in index}
+        ready = {m["name"] for m in index if m.get("state") == "READY"}  # one entry per version
+        reasons = {m["name"]: m["reason"] for m in index if m.get("reason")}
         models = sorted(p.parent.name for p in Path(self.model_repository).glob("*/config.pbtxt"))
-        self.failed_models = {
-            name: self._load_failure(name, states.get(name, {}).get("reason"))
-            for name in models if states.get(name, {}).get("state") != "READY"
-        }
+        self.failed_models = {name: self._load_failure(name, reasons.get(name)) for name in models if name not in ready}
         if models and len(self.failed_models) == len(models):
             reasons = "\n".join(f"  {name}: {reason}" for name, reason in self.failed_models.items())
             raise TritonLaunchError(f"Triton loaded none of the {len(models)} model(s) of {self.model_repository}:\n"
@@ -362,4 +364,4 @@ class TritonSupervisor:
             up_since = clock()
             log.warning("Triton restarted on %s", self.triton.grpc_url)
             for model, reason in self.triton.failed_models.items():
-                log.error("model %r failed to load again and is not served: %s", model, reason)
+                log.error("model %r failed to load and is not served: %s", model, reason)

@@ -44,6 +44,40 @@ def test_missing_repository_is_a_clear_error(tmp_path):
         TritonServer(tmp_path / "nope", tmp_path / "work", grpc_port=8001, metrics_port=8002).start()
 
 
+def triton_with_models(tmp_path, *names: str) -> TritonServer:
+    for name in names:
+        (tmp_path / "repo" / name).mkdir(parents=True)
+        (tmp_path / "repo" / name / "config.pbtxt").write_text(f'name: "{name}"\n')
+    (tmp_path / "work").mkdir()
+    return TritonServer(tmp_path / "repo", tmp_path / "work", grpc_port=8001, metrics_port=8002)
+
+
+def test_failed_models_are_named_with_the_first_line_of_tritons_reason_or_its_log(tmp_path):
+    triton = triton_with_models(tmp_path, "ready", "refused", "unindexed", "silent")
+    triton.log_path.write_text(
+        'E1206 20:47:59.778095 10770 model_repository_manager.cc:724] "failed to load model \'unindexed\': at '
+        'least one version must be available under the version policy of model \'unindexed\'"\n')
+    triton._note_failed_models([
+        {"name": "ready", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},  # an old version
+        {"name": "ready", "version": "2", "state": "READY"},
+        {"name": "refused", "version": "1", "state": "UNAVAILABLE",
+         "reason": "Internal: RuntimeError: flowserve_runner: a GPU instance, but ...\n\nAt:\n  model.py(130)"},
+    ])
+    assert triton.failed_models == {
+        "refused": "Internal: RuntimeError: flowserve_runner: a GPU instance, but ...",
+        "silent": "not loaded; see Triton's log",
+        "unindexed": "at least one version must be available under the version policy of model 'unindexed'",
+    }
+
+
+def test_a_triton_that_loaded_none_of_its_models_is_a_launch_error_naming_each(tmp_path):
+    triton = triton_with_models(tmp_path, "first", "second")
+    index = [{"name": name, "version": "1", "state": "UNAVAILABLE", "reason": f"{name} is broken"}
+             for name in ("first", "second")]
+    with pytest.raises(TritonLaunchError, match="(?s)none of the 2 model.*  first: first is broken\n  second: second"):
+        triton._note_failed_models(index)
+
+
 def test_serve_without_a_repository_is_a_clear_cli_error(tmp_path, capsys):
     from flowserve import cli
 
@@ -134,5 +168,5 @@ def test_the_supervisor_names_the_models_that_fail_to_load_after_a_restart(caplo
     with caplog.at_level(logging.ERROR, logger="flowserve.server.triton.launcher"):
         run_on_virtual_clock(scenario())
     assert [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()] == [
-        "model 'moons-density' failed to load again and is not served: Internal: RuntimeError: flowserve_runner: "
+        "model 'moons-density' failed to load and is not served: Internal: RuntimeError: flowserve_runner: "
         "a GPU instance, but ..."]

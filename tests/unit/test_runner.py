@@ -15,6 +15,8 @@ import torch
 from helpers.fakes import StubTensor, load_runner, runner_args, stub_utils
 from onnx import TensorProto, helper
 
+from flowserve.contract.spec import RUNNER_PROBE_PARAMETER
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]*` is deprecated:DeprecationWarning")
 ROWS = (1, 5, 2)
 
@@ -176,3 +178,36 @@ def test_a_gpu_instance_fails_the_load_when_torch_sees_no_cuda_device_mocked(tmp
     message = f"a GPU instance, but torch {torch.__version__} sees no CUDA device"
     with pytest.raises(RuntimeError, match=re.escape(message)):
         runner.TritonPythonModel().initialize(runner_args(*model_dir(tmp_path, "torchscript"), kind="GPU"))
+
+
+def test_requests_whose_inputs_disagree_on_rows_fail_instead_of_being_split_wrongly(tmp_path, monkeypatch):
+    runner = load_runner(monkeypatch)
+    model = runner.TritonPythonModel()
+    directory, config = model_dir(tmp_path, "onnx")
+    config["input"].append({"name": "context", "data_type": "TYPE_FP32", "dims": [3]})
+    model.initialize(runner_args(directory, config))
+    monkeypatch.setattr(model.session, "run", lambda *args: [np.zeros(5, np.float32)])
+    requests = [{"x": StubTensor("x", np.zeros((rows, 2), np.float32)),
+                 "context": StubTensor("context", np.zeros((context_rows, 3), np.float32))}
+                for rows, context_rows in ((2, 3), (3, 2))]
+    responses = model.execute(requests)
+    assert [r.error for r in responses] == ["flowserve_runner: ValueError: input 'context' has [3, 2] rows per "
+                                            "request where 'x' has [2, 3]"] * 2
+
+
+@pytest.mark.parametrize("answer, error", [
+    ([np.zeros(1, np.float32)], "output 'log_prob' has 1 rows for 8 input rows"),
+    ([], "the model returned 0 output(s) for the config's 1"),
+])
+def test_an_answer_of_the_wrong_size_fails_its_requests_instead_of_being_split_wrongly(
+        tmp_path, monkeypatch, answer, error):
+    runner = load_runner(monkeypatch)
+    model = runner.TritonPythonModel()
+    model.initialize(runner_args(*model_dir(tmp_path, "onnx")))
+    monkeypatch.setattr(model.session, "run", lambda *args: answer)
+    responses = model.execute([{"x": StubTensor("x", np.zeros((rows, 2), np.float32))} for rows in ROWS])
+    assert [r.error for r in responses] == [f"flowserve_runner: ValueError: {error}"] * len(ROWS)
+
+
+def test_the_runner_and_the_contract_name_the_probe_parameter_alike(monkeypatch):
+    assert load_runner(monkeypatch).PROBE_PARAMETER == RUNNER_PROBE_PARAMETER

@@ -89,8 +89,9 @@ def _threads(model_config):
     return max(1, len(os.sched_getaffinity(0)) // instances)
 
 
-class NumpySession:
-    """Batches kept as numpy arrays: read from the stub, concatenated, split, written back."""
+class NumpyBatches:
+    """How a session keeps its batches as numpy arrays: read from the stub, concatenated,
+    split per request, written back."""
 
     def batch(self, tensors):
         arrays = [array_of(t) for t in tensors]
@@ -103,7 +104,7 @@ class NumpySession:
         return tensor_of(name, part, dtype)
 
 
-class OnnxSession(NumpySession):
+class OnnxSession(NumpyBatches):
     """ONNX Runtime on the instance's device."""
 
     def __init__(self, path, threads, device_id):
@@ -173,7 +174,7 @@ class TorchScriptSession:
         return pb_utils.Tensor.from_dlpack(name, part)
 
 
-class ProbeSession(NumpySession):
+class ProbeSession(NumpyBatches):
     """No model: answers each request with its inputs (``flowserve doctor``'s stub check)."""
 
     device = "the stub's tensor path only"
@@ -197,7 +198,7 @@ class TritonPythonModel:
         gpu = args["model_instance_kind"] == "GPU"
         device_id = int(args["model_instance_device_id"]) if gpu else None
         if _parameter(model_config, PROBE_PARAMETER, None) is not None:
-            self.session = ProbeSession()
+            self.session, path = ProbeSession(), "a probe (no model file)"
         else:
             session_type = SESSIONS.get(os.path.splitext(filename)[1])
             if session_type is None:
@@ -213,14 +214,23 @@ class TritonPythonModel:
 
     def execute(self, requests):
         try:
-            inputs = []
+            inputs, row_counts = [], None
             for name in self.input_names:
                 tensors = [pb_utils.get_input_tensor_by_name(r, name) for r in requests]
+                rows = [int(t.shape()[0]) for t in tensors]
+                if row_counts is not None and rows != row_counts:
+                    raise ValueError(f"input {name!r} has {rows} rows per request where "
+                                     f"{self.input_names[0]!r} has {row_counts}")
+                row_counts = rows
                 inputs.append(self.session.batch(tensors))
-            row_counts = [int(t.shape()[0]) for t in tensors]
             outputs = self.session.run(self.output_names, self.input_names, inputs)
+            if len(outputs) != len(self.output_names):
+                raise ValueError(f"the model returned {len(outputs)} output(s) for the config's "
+                                 f"{len(self.output_names)}")
             per_request = [[] for _ in requests]
             for name, dtype, output in zip(self.output_names, self.output_dtypes, outputs):
+                if output.shape[0] != sum(row_counts):
+                    raise ValueError(f"output {name!r} has {output.shape[0]} rows for {sum(row_counts)} input rows")
                 for tensors_of_request, part in zip(per_request, self.session.split(output, row_counts)):
                     tensors_of_request.append(self.session.tensor(name, part, dtype))
         except Exception as exc:  # one failed batch fails its requests, not the server
