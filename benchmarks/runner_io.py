@@ -7,7 +7,8 @@ client), no flow:
 * ``numpy-path``: ``as_numpy()`` in, ``pb_utils.Tensor(name, ndarray)`` out: how the runner
   moved tensors before it used DLPack (under numpy 2 these garble inputs and send nothing);
 * ``runner``: flowserve's runner with the probe parameter: ``np.from_dlpack`` in, a DLPack
-  capsule out, the path of its ONNX sessions;
+  capsule out, the path of its ONNX sessions (the echo also copies each input, which
+  ``np.from_dlpack`` gives read-only; a session's outputs are new arrays);
 * ``torch-dlpack``: ``torch.from_dlpack`` in, ``pb_utils.Tensor.from_dlpack(torch tensor)`` out,
   the path of its TorchScript sessions.
 
@@ -15,7 +16,7 @@ In interleaved rounds (the best median is kept) each gets sequential calls of 1,
 rows of 64 float32 columns; it prints each path's median per call and its ratio to the
 numpy path.
 
-Usage (about a minute on 2 cores)::
+Usage (about 20 s on 2 cores)::
 
     .venv/bin/python benchmarks/runner_io.py [--calls 200] [--rounds 3]
 """

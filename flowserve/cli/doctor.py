@@ -157,7 +157,7 @@ def environment_checks(machine: Machine, models: list[ModelNeeds]) -> list[Check
         build = f"CUDA {machine.torch_cuda} build" if machine.torch_cuda else "CPU build"
         checks.append(Check("torch", OK, f"{machine.torch}, {build}, {machine.cuda_devices} CUDA device(s)"))
     if machine.onnxruntime is None:
-        checks.append(Check("onnxruntime", FAIL, "not installed; the runner needs it for ONNX flows",
+        checks.append(Check("onnxruntime", FAIL, "not installed; the runner imports it for every model",
                             "pip install onnxruntime-gpu (its CPU provider works without a GPU)"))
     else:
         checks.append(Check("onnxruntime", OK, f"{machine.onnxruntime}, providers {', '.join(machine.providers)}"))
@@ -173,9 +173,11 @@ def environment_checks(machine: Machine, models: list[ModelNeeds]) -> list[Check
     return checks
 
 
-def model_checks(machine: Machine, models: list[ModelNeeds], cuda_starts: Callable[[Path], str | None]) -> list[Check]:
-    """One line per flow: each of its models against this machine. ``cuda_starts`` tries ONNX
-    Runtime's CUDA provider on a model file: None if it starts, else why not."""
+def model_checks(machine: Machine, models: list[ModelNeeds], file_loads: Callable[[ModelNeeds], str | None],
+                 cuda_starts: Callable[[Path], str | None]) -> list[Check]:
+    """One line per flow: each of its models against this machine. ``file_loads`` opens a
+    model's file on the CPU and ``cuda_starts`` tries ONNX Runtime's CUDA provider on one:
+    each returns None if it works, else why not."""
     checks = []
     for flow in dict.fromkeys(m.flow for m in models):
         problems, caveats, parts = {}, {}, {}  # reason -> the flow's models it holds for
@@ -194,6 +196,8 @@ def model_checks(machine: Machine, models: list[ModelNeeds], cuda_starts: Callab
                 problems.setdefault(f"{model.model_file.name} is missing", []).append(short)
             elif model.format == "torchscript" and machine.torch is None:
                 problems.setdefault("TorchScript, and torch is not installed", []).append(short)
+            elif (machine.onnxruntime or model.format != "onnx") and (reason := file_loads(model)):
+                problems.setdefault(f"{model.model_file.name} does not load: {reason}", []).append(short)
             if model.wants_gpu:
                 for reason in _gpu_problems(machine, model, cuda_starts):
                     problems.setdefault(reason, []).append(short)
@@ -225,11 +229,34 @@ def _gpu_problems(machine: Machine, model: ModelNeeds, cuda_starts: Callable[[Pa
     return []
 
 
+def model_file_loads(model: ModelNeeds) -> str | None:
+    """None if the model's file opens on the CPU (ONNX Runtime, or torch for TorchScript),
+    else the first line of why not (naming the file, not its path, so that a flow's two
+    models share one line)."""
+    try:
+        if model.format == "onnx":
+            import onnxruntime as ort
+
+            ort.InferenceSession(str(model.model_file), providers=["CPUExecutionProvider"])
+        elif model.format == "torchscript":
+            import torch
+
+            torch.jit.load(str(model.model_file), map_location="cpu")
+        else:
+            return f"{model.format} is neither ONNX nor TorchScript"
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own kinds
+        return f"{type(exc).__name__}: {exc}".split("\n")[0].replace(str(model.model_file), model.model_file.name)
+    return None
+
+
 def cuda_session_starts(model_file: Path) -> str | None:
     """None if ONNX Runtime runs ``model_file`` with its CUDA provider, else why not."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_file), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(model_file), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors are not OSError or RuntimeError
+        return f"{type(exc).__name__}: {exc}".split("\n")[0]
     if session.get_providers()[0] == "CUDAExecutionProvider":
         return None
     return "it fell back to the CPU (missing CUDA or cuDNN libraries; ONNX Runtime's error is printed above)"
@@ -241,6 +268,8 @@ def port_checks(host: str, ports: dict[str, int]) -> list[Check]:
     for option, port in ports.items():
         name = "gateway port" if option == "port" else option.replace("-", " ")
         with socket.socket() as sock:
+            # As gRPC binds: a port left in TIME_WAIT by a stopped serve is free, a listening one is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
                 checks.append(Check(name, OK, f"{host}:{port} is free"))
@@ -272,7 +301,8 @@ def stub_probe(timeout: float) -> Check:
 
     from flowserve.server.triton.launcher import TritonLaunchError, TritonServer
 
-    fix = "give the stub's Python (the python3 of this environment) numpy<2: pip install 'numpy<2'"
+    numpy_fix = "give the stub's Python (the python3 of this environment) numpy<2: pip install 'numpy<2'"
+    other_fix = f"the stub runs this environment's python3 ({sys.executable}); see the reason, and Triton's log"
     known = (np.arange(PROBE_ROWS * 3, dtype=np.float32).reshape(PROBE_ROWS, 3) - 17) / 8
     with tempfile.TemporaryDirectory(prefix="flowserve-doctor-") as workdir:
         repository = _probe_repository(Path(workdir) / "repository")
@@ -282,7 +312,8 @@ def stub_probe(timeout: float) -> Check:
             server.start(ready_timeout=timeout)
         except TritonLaunchError as exc:
             reason = server.failed_models.get(PROBE_MODEL) or str(exc)
-            return Check("triton stub", FAIL, f"the probe model did not load: {reason}", fix)
+            return Check("triton stub", FAIL, f"the probe model did not load: {reason}",
+                         numpy_fix if "numpy" in reason else other_fix)
         client = triton_grpc.InferenceServerClient(server.grpc_url)
         try:
             tensor = triton_grpc.InferInput("probe_in", list(known.shape), "FP32")
@@ -291,13 +322,13 @@ def stub_probe(timeout: float) -> Check:
             back = np.frombuffer(response.raw_output_contents[0], np.float32)
             seconds = time.monotonic() - started
         except Exception as exc:  # noqa: BLE001 - tritonclient's errors, or a malformed answer
-            return Check("triton stub", FAIL, f"the probe call failed: {type(exc).__name__}: {exc}", fix)
+            return Check("triton stub", FAIL, f"the probe call failed: {type(exc).__name__}: {exc}", other_fix)
         finally:
             client.close()
             server.kill()  # a probe has nothing to drain
     if back.size != known.size or not np.array_equal(back.reshape(known.shape), known):
         return Check("triton stub", FAIL, f"a float32[{PROBE_ROWS}, 3] tensor came back as {back.size} value(s) "
-                                          f"{back[:4].tolist()}..., not as sent (numpy {np.__version__})", fix)
+                                          f"{back[:4].tolist()}..., not as sent (numpy {np.__version__})", numpy_fix)
     return Check("triton stub", OK, f"a float32[{PROBE_ROWS}, 3] tensor went client → Triton → stub (numpy "
                                     f"{np.__version__}) → client unchanged ({seconds:.1f} s with Triton's start)")
 
@@ -331,7 +362,7 @@ def run_checks(args) -> list[Check]:
                                                                  "writes one)"))
     elif not models:
         checks.append(Check("model repository", WARN, f"{repository} has no flows", "flowserve export ..."))
-    return checks + model_checks(machine, models, cuda_session_starts)
+    return checks + model_checks(machine, models, model_file_loads, cuda_session_starts)
 
 
 def doctor_command(args) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers.processes import hermetic_env
 
 from flowserve import cli
@@ -44,25 +45,39 @@ def test_doctor_on_this_machine_shows_every_check_and_is_ready(repository, tmp_p
     assert {c["status"] for c in report["checks"]} == {"ok", "not applicable"}
 
 
-def test_doctor_reports_a_stub_whose_round_trip_comes_back_wrong_injected(tmp_path, monkeypatch, capsys):
+# Faults injected into the runner the probe model runs: a stub whose tensors read back as zeros
+# (the runner's own check at load refuses it), and one that passes that check but answers zeros
+# (the doctor's comparison of the answer catches it).
+RUNNER_FAULTS = {
+    "reads zeros": ("    return np.from_dlpack(tensor)\n", "    return np.zeros_like(np.from_dlpack(tensor))\n",
+                    f"the probe model did not load: Internal: RuntimeError: flowserve_runner: a known float32[4, 3] "
+                    f"tensor sent through Triton's Python stub came back as float32[4, 3] [0.0, 0.0, 0.0, 0.0] "
+                    f"(numpy {np.__version__})"),
+    "answers zeros": ("        return inputs\n", "        return [np.zeros_like(i) for i in inputs]\n",
+                      f"a float32[64, 3] tensor came back as 192 value(s) [0.0, 0.0, 0.0, 0.0]..., not as sent "
+                      f"(numpy {np.__version__})"),
+}
+
+
+@pytest.mark.parametrize("fault", RUNNER_FAULTS)
+def test_doctor_reports_a_stub_that_does_not_answer_what_it_was_sent_injected(tmp_path, monkeypatch, capsys, fault):
+    original, replacement, reported = RUNNER_FAULTS[fault]
     build = launcher.TritonInstallation.build_backend_directory
 
-    def zeroing_runner(self, target):
+    def faulty_runner(self, target):
         backends = build(self, target)
         runner = backends / "flowserve_runner" / "model.py"
         source = runner.read_text()
-        assert "    return np.from_dlpack(tensor)\n" in source
-        runner.write_text(source.replace("    return np.from_dlpack(tensor)\n",
-                                          "    return np.zeros_like(np.from_dlpack(tensor))\n"))
+        assert source.count(original) == 1
+        runner.write_text(source.replace(original, replacement))
         return backends
 
-    monkeypatch.setattr(launcher.TritonInstallation, "build_backend_directory", zeroing_runner)
+    monkeypatch.setattr(launcher.TritonInstallation, "build_backend_directory", faulty_runner)
     code = cli.main(["doctor", "--model-repository", str(tmp_path / "none"),
                      "--port", str(free_port()), "--metrics-port", str(free_port())])
     out, err = capsys.readouterr()
     assert code == 1
     stub = next(line for line in out.splitlines() if "triton stub" in line)
-    assert stub.startswith("✗ triton stub") and "the probe model did not load" in stub
-    assert f"came back as float32[4, 3] [0.0, 0.0, 0.0, 0.0] (numpy {np.__version__})" in stub
+    assert stub.startswith("✗ triton stub") and reported in stub, stub
     assert "fix: give the stub's Python" in out and "numpy<2" in out
     assert err == "flowserve doctor: error: 1 blocking problem(s): triton stub\n"

@@ -19,6 +19,7 @@ from flowserve.cli.doctor import (
     environment_checks,
     gather_machine,
     model_checks,
+    model_file_loads,
     read_models,
 )
 
@@ -29,9 +30,10 @@ TWO_GPUS_MOCKED = replace(CPU_ONLY, torch="2.11.0+cu130", torch_cuda="13.0", cud
                           gpus=["NVIDIA H100 80GB HBM3, 80 GiB"] * 2, nvml_error="")
 
 
-def checks_of(machine, tmp_path, cuda_starts=lambda path: None) -> dict[str, tuple[str, str, str]]:
+def checks_of(machine, tmp_path, cuda_starts=lambda path: None,
+              file_loads=lambda model: None) -> dict[str, tuple[str, str, str]]:
     models = read_models(tmp_path)
-    checks = environment_checks(machine, models) + model_checks(machine, models, cuda_starts)
+    checks = environment_checks(machine, models) + model_checks(machine, models, file_loads, cuda_starts)
     return {c.name: (c.status, c.detail, c.fix) for c in checks}
 
 
@@ -111,3 +113,14 @@ def test_numpy_2_is_a_caveat_that_the_stub_check_settles(tmp_path, version, stat
     assert checks["numpy"][0] == status
     if status == WARN:
         assert "DLPack" in checks["numpy"][1] and "numpy<2" in checks["numpy"][2]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_a_model_file_that_does_not_load_fails_its_flow(tmp_path):
+    write_flow(tmp_path, "moons")  # empty model.onnx files: no ONNX model
+    write_flow(tmp_path, "digits", filename="model.pt")
+    checks = checks_of(CPU_ONLY, tmp_path, file_loads=model_file_loads)
+    for flow, error in (("moons", "model.onnx does not load: InvalidArgument: "), ("digits", "model.pt does not load: ")):
+        status, detail, fix = checks[f"flow {flow}"]
+        assert status == FAIL and detail.startswith(f"density and generation: {error}"), detail
+        assert fix.startswith(f"export the flow again: flowserve export ... --name {flow}")
