@@ -12,9 +12,9 @@ client), no flow:
 * ``torch-dlpack``: ``torch.from_dlpack`` in, ``pb_utils.Tensor.from_dlpack(torch tensor)`` out,
   the path of its TorchScript sessions.
 
-In interleaved rounds (the best median is kept) each gets sequential calls of 1, 64 and 4096
-rows of 64 float32 columns; it prints each path's median per call and its ratio to the
-numpy path.
+For 1, 64 and 4096 rows of 64 float32 columns, the three take turns call by call (so a
+drift of the machine's speed hits all three alike), in rounds; it prints each path's median
+per call, the best of the rounds, and its ratio to the numpy path.
 
 Usage (about 20 s on 2 cores)::
 
@@ -82,19 +82,21 @@ def write_repository(repository: Path) -> Path:
     return repository
 
 
-def median_ms(client, model: str, rows: int, calls: int) -> float:
-    """Median milliseconds of ``calls`` sequential echo calls of ``rows`` rows; checks each answer."""
+def medians_ms(client, rows: int, calls: int) -> dict[str, float]:
+    """Median milliseconds per path of ``calls`` sequential echo calls of ``rows`` rows, the
+    paths taking turns call by call; checks each answer."""
     x = np.random.default_rng(rows).normal(size=(rows, COLUMNS)).astype(np.float32)
     tensor = triton_grpc.InferInput("probe_in", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    times = []
+    times = {model: [] for model in PATHS}
     for _ in range(calls):
-        started = time.perf_counter()
-        answer = client.infer(model, [tensor]).as_numpy("probe_out")
-        times.append(time.perf_counter() - started)
-        if not np.array_equal(answer, x):
-            raise SystemExit(f"{model} did not echo its input at {rows} rows")
-    return 1000 * statistics.median(times)
+        for model in PATHS:
+            started = time.perf_counter()
+            answer = client.infer(model, [tensor]).as_numpy("probe_out")
+            times[model].append(time.perf_counter() - started)
+            if not np.array_equal(answer, x):
+                raise SystemExit(f"{model} did not echo its input at {rows} rows")
+    return {model: 1000 * statistics.median(spent) for model, spent in times.items()}
 
 
 def main() -> None:
@@ -103,18 +105,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, numpy {np.__version__}; "
-          f"{args.calls} sequential calls per path and size, best median of {args.rounds} rounds")
+          f"{args.calls} sequential calls per path and size, in turns; best median of {args.rounds} rounds")
     with tempfile.TemporaryDirectory(prefix="flowserve-runner-io-") as folder:
         repository = write_repository(Path(folder) / "repository")
         with TritonServer(repository, Path(folder) / "triton") as triton:
             client = triton_grpc.InferenceServerClient(triton.grpc_url)
-            for model in PATHS:  # warm up each stub
-                median_ms(client, model, max(ROWS), 5)
+            medians_ms(client, max(ROWS), 5)  # warm up each stub
             best = {(model, rows): float("inf") for model in PATHS for rows in ROWS}
             for _ in range(args.rounds):
                 for rows in ROWS:
-                    for model in PATHS:
-                        best[model, rows] = min(best[model, rows], median_ms(client, model, rows, args.calls))
+                    for model, median in medians_ms(client, rows, args.calls).items():
+                        best[model, rows] = min(best[model, rows], median)
             client.close()
     print(f"{'rows':>6} " + " ".join(f"{model + ' ms':>16}" for model in PATHS) + "   ratio to numpy-path")
     for rows in ROWS:
