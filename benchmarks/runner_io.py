@@ -33,15 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
-from flowserve.contract.spec import RUNNER_BACKEND, RUNNER_PROBE_PARAMETER
+from flowserve.contract.spec import RUNNER_BACKEND
 from flowserve.server.triton.launcher import TritonServer
+from flowserve.server.triton.probe import PROBE_INPUT, PROBE_OUTPUT, echo_config
 
 COLUMNS = 64
 ROWS = (1, 64, 4096)
-ECHO_MODEL = '''
+ECHO_MODEL = f'''
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -54,11 +53,11 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            tensor = pb_utils.get_input_tensor_by_name(request, "probe_in")
+            tensor = pb_utils.get_input_tensor_by_name(request, "{PROBE_INPUT}")
             if self.torch_path:
-                out = pb_utils.Tensor.from_dlpack("probe_out", torch.from_dlpack(tensor))
+                out = pb_utils.Tensor.from_dlpack("{PROBE_OUTPUT}", torch.from_dlpack(tensor))
             else:
-                out = pb_utils.Tensor("probe_out", np.ascontiguousarray(tensor.as_numpy()))
+                out = pb_utils.Tensor("{PROBE_OUTPUT}", np.ascontiguousarray(tensor.as_numpy()))
             responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
         return responses
 '''
@@ -68,15 +67,9 @@ PATHS = ("numpy-path", "runner", "torch-dlpack")
 def write_repository(repository: Path) -> Path:
     """The three echo models of float32[COLUMNS] rows."""
     for name in PATHS:
-        config = mc.ModelConfig(name=name, max_batch_size=max(ROWS),
-                                backend=RUNNER_BACKEND if name == "runner" else "python")
-        config.input.add(name="probe_in", data_type=mc.TYPE_FP32, dims=[COLUMNS])
-        config.output.add(name="probe_out", data_type=mc.TYPE_FP32, dims=[COLUMNS])
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-        if name == "runner":
-            config.parameters[RUNNER_PROBE_PARAMETER].string_value = "echo"
+        backend = RUNNER_BACKEND if name == "runner" else "python"
         (repository / name / "1").mkdir(parents=True)
-        (repository / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+        (repository / name / "config.pbtxt").write_text(echo_config(name, COLUMNS, max(ROWS), backend))
         if name != "runner":
             (repository / name / "1" / "model.py").write_text(ECHO_MODEL)
     return repository
@@ -86,13 +79,13 @@ def medians_ms(client, rows: int, calls: int) -> dict[str, float]:
     """Median milliseconds per path of ``calls`` sequential echo calls of ``rows`` rows, the
     paths taking turns call by call; checks each answer."""
     x = np.random.default_rng(rows).normal(size=(rows, COLUMNS)).astype(np.float32)
-    tensor = triton_grpc.InferInput("probe_in", list(x.shape), "FP32")
+    tensor = triton_grpc.InferInput(PROBE_INPUT, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     times = {model: [] for model in PATHS}
     for _ in range(calls):
         for model in PATHS:
             started = time.perf_counter()
-            answer = client.infer(model, [tensor]).as_numpy("probe_out")
+            answer = client.infer(model, [tensor]).as_numpy(PROBE_OUTPUT)
             times[model].append(time.perf_counter() - started)
             if not np.array_equal(answer, x):
                 raise SystemExit(f"{model} did not echo its input at {rows} rows")

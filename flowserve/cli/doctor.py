@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flowserve.contract.metadata import read_all
-from flowserve.contract.spec import RUNNER_BACKEND, RUNNER_PROBE_PARAMETER
+from flowserve.contract.spec import RUNNER_BACKEND
 
 OK, FAIL, WARN, NOT_APPLICABLE = "ok", "fail", "warn", "not applicable"
 MARKS = {OK: "✓", FAIL: "✗", WARN: "!", NOT_APPLICABLE: "–"}
@@ -300,12 +300,15 @@ def stub_probe(timeout: float) -> Check:
     import tritonclient.grpc as triton_grpc
 
     from flowserve.server.triton.launcher import TritonLaunchError, TritonServer
+    from flowserve.server.triton.probe import PROBE_INPUT, echo_config
 
     numpy_fix = "give the stub's Python (the python3 of this environment) numpy<2: pip install 'numpy<2'"
     other_fix = f"the stub runs this environment's python3 ({sys.executable}); see the reason, and Triton's log"
     known = (np.arange(PROBE_ROWS * 3, dtype=np.float32).reshape(PROBE_ROWS, 3) - 17) / 8
     with tempfile.TemporaryDirectory(prefix="flowserve-doctor-") as workdir:
-        repository = _probe_repository(Path(workdir) / "repository")
+        repository = Path(workdir) / "repository"
+        (repository / PROBE_MODEL / "1").mkdir(parents=True)
+        (repository / PROBE_MODEL / "config.pbtxt").write_text(echo_config(PROBE_MODEL, 3, PROBE_ROWS))
         server = TritonServer(repository, Path(workdir) / "triton")
         started = time.monotonic()
         try:
@@ -316,7 +319,7 @@ def stub_probe(timeout: float) -> Check:
                          numpy_fix if "numpy" in reason else other_fix)
         client = triton_grpc.InferenceServerClient(server.grpc_url)
         try:
-            tensor = triton_grpc.InferInput("probe_in", list(known.shape), "FP32")
+            tensor = triton_grpc.InferInput(PROBE_INPUT, list(known.shape), "FP32")
             tensor.set_data_from_numpy(known)
             response = client.infer(PROBE_MODEL, [tensor]).get_response()
             back = np.frombuffer(response.raw_output_contents[0], np.float32)
@@ -331,21 +334,6 @@ def stub_probe(timeout: float) -> Check:
                                           f"{back[:4].tolist()}..., not as sent (numpy {np.__version__})", numpy_fix)
     return Check("triton stub", OK, f"a float32[{PROBE_ROWS}, 3] tensor went client → Triton → stub (numpy "
                                     f"{np.__version__}) → client unchanged ({seconds:.1f} s with Triton's start)")
-
-
-def _probe_repository(repository: Path) -> Path:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    config = mc.ModelConfig(name=PROBE_MODEL, backend=RUNNER_BACKEND, max_batch_size=PROBE_ROWS)
-    config.input.add(name="probe_in", data_type=mc.TYPE_FP32, dims=[3])
-    config.output.add(name="probe_out", data_type=mc.TYPE_FP32, dims=[3])
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    config.parameters[RUNNER_PROBE_PARAMETER].string_value = "echo"
-    config.parameters["intra_op_num_threads"].string_value = "1"
-    (repository / PROBE_MODEL / "1").mkdir(parents=True)
-    (repository / PROBE_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
-    return repository
 
 
 def run_checks(args) -> list[Check]:
