@@ -22,6 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from flowserve.contract.spec import (
+    MODEL_FILENAMES,
     QUEUE_SIZE_PARAMETER,
     QUEUE_TIMEOUT_PARAMETER,
     RUNNER_BACKEND,
@@ -32,7 +33,6 @@ from flowserve.contract.spec import (
 BACKENDS = {"python": RUNNER_BACKEND, "onnxruntime": "onnxruntime", "pytorch": "pytorch"}
 NATIVE_BACKEND_FORMAT = {"onnxruntime": "onnx", "pytorch": "torchscript"}
 INSTANCE_KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
-MODEL_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 # Requests that may wait per instance. Triton counts requests whatever their rows; the
 # gateway, which merges its calls, lets this many full batches' rows wait.
 QUEUED_REQUESTS_PER_INSTANCE = 32

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flowserve.contract.metadata import read_all
-from flowserve.contract.spec import RUNNER_BACKEND
+from flowserve.contract.spec import MODEL_FILENAMES, RUNNER_BACKEND
 
 OK, FAIL, WARN, NOT_APPLICABLE = "ok", "fail", "warn", "not applicable"
 MARKS = {OK: "✓", FAIL: "✗", WARN: "!", NOT_APPLICABLE: "–"}
@@ -74,7 +74,8 @@ class ModelNeeds:
 
     @property
     def format(self) -> str:
-        return {".onnx": "onnx", ".pt": "torchscript"}.get(self.model_file.suffix, self.model_file.suffix)
+        formats = {Path(filename).suffix: fmt for fmt, filename in MODEL_FILENAMES.items()}  # as the runner picks
+        return formats.get(self.model_file.suffix, self.model_file.suffix)
 
 
 def gather_machine(nvml=None) -> Machine:
@@ -95,20 +96,16 @@ def gather_machine(nvml=None) -> Machine:
         machine.cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except ImportError:
         pass
+    from flowserve.server.gateway.metrics import read_gpus
+
     try:
         if nvml is None:
             import pynvml as nvml
         nvml.nvmlInit()
-        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        machine.gpus = [f"{_text(nvml.nvmlDeviceGetName(h))}, {nvml.nvmlDeviceGetMemoryInfo(h).total / 2**30:.0f} GiB"
-                        for h in handles]
+        machine.gpus = [f"{gpu.name}, {gpu.total / 2**30:.0f} GiB" for gpu in read_gpus(nvml)]
     except Exception as exc:  # ImportError, or NVMLError_LibraryNotFound without a driver
         machine.nvml_error = f"{type(exc).__name__}: {exc}"
     return machine
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def read_models(repository: Path) -> list[ModelNeeds]:
@@ -130,7 +127,8 @@ def read_models(repository: Path) -> list[ModelNeeds]:
             version = str(versions[0]) if versions else "1"
             kinds = [mc.ModelInstanceGroup.Kind.Name(group.kind) for group in config.instance_group] or ["KIND_CPU"]
             models.append(ModelNeeds(flow.name, model, config.backend,
-                                     repository / model / version / (config.default_model_filename or "model.onnx"),
+                                     repository / model / version
+                                     / (config.default_model_filename or MODEL_FILENAMES["onnx"]),
                                      kinds))
     return models
 

@@ -21,6 +21,10 @@ RUNNER_BACKEND = "flowserve_runner"
 """Name of flowserve's Python-based Triton backend: the configs the exporter writes name it,
 and the launcher (or the Triton image) installs the runner under it."""
 
+MODEL_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+"""The model file of each format, in ``<model>/<version>/``: the exporter writes it, a
+config names it as ``default_model_filename``, the runner picks its session by it."""
+
 RUNNER_PROBE_PARAMETER = "flowserve_probe"
 """A model config's parameter that makes the runner answer each request with its inputs, no
 model file involved: ``flowserve doctor`` serves one to test Triton's Python stub. (The runner,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -18,6 +19,26 @@ log = logging.getLogger(__name__)
 UNKNOWN_MODEL = "unknown"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU as NVML reports it: its name, and its memory used and in all, in bytes."""
+
+    name: str
+    used: int
+    total: int
+
+
+def read_gpus(nvml) -> list[GpuMemory]:
+    """Every GPU ``nvml`` (``pynvml``, initialised) sees, by index; raises what NVML raises."""
+    gpus = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        name = nvml.nvmlDeviceGetName(handle)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        gpus.append(GpuMemory(name.decode() if isinstance(name, bytes) else str(name), memory.used, memory.total))
+    return gpus
 
 
 class GpuMemoryCollector:
@@ -52,25 +73,18 @@ class GpuMemoryCollector:
         count = GaugeMetricFamily("flowserve_gpus", "GPUs visible through NVML")
         used = GaugeMetricFamily("flowserve_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu", "name"])
         total = GaugeMetricFamily("flowserve_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu", "name"])
-        ok = self._ensure_init()
-        gpus = 0
+        ok, found = self._ensure_init(), []
         if ok:
             try:
-                gpus = self._nvml.nvmlDeviceGetCount()
-                for index in range(gpus):
-                    handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
-                    name = self._nvml.nvmlDeviceGetName(handle)
-                    name = name.decode() if isinstance(name, bytes) else str(name)
-                    memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-                    used.add_metric([str(index), name], float(memory.used))
-                    total.add_metric([str(index), name], float(memory.total))
+                found = read_gpus(self._nvml)  # all or nothing: a failed read adds no GPU
             except Exception as exc:  # a lost GPU must not fail the scrape
                 log.warning("NVML read failed: %s", exc)
-                ok, gpus = False, 0
-                used = GaugeMetricFamily(used.name, used.documentation, labels=["gpu", "name"])
-                total = GaugeMetricFamily(total.name, total.documentation, labels=["gpu", "name"])
+                ok = False
+        for index, gpu in enumerate(found):
+            used.add_metric([str(index), gpu.name], float(gpu.used))
+            total.add_metric([str(index), gpu.name], float(gpu.total))
         available.add_metric([], 1.0 if ok else 0.0)
-        count.add_metric([], float(gpus))
+        count.add_metric([], float(len(found)))
         return [available, count, used, total]
 
 
