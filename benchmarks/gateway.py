@@ -45,9 +45,9 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from flowserve.cli.build import export, train
-from flowserve.cli.serve import run_event_loop
 from flowserve.contract.metadata import SUFFIX
 from flowserve.export.exporter.triton_config import ServingConfig
+from flowserve.server.gateway.app import run_event_loop
 from flowserve.server.protocol.proto import flowserve_pb2 as pb
 from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
 from flowserve.server.protocol.tensors import MAX_MESSAGE_BYTES, encode

@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-metrics-port", type=int, default=0, help="embedded Triton's metrics port")
     serve.add_argument("--workdir", type=Path, default=None,
                        help="embedded Triton's backend directory and log (default: a temporary directory)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="gateway processes sharing the gRPC port (SO_REUSEPORT), each with its own event loop; "
+                            "the kernel spreads client connections over them, and the limits below hold per worker. "
+                            "The metrics port reports their sums")
     serve.add_argument("--max-rows-per-request", type=int, default=100_000)
     serve.add_argument("--max-rows-in-flight", type=int, default=1_000_000)
     serve.add_argument("--max-rows-per-stream", type=int, default=10**9,

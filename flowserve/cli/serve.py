@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import tempfile
@@ -10,22 +9,14 @@ from pathlib import Path
 
 from .parser import TOKENS_ENV
 
-try:  # uvloop's event loop costs the gateway about 15% less CPU per RPC than asyncio's
-    import uvloop
-except ImportError:  # not built for this platform
-    uvloop = None
-
-
-def run_event_loop(main):
-    """Run the coroutine ``main`` to completion on uvloop where it is installed, else asyncio."""
-    return uvloop.run(main) if uvloop is not None else asyncio.run(main)
-
 
 def serve_command(args) -> None:
-    from flowserve.server.gateway.app import GatewayConfig, run_gateway
+    from flowserve.server.gateway.app import GatewayConfig, run_event_loop, run_gateway
     from flowserve.server.gateway.auth import accepted_tokens
+    from flowserve.server.gateway.metrics import GatewayMetrics
     from flowserve.server.gateway.service import GatewayLimits
     from flowserve.server.gateway.tls import ServerTLS
+    from flowserve.server.gateway.workers import check_port_free, run_pool
     from flowserve.server.triton.launcher import TritonServer, TritonSupervisor
 
     if not args.model_repository.is_dir():
@@ -34,6 +25,10 @@ def serve_command(args) -> None:
     tokens = accepted_tokens(args.tokens_file, os.environ.get(TOKENS_ENV), f"env {TOKENS_ENV}")
     limits = GatewayLimits(args.max_rows_per_request, args.max_rows_in_flight,
                            max_rows_per_stream=args.max_rows_per_stream)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be 1 or more, not {args.workers}")
+    if args.workers > 1:  # before Triton starts: a taken port is the commonest mistake
+        check_port_free(args.host, args.port)
     triton = None
     triton_url = args.triton_url
     if not triton_url:
@@ -54,7 +49,12 @@ def serve_command(args) -> None:
     try:
         supervisor = None if triton is None else TritonSupervisor(
             triton, max_restarts=args.triton_max_restarts, ready_timeout=args.ready_timeout)
-        exit_code = run_event_loop(run_gateway(config, supervisor.watch if supervisor else None))
+        if args.workers > 1:
+            exit_code = run_event_loop(run_pool(config, args.workers, supervisor.watch if supervisor else None))
+        else:
+            metrics = GatewayMetrics()
+            watch = (lambda: supervisor.watch(metrics.triton_restarts.inc)) if supervisor else None
+            exit_code = run_event_loop(run_gateway(config, metrics, watch))
     finally:
         if triton is not None:
             triton.stop()

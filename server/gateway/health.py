@@ -35,6 +35,9 @@ class FlowHealth:
     a model that cannot load (a corrupt file, a GPU it cannot have) costs a stub process's
     start every few minutes, not every few seconds.
 
+    Without ``manage_models`` it only watches: it neither reloads nor loads, but still reads
+    the changed catalog (another gateway worker on the same Triton does the loading).
+
     With ``load_changes``, each check also looks for flows whose metadata file is new or was
     rewritten (an export writes it last) and asks Triton to load their models. Triton loads
     the new version beside the old one, which answers until the new one is ready.
@@ -42,13 +45,14 @@ class FlowHealth:
 
     def __init__(self, backend: Backend, catalog: ModelCatalog, metrics: GatewayMetrics,
                  probe_timeout_s: float = 2.0, min_reload_interval_s: float = 5.0,
-                 max_reload_interval_s: float = 300.0, load_changes: bool = False):
+                 max_reload_interval_s: float = 300.0, manage_models: bool = True, load_changes: bool = False):
         self.backend = backend
         self.catalog = catalog
         self.metrics = metrics
         self.probe_timeout_s = probe_timeout_s
         self.min_reload_interval_s = min_reload_interval_s
         self.max_reload_interval_s = max_reload_interval_s
+        self.manage_models = manage_models
         self.load_changes = load_changes
         self._ready: dict[str, bool] = {}
         self._reloads: dict[str, asyncio.Task] = {}  # by model
@@ -66,7 +70,7 @@ class FlowHealth:
         not ready) no model is probed or reloaded: every flow is not ready."""
         if self.load_changes:
             self.catalog.refresh()
-            if server_ready:
+            if server_ready and self.manage_models:
                 self._load_changed_flows()
         flows = {name: self.catalog.get(name) for name in self.catalog.names()}
         models = [(name, direction, model) for name, flow in flows.items() for direction, model in flow.models.items()]
@@ -79,7 +83,7 @@ class FlowHealth:
         for (name, direction, model), answered in zip(models, answers):
             if answered is None or name in self._loads:  # busy or loading new files: no news
                 answered = self._ready.get(name, False)
-            elif not answered and server_ready:
+            elif not answered and server_ready and self.manage_models:
                 self._reload_soon(name, direction, model)
             elif answered:
                 self._unanswered_reloads.pop(model, None)

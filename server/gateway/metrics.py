@@ -3,6 +3,11 @@
 Labels are bounded: ``method`` is one of the RPCs, ``code`` a gRPC status name, and
 ``model`` a served flow's name or ``"unknown"`` (names from requests that match no flow
 never become label values).
+
+With several gateway workers (``serve --workers N``) each worker writes its collectors to
+prometheus_client's multiprocess files, and the parent process exposes their sums
+(:class:`PoolMetrics`) beside what only it knows: Triton's restarts, the workers' restarts,
+and GPU memory, read once per scrape.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
@@ -88,10 +93,37 @@ class GpuMemoryCollector:
         return [available, count, used, total]
 
 
-class GatewayMetrics:
-    """The gateway's collectors, registered in their own registry."""
+def _triton_restarts(registry: CollectorRegistry) -> Counter:
+    return Counter("flowserve_triton_restarts", "Restarts of the embedded Triton after it died", registry=registry)
 
-    def __init__(self, registry: CollectorRegistry | None = None, nvml=None):
+
+class MetricsEndpoint:
+    """A registry and its ``/metrics`` HTTP endpoint."""
+
+    registry: CollectorRegistry
+
+    def serve_http(self, port: int, address: str = "0.0.0.0"):
+        """Expose ``/metrics`` on ``address:port``; returns the HTTP server."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return server
+
+    @staticmethod
+    async def stop_http(server) -> None:
+        """Stop a server from ``serve_http`` without blocking the event loop."""
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+
+
+class GatewayMetrics(MetricsEndpoint):
+    """The gateway's collectors, registered in their own registry.
+
+    A ``worker`` of several leaves Triton's restarts and GPU memory to the parent
+    (:class:`PoolMetrics`), which has them once for all workers. Its gauges say how the
+    parent sums them across live workers: in-flight RPCs add up, and a flow (or Triton) is
+    ready only when every worker found it so.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, nvml=None, worker: bool = False):
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "flowserve_requests", "RPCs handled, by method, model and gRPC status code",
@@ -106,31 +138,41 @@ class GatewayMetrics:
             ["method", "model"], buckets=ROW_BUCKETS, registry=self.registry,
         )
         self.in_flight = Gauge(
-            "flowserve_requests_in_flight", "RPCs being handled now", ["method"], registry=self.registry
+            "flowserve_requests_in_flight", "RPCs being handled now", ["method"], registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.triton_ready = Gauge(
-            "flowserve_triton_ready", "1 when the gateway's Triton reports ready", registry=self.registry
-        )
-        self.triton_restarts = Counter(
-            "flowserve_triton_restarts", "Restarts of the embedded Triton after it died", registry=self.registry
+            "flowserve_triton_ready", "1 when the gateway's Triton reports ready", registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.flow_ready = Gauge(
             "flowserve_flow_ready", "1 when every Triton model of the flow answered the last health check",
-            ["model"], registry=self.registry,
+            ["model"], registry=self.registry, multiprocess_mode="livemin",
         )
         self.model_reloads = Counter(
             "flowserve_model_reloads", "Reloads of a flow's Triton model that stopped answering",
             ["model", "direction"], registry=self.registry,
         )
+        if not worker:
+            self.triton_restarts = _triton_restarts(self.registry)
+            self.registry.register(GpuMemoryCollector(nvml))
+
+
+class PoolMetrics(MetricsEndpoint):
+    """What the parent of several gateway workers exposes: the sums of the workers'
+    collectors, read from the multiprocess files in ``directory``, and its own."""
+
+    def __init__(self, directory: str, nvml=None):
+        self.directory = directory
+        self.registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self.registry, path=directory)
+        self.triton_restarts = _triton_restarts(self.registry)
+        self.worker_restarts = Counter(
+            "flowserve_gateway_worker_restarts", "Restarts of a gateway worker process after it died",
+            registry=self.registry,
+        )
         self.registry.register(GpuMemoryCollector(nvml))
 
-    def serve_http(self, port: int, address: str = "0.0.0.0"):
-        """Expose ``/metrics`` on ``address:port``; returns the HTTP server."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
-        return server
-
-    @staticmethod
-    async def stop_http(server) -> None:
-        """Stop a server from ``serve_http`` without blocking the event loop."""
-        await asyncio.to_thread(server.shutdown)
-        server.server_close()
+    def forget_worker(self, pid: int) -> None:
+        """Drop the gauges of a worker that exited (its counters still count)."""
+        multiprocess.mark_process_dead(pid, self.directory)

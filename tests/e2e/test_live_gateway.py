@@ -32,8 +32,16 @@ from helpers.flows import (
     add_weight_noise,
     expected_samples,
 )
-from helpers.processes import hermetic_env, poll_until, processes_mentioning, start_serve, stop_serve, wait_for_health
-from prometheus_client.parser import text_string_to_metric_families
+from helpers.processes import (
+    hermetic_env,
+    metric_samples,
+    metric_value,
+    poll_until,
+    processes_mentioning,
+    start_serve,
+    stop_serve,
+    wait_for_health,
+)
 
 from flowserve.contract.spec import GENERATION, triton_model_name
 from flowserve.export.exporter.pipeline import export_flow, export_model
@@ -49,18 +57,6 @@ from flowserve.server.protocol.names import flow_health_service
 from flowserve.server.protocol.proto import flowserve_pb2 as pb
 from flowserve.server.protocol.tensors import encode
 from flowserve.server.triton.launcher import free_port
-
-
-def metric_samples(text: str) -> list:
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(
-        s.value for s in metric_samples(text)
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def gpus_through_nvml() -> int | None:

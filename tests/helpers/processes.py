@@ -3,6 +3,7 @@ through gRPC health, stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from flowserve.server.triton.launcher import free_port
 
@@ -42,6 +44,18 @@ class LiveServer:
     def scrape(self, url: str | None = None) -> str:
         with urllib.request.urlopen(url or self.metrics_url, timeout=10) as response:
             return response.read().decode()
+
+
+def metric_samples(text: str) -> list:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(
+        s.value for s in metric_samples(text)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def wait_for_health(target: str, process: subprocess.Popen, want, timeout: float = 180.0) -> None:
@@ -117,3 +131,34 @@ def poll_until(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not happen within {timeout_s} s")
         time.sleep(poll_s)
+
+
+def worker_processes(parent_pid: int) -> list[int]:
+    """Pids of the gateway workers (multiprocessing's spawned children) of ``parent_pid``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) if proc.name.isdigit() else None
+            spawned = ppid == parent_pid and b"spawn_main" in (proc / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if spawned:
+            found.append(int(proc.name))
+    return sorted(found)
+
+
+def connections_accepted(pid: int, port: int) -> int:
+    """Established TCP connections that process ``pid`` holds on its local ``port``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            count += local_port == port and state == "01" and inode in inodes  # 01: ESTABLISHED
+    return count

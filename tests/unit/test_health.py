@@ -133,3 +133,20 @@ def test_a_model_that_will_not_load_is_retried_ever_more_rarely_until_it_answers
     # breaks at 262: the wait starts from 5 s again, so it is reloaded at once.
     assert attempts == [0, 5, 15, 35, 75, 135, 195, 255, 262]
     assert health.is_ready("left")
+
+
+def test_a_watching_gateway_worker_reports_broken_and_new_flows_but_leaves_loading_to_worker_0(tmp_path):
+    health, backend, metrics = health_of(tmp_path, manage_models=False, load_changes=True)
+    broken = triton_model_name("left", GENERATION)
+
+    async def scenario():
+        backend.broken.add(broken)
+        assert await health.check(server_ready=True) == {"left": False, "right": True}
+        FlowMetadata(name="new", family="maf", event_shape=(2,),
+                     models={d: triton_model_name("new", d) for d in DIRECTIONS}).write(tmp_path)
+        assert set(await health.check(server_ready=True)) == {"left", "new", "right"}  # it reads the new catalog
+        assert not health._reloads and not health._loads
+
+    asyncio.run(scenario())
+    assert backend.loads == []
+    assert metrics.model_reloads.labels("left", GENERATION)._value.get() == 0

@@ -1,16 +1,17 @@
-"""GPU memory metrics through NVML: a fake NVML stands in for GPUs this machine lacks."""
+"""GPU memory metrics through NVML (a fake NVML stands in for GPUs this machine lacks), and
+the sums a pool of gateway workers reports."""
 
 from __future__ import annotations
 
 import pynvml
 from helpers.fake_nvml.pynvml import GIB, GPU_NAME, FakeNvml
-from prometheus_client import generate_latest
+from prometheus_client import generate_latest, values
 from prometheus_client.parser import text_string_to_metric_families
 
-from flowserve.server.gateway.metrics import GatewayMetrics
+from flowserve.server.gateway.metrics import GatewayMetrics, PoolMetrics
 
 
-def scrape(metrics: GatewayMetrics) -> dict[tuple[str, tuple], float]:
+def scrape(metrics: GatewayMetrics | PoolMetrics) -> dict[tuple[str, tuple], float]:
     text = generate_latest(metrics.registry).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -46,3 +47,42 @@ def test_nvml_read_failure_is_reported_not_raised():
     assert values[("flowserve_nvml_available", ())] == 0
     assert values[("flowserve_gpus", ())] == 0
     assert not any(key[0].startswith("flowserve_gpu_memory") for key in values)
+
+
+def write_as_worker(monkeypatch, directory, pid: int, calls: int, flow_ready: float) -> GatewayMetrics:
+    """A gateway worker's collectors as the worker process ``pid`` writes them, into
+    prometheus_client's multiprocess files in ``directory``: ``calls`` Sample calls, as many
+    in flight, and the flow ``moons`` ready or not."""
+    with monkeypatch.context() as patched:
+        patched.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+        patched.setattr(values, "ValueClass", values.MultiProcessValue(lambda: pid))
+        worker = GatewayMetrics(worker=True)
+        for _ in range(calls):
+            worker.requests.labels("Sample", "moons", "OK").inc()
+        worker.rows.labels("Sample", "moons").observe(calls)
+        worker.in_flight.labels("Sample").set(calls)
+        worker.triton_ready.set(1.0)
+        worker.flow_ready.labels("moons").set(flow_ready)
+    return worker
+
+
+def test_a_worker_pool_reports_the_sums_of_its_workers_and_its_own_collectors_once(monkeypatch, tmp_path):
+    worker = write_as_worker(monkeypatch, tmp_path, pid=101, calls=3, flow_ready=1.0)
+    write_as_worker(monkeypatch, tmp_path, pid=102, calls=4, flow_ready=0.0)
+    assert not hasattr(worker, "triton_restarts")  # the parent's, once for all workers
+    pool = PoolMetrics(str(tmp_path), nvml=FakeNvml())
+    pool.triton_restarts.inc()
+    values_ = scrape(pool)
+    labels = (("code", "OK"), ("method", "Sample"), ("model", "moons"))
+    assert values_[("flowserve_requests_total", labels)] == 7
+    assert values_[("flowserve_request_rows_sum", (("method", "Sample"), ("model", "moons")))] == 7
+    assert values_[("flowserve_requests_in_flight", (("method", "Sample"),))] == 7
+    assert values_[("flowserve_flow_ready", (("model", "moons"),))] == 0  # ready only where every worker says so
+    assert values_[("flowserve_triton_ready", ())] == 1
+    assert values_[("flowserve_triton_restarts_total", ())] == 1
+    assert values_[("flowserve_gpus", ())] == 2
+    pool.forget_worker(102)  # it died: its gauges go, its counts stay
+    values_ = scrape(pool)
+    assert values_[("flowserve_requests_in_flight", (("method", "Sample"),))] == 3
+    assert values_[("flowserve_flow_ready", (("model", "moons"),))] == 1
+    assert values_[("flowserve_requests_total", labels)] == 7
