@@ -124,14 +124,33 @@ def graph_stats(fmt: str, data: bytes) -> dict[str, int]:
 
         kinds = [node.op_type for node in onnx_nodes(onnx.load_from_string(data).graph)]
     else:
-        def script_nodes(nodes):
-            for node in nodes:
-                yield node
-                for block in node.blocks():
-                    yield from script_nodes(block.nodes())
-
-        with _torchscript_allowed():
-            module = torch.jit.load(io.BytesIO(data))
-        kinds = [node.kind() for node in script_nodes(module.inlined_graph.nodes())]
+        kinds = _torchscript_node_kinds(data)
     loop_kind = "Loop" if fmt == "onnx" else "prim::Loop"
     return {"bytes": len(data), "nodes": len(kinds), "loops": kinds.count(loop_kind)}
+
+
+def _torchscript_node_kinds(data: bytes) -> list[str]:
+    """The kind of every node of a TorchScript module's inlined graph, nested blocks included."""
+    def script_nodes(nodes):
+        for node in nodes:
+            yield node
+            for block in node.blocks():
+                yield from script_nodes(block.nodes())
+
+    with _torchscript_allowed():
+        module = torch.jit.load(io.BytesIO(data))
+    return [node.kind() for node in script_nodes(module.inlined_graph.nodes())]
+
+
+# Nodes a CUDA graph cannot hold: control flow decided on the host from the GPU's values
+# (the fixed-point inverse's loop, which stops once a step changes nothing), reads of a value
+# back to the host, and random draws (a replay would draw other numbers than the module).
+CUDA_GRAPH_BLOCKERS = frozenset({"prim::Loop", "prim::If", "aten::equal", "aten::item", "aten::nonzero",
+                                 "aten::_local_scalar_dense", "aten::randn", "aten::rand", "aten::normal",
+                                 "aten::bernoulli", "aten::multinomial"})
+
+
+def cuda_graph_blockers(data: bytes) -> list[str]:
+    """The node kinds of a TorchScript module that keep it out of a CUDA graph (none: it can
+    be captured)."""
+    return sorted(set(_torchscript_node_kinds(data)) & CUDA_GRAPH_BLOCKERS)

@@ -24,7 +24,7 @@ from ..data import summarize
 from ..flows.autoregressive import use_cached_inverse
 from ..flows.base import ServableModel, servable_problem
 from ..training import HELDOUT_SAMPLE_ROWS, load_checkpoint
-from .formats import EXPORTERS, graph_stats
+from .formats import EXPORTERS, cuda_graph_blockers, graph_stats
 from .graphs import model_spec
 from .parity import PARITY_ROWS, check_parity, parity_inputs
 from .triton_config import ServingConfig, write_model
@@ -77,6 +77,8 @@ def export_model(
         graphs[direction] = EXPORTERS[serving.format](model, direction)
         stats[direction] = {**graph_stats(serving.format, graphs[direction]),
                             "seconds": round(time.perf_counter() - direction_started, 2)}
+        if serving.format == "torchscript":
+            stats[direction]["cuda_graph_blockers"] = cuda_graph_blockers(graphs[direction])
         steps.update()
     steps.set_postfix_str("parity")
     report = check_parity(model, graphs, serving.format, parity_inputs(model, heldout, heldout_context))
@@ -111,7 +113,8 @@ def export_model(
     # Validated above, before anything is written; the metadata file goes last, so a gateway
     # sees the flow once its models are in place.
     for direction, graph in graphs.items():
-        write_model(repository, models[direction], version, model_spec(model, direction), serving, graph)
+        write_model(repository, models[direction], version, model_spec(model, direction), serving, graph,
+                    capturable=not stats[direction].get("cuda_graph_blockers", ["not TorchScript"]))
     metadata.write(repository)
     steps.update()
     steps.close()

@@ -22,6 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from flowserve.contract.spec import (
+    CUDA_GRAPH_PARAMETER,
     MODEL_FILENAMES,
     QUEUE_SIZE_PARAMETER,
     QUEUE_TIMEOUT_PARAMETER,
@@ -66,6 +67,9 @@ class ServingConfig:
     # limit). The config's parameters carry both to the gateway, whose batcher enforces them.
     max_queue_size: int = 0
     queue_timeout_ms: int = 2000
+    # TorchScript on GPU instances of flowserve's runner: capture a CUDA graph per batch-size
+    # bucket (cuda_graph_buckets) for each direction that can be captured.
+    cuda_graphs: bool = True
     # Also hand the bounds to Triton's dynamic batcher as its queue policy. Off by default: on
     # Triton 2.51 any queue policy made the batcher leave a lone request in its queue for its
     # 500 ms idle wait every second or so (docs/performance.md, "Back-pressure under a burst").
@@ -101,13 +105,25 @@ class ServingConfig:
             raise ValueError(f"intra_op_threads must be >= 0 (0: from the cores), got {self.intra_op_threads}")
 
 
+def cuda_graph_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes the runner captures CUDA graphs for: powers of 4 below ``max_batch_size``,
+    and ``max_batch_size``. A batch pads up to at most 4 times its rows, for 7 graphs at 4096."""
+    buckets, size = [], 1
+    while size < max_batch_size:
+        buckets.append(size)
+        size *= 4
+    return [*buckets, max_batch_size]
+
+
 def _tensor_dims(tensor: TensorSpec) -> tuple[list[int], bool]:
     """Triton dims for a per-row tensor; scalars per row are exposed as [1] with a reshape."""
     return (list(tensor.dims), False) if tensor.dims else ([1], True)
 
 
-def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingConfig) -> mc.ModelConfig:
-    """The ``ModelConfig`` of one direction of a flow."""
+def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingConfig,
+                       capturable: bool = False) -> mc.ModelConfig:
+    """The ``ModelConfig`` of one direction of a flow; ``capturable``: its TorchScript module
+    can be captured in a CUDA graph (``formats.cuda_graph_blockers``)."""
     if serving.backend == "pytorch":
         spec = spec.positional()
     config = mc.ModelConfig(name=model_name, max_batch_size=serving.max_batch_size)
@@ -152,6 +168,10 @@ def build_model_config(model_name: str, spec: DirectionSpec, serving: ServingCon
                   "pytorch": "INTRA_OP_THREAD_COUNT"}[serving.backend]
     if serving.intra_op_threads or serving.backend != "pytorch":  # left out, the PyTorch backend keeps torch's default
         config.parameters[thread_key].string_value = str(serving.intra_op_threads)
+    if (capturable and serving.cuda_graphs and serving.format == "torchscript" and serving.backend == "python"
+            and serving.instance_kind == "gpu"):
+        buckets = cuda_graph_buckets(serving.max_batch_size)
+        config.parameters[CUDA_GRAPH_PARAMETER].string_value = ",".join(map(str, buckets))
     return config
 
 
@@ -167,7 +187,7 @@ def parse_config_text(text: str) -> mc.ModelConfig:
 
 def write_model(
     repository: Path, model_name: str, version: int, spec: DirectionSpec,
-    serving: ServingConfig, graph: bytes,
+    serving: ServingConfig, graph: bytes, capturable: bool = False,
 ) -> Path:
     """Write ``<repository>/<model_name>/config.pbtxt`` and the version's model file."""
     model_dir = Path(repository) / model_name
@@ -175,5 +195,5 @@ def write_model(
     version_dir.mkdir(parents=True, exist_ok=True)
     model_file = version_dir / MODEL_FILENAMES[serving.format]
     model_file.write_bytes(graph)
-    (model_dir / "config.pbtxt").write_text(config_text(build_model_config(model_name, spec, serving)))
+    (model_dir / "config.pbtxt").write_text(config_text(build_model_config(model_name, spec, serving, capturable)))
     return model_file

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--cached-inverse", type=int, nargs="?", const=256, default=None, metavar="MIN_BATCH",
                         help="MAF/IAF in ONNX: compute batches of MIN_BATCH (default 256) rows or more of the "
                              "slow direction with the cached inverse (see docs/flows.md); exports take longer")
+    export.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="TorchScript on GPU instances (python backend): capture CUDA graphs for batches of 1, 4, "
+                             "16, ... up to --max-batch-size rows, for each direction that can be captured")
 
     serve = commands.add_parser("serve", help="start Triton (unless --triton-url) and the gateway")
     serve.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)

@@ -30,6 +30,11 @@ RUNNER_PROBE_PARAMETER = "flowserve_probe"
 model file involved: ``flowserve doctor`` serves one to test Triton's Python stub. (The runner,
 which imports nothing of flowserve, spells the name out itself.)"""
 
+CUDA_GRAPH_PARAMETER = "flowserve_cuda_graph_buckets"
+"""A model config's parameter listing the batch sizes (``1,4,16``) for which the runner
+captures CUDA graphs of a TorchScript model on a GPU instance; the exporter writes it for
+the directions that can be captured."""
+
 QUEUE_SIZE_PARAMETER = "flowserve_max_queue_size"
 QUEUE_TIMEOUT_PARAMETER = "flowserve_queue_timeout_ms"
 """Keys of a model config's ``parameters`` that carry its queue bounds to the gateway's

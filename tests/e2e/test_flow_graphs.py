@@ -22,7 +22,7 @@ from helpers.flows import (
 )
 
 from flowserve.contract.spec import DENSITY, GENERATION, triton_model_name
-from flowserve.export.exporter.formats import EXPORTERS, export_onnx, graph_stats, load_exported
+from flowserve.export.exporter.formats import EXPORTERS, cuda_graph_blockers, export_onnx, graph_stats, load_exported
 from flowserve.export.exporter.graphs import GRAPHS
 from flowserve.export.exporter.parity import check_parity, parity_inputs
 from flowserve.export.exporter.pipeline import export_model
@@ -46,6 +46,11 @@ def test_exported_graphs_match_pytorch(config, fmt, caplog):
     assert max(report.values()) <= 1e-4
     assert "float64" not in caplog.text  # checked against a float64 reference
     assert ("round_trip_x" in report) == isinstance(model, Flow)
+    if fmt == "torchscript":  # a direction goes into a CUDA graph unless it runs the loop that stops on the host
+        blockers = {direction: cuda_graph_blockers(graph) for direction, graph in graphs.items()}
+        looping = {"maf": GENERATION, "iaf": DENSITY}.get(config["family"])
+        assert blockers == {direction: ["aten::equal", "prim::If", "prim::Loop"] if direction == looping else []
+                            for direction in graphs}
 
 
 @pytest.mark.parametrize("family, direction", [("maf", GENERATION), ("iaf", DENSITY)])

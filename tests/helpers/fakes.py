@@ -262,7 +262,9 @@ def stub_utils() -> types.ModuleType:
     utils.Tensor = StubTensor
     utils.InferenceResponse = StubResponse
     utils.TritonError = str
-    utils.Logger = types.SimpleNamespace(log_info=lambda message: None)
+    utils.logged = []  # (level, message) of everything the runner logged
+    utils.Logger = types.SimpleNamespace(log_info=lambda message: utils.logged.append(("info", message)),
+                                         log_warn=lambda message: utils.logged.append(("warn", message)))
     utils.triton_string_to_numpy = lambda name: {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64}[name]
     utils.get_input_tensor_by_name = lambda request, name: request[name]
     return utils

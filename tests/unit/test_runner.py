@@ -15,7 +15,7 @@ import torch
 from helpers.fakes import StubTensor, load_runner, runner_args, stub_utils
 from onnx import TensorProto, helper
 
-from flowserve.contract.spec import RUNNER_PROBE_PARAMETER
+from flowserve.contract.spec import CUDA_GRAPH_PARAMETER, RUNNER_PROBE_PARAMETER
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]*` is deprecated:DeprecationWarning")
 ROWS = (1, 5, 2)
@@ -211,3 +211,60 @@ def test_an_answer_of_the_wrong_size_fails_its_requests_instead_of_being_split_w
 
 def test_the_runner_and_the_contract_name_the_probe_parameter_alike(monkeypatch):
     assert load_runner(monkeypatch).PROBE_PARAMETER == RUNNER_PROBE_PARAMETER
+
+
+class RowWise(torch.nn.Module):
+    """A stand-in flow of two inputs whose rows are computed each on its own, as a flow's are."""
+
+    def forward(self, x, context):
+        shifted = x * torch.exp(context.sum(dim=1, keepdim=True)) + 1
+        return shifted, shifted.sum(dim=1)
+
+
+def recording_capture(replayed: list[int]):
+    """What the runner needs of CUDA graph capture, on the CPU: a capture runs the module once
+    on the static inputs, and each replay runs it again on whatever they hold, writing into
+    the outputs of the capture (and notes the bucket it replayed)."""
+    def capture(run, statics):
+        outputs = run(*statics)
+
+        def replay():
+            replayed.append(statics[0].shape[0])
+            for output, again in zip(outputs, run(*statics)):
+                output.copy_(again)
+
+        return replay, outputs
+
+    return capture
+
+
+def test_batches_replay_the_smallest_bucket_that_holds_them_padded_and_the_rest_run_as_they_come(monkeypatch):
+    runner, module, replayed = load_runner(monkeypatch), RowWise(), []
+    templates = [(torch.float32, [3]), (torch.float32, [2])]
+    graphs = runner.CapturedBatches(module, templates, [16, 1, 4], recording_capture(replayed),
+                                    lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+    assert graphs.buckets == [1, 4, 16] and replayed == []  # captured largest first, none replayed yet
+    generator = torch.Generator().manual_seed(0)
+    for rows in (16, 5, 1, 3, 4, 17, 40):  # 5 after 16: the padding rows still hold the 16-row batch
+        inputs = [torch.randn(rows, 3, generator=generator), torch.randn(rows, 2, generator=generator)]
+        for replayed_output, eager_output in zip(graphs(inputs), module(*inputs)):
+            assert replayed_output.shape[0] == rows
+            torch.testing.assert_close(replayed_output, eager_output, rtol=0, atol=0)
+    assert replayed == [16, 16, 1, 4, 4]  # 17 and 40 rows: above the largest bucket
+
+
+def test_the_runner_and_the_contract_name_the_cuda_graph_parameter_alike(monkeypatch):
+    assert load_runner(monkeypatch).CUDA_GRAPH_PARAMETER == CUDA_GRAPH_PARAMETER
+
+
+def test_buckets_whose_capture_fails_leave_the_model_running_without_graphs(tmp_path, monkeypatch, keep_torch_threads):
+    utils = stub_utils()
+    runner = load_runner(monkeypatch, utils)
+    directory, config = model_dir(tmp_path, "torchscript")
+    session = runner.TorchScriptSession(str(directory / "1" / "model.pt"), 1, None, config)
+    assert session._capture({**config, "max_batch_size": 64}, [1, 4, 4096]) is None  # CPU torch has no CUDA
+    ((level, message),) = utils.logged
+    assert level == "warn" and message.startswith("flowserve_runner: no CUDA graphs for buckets [1, 4], running "
+                                                  "each batch as it comes: ")
+    x = torch.ones(3, 2)
+    torch.testing.assert_close(session.run(["x", "log_prob"], ["x"], [x])[0], 2 * x)

@@ -7,6 +7,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from flowserve.contract.spec import (
+    CUDA_GRAPH_PARAMETER,
     DENSITY,
     DIRECTIONS,
     GENERATION,
@@ -19,6 +20,7 @@ from flowserve.export.exporter.triton_config import (
     ServingConfig,
     build_model_config,
     config_text,
+    cuda_graph_buckets,
     parse_config_text,
 )
 
@@ -112,3 +114,27 @@ def test_schema_check_rejects_a_misspelled_field():
 def test_serving_config_rejects_nonsense(kwargs):
     with pytest.raises(ValueError):
         ServingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("max_batch_size, buckets", [
+    (4096, [1, 4, 16, 64, 256, 1024, 4096]), (100, [1, 4, 16, 64, 100]), (4, [1, 4]), (1, [1])])
+def test_cuda_graph_buckets_grow_fourfold_up_to_the_batch_limit(max_batch_size, buckets):
+    assert cuda_graph_buckets(max_batch_size) == buckets
+
+
+GPU_TORCHSCRIPT = ServingConfig(format="torchscript", instance_kind="gpu", max_batch_size=256)
+
+
+@pytest.mark.parametrize("serving, capturable, buckets", [
+    (GPU_TORCHSCRIPT, True, "1,4,16,64,256"),
+    (GPU_TORCHSCRIPT, False, None),  # the fixed-point loop
+    (ServingConfig(format="torchscript", instance_kind="gpu", cuda_graphs=False), True, None),  # --no-cuda-graphs
+    (ServingConfig(format="torchscript"), True, None),  # CPU instances
+    (ServingConfig(instance_kind="gpu"), True, None),  # ONNX
+    (ServingConfig(backend="pytorch", format="torchscript", instance_kind="gpu"), True, None),  # not the runner
+])
+def test_the_runner_is_told_to_capture_cuda_graphs_only_for_capturable_torchscript_on_gpus(serving, capturable,
+                                                                                            buckets):
+    config = build_model_config("flow-generation", direction_spec(GENERATION, 2), serving, capturable)
+    assert (config.parameters[CUDA_GRAPH_PARAMETER].string_value
+            if CUDA_GRAPH_PARAMETER in config.parameters else None) == buckets

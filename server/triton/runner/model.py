@@ -22,6 +22,13 @@ so the decision follows the instance kind, and the session's providers are check
 
 A config with the parameter ``flowserve_probe`` runs no model: it answers each request with
 its inputs, through the same path (``flowserve doctor`` serves one to test the stub).
+
+A TorchScript model on a GPU instance whose config has ``flowserve_cuda_graph_buckets``
+(say ``1,4,16,64,256,1024,4096``) captures one CUDA graph per bucket at load, and runs a
+batch as the replay of the smallest bucket that holds it, padded up (``CapturedBatches``):
+one launch in place of a launch per kernel, for the small flows whose calls cost their
+launches. A batch above the largest bucket runs as before. If a capture fails, or a replay
+disagrees with the module at load, the model runs without graphs and says why in Triton's log.
 """
 
 import ctypes
@@ -34,6 +41,7 @@ import triton_python_backend_utils as pb_utils
 
 DEFAULT_MODEL_FILENAME = "model.onnx"
 PROBE_PARAMETER = "flowserve_probe"
+CUDA_GRAPH_PARAMETER = "flowserve_cuda_graph_buckets"
 NUMPY_FIX = ("the runner exchanges tensors with the stub through DLPack; if this stub cannot, "
              "give Triton's python3 numpy<2 (nvidia-pytriton's own pin: pip install 'numpy<2')")
 
@@ -107,7 +115,7 @@ class NumpyBatches:
 class OnnxSession(NumpyBatches):
     """ONNX Runtime on the instance's device."""
 
-    def __init__(self, path, threads, device_id):
+    def __init__(self, path, threads, device_id, model_config=None):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -135,12 +143,61 @@ class OnnxSession(NumpyBatches):
         return self.session.run(output_names, dict(zip(input_names, inputs)))
 
 
+def bucket_for(rows, buckets):
+    """The smallest of the sorted ``buckets`` that holds ``rows`` rows, or None."""
+    return next((bucket for bucket in buckets if bucket >= rows), None)
+
+
+class CapturedBatches:
+    """A module's calls as replays of captured graphs, one per batch-size bucket.
+
+    ``capture(run, statics)`` records ``run(*statics)`` once and returns ``(replay, outputs)``:
+    each ``replay()`` runs the record again on whatever ``statics`` hold now, writing into
+    ``outputs``. A batch of ``n`` rows is copied into the first ``n`` rows of the smallest
+    bucket that holds it; the rows beyond keep what they held, since every row of a flow is
+    computed on its own, and the answer is the first ``n`` rows of the outputs, copied out
+    (the next replay overwrites them). ``templates`` are ``(dtype, row shape)`` per input.
+    Buckets are captured largest first, so that smaller ones can reuse its memory.
+    """
+
+    def __init__(self, run, templates, buckets, capture, new_buffer):
+        self.run = run
+        self.buckets = sorted(set(buckets))
+        self.graphs = {}
+        for bucket in reversed(self.buckets):
+            statics = [new_buffer((bucket, *shape), dtype) for dtype, shape in templates]
+            replay, outputs = capture(run, statics)
+            self.graphs[bucket] = (statics, replay, outputs)
+
+    def __call__(self, inputs):
+        rows = inputs[0].shape[0]
+        bucket = bucket_for(rows, self.buckets)
+        if bucket is None:
+            return self.run(*inputs)
+        statics, replay, outputs = self.graphs[bucket]
+        for static, tensor in zip(statics, inputs):
+            static[:rows].copy_(tensor)
+        replay()
+        return tuple(output[:rows].clone() for output in outputs)
+
+
+def _torch_dtype(torch, config_dtype):
+    return torch.from_numpy(np.empty(0, pb_utils.triton_string_to_numpy(config_dtype))).dtype
+
+
+def _row_shape(tensor_config):
+    """The shape of one row of a config's tensor (``reshape`` where it has one)."""
+    if "reshape" in tensor_config:
+        return [int(d) for d in tensor_config["reshape"].get("shape", [])]
+    return [int(d) for d in tensor_config.get("dims", [])]
+
+
 class TorchScriptSession:
     """A TorchScript module on the instance's device; inputs positional, in config order.
     Each batch moves to the device once; outputs go back to the stub through DLPack as they
     are (on the GPU for a GPU instance)."""
 
-    def __init__(self, path, threads, device_id):
+    def __init__(self, path, threads, device_id, model_config=None):
         import torch
 
         self.torch = torch
@@ -156,6 +213,54 @@ class TorchScriptSession:
         torch.set_num_threads(threads)
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.module = torch.jit.load(path, map_location=self.device).eval()
+        self.graphs = None
+        buckets = _parameter(model_config or {}, CUDA_GRAPH_PARAMETER, "")
+        if buckets and device_id is not None:
+            self.graphs = self._capture(model_config, [int(b) for b in buckets.split(",")])
+
+    def _eager(self, *inputs):
+        outputs = self.module(*inputs)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    def _capture(self, model_config, buckets):
+        """``CapturedBatches`` for the buckets up to the config's batch limit, checked against
+        the module on one batch; None, with the reason logged, where they fail."""
+        torch = self.torch
+        limit = int(model_config.get("max_batch_size", 0)) or max(buckets)
+        buckets = sorted(b for b in buckets if 0 < b <= limit)
+        templates = [(_torch_dtype(torch, t["data_type"]), _row_shape(t)) for t in model_config["input"]]
+        pool = []  # the graphs' shared memory pool, made with the first capture
+
+        def capture(run, statics):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):  # TorchScript's executor settles on its plan over the first calls
+                    run(*statics)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            pool[:] = pool or [torch.cuda.graph_pool_handle()]
+            with torch.cuda.graph(graph, pool=pool[0]):
+                outputs = run(*statics)
+            return graph.replay, outputs
+
+        def new_buffer(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        try:
+            with torch.inference_mode(), torch.cuda.device(self.device):
+                graphs = CapturedBatches(self._eager, templates, buckets, capture, new_buffer)
+                check = [torch.randn((buckets[-1], *shape), device=self.device).to(dtype) for dtype, shape in templates]
+                for replayed, eager in zip(graphs(check), self._eager(*check)):
+                    if not torch.allclose(replayed, eager, rtol=1e-5, atol=1e-6, equal_nan=True):
+                        raise ValueError(f"a replay differs from the module by up to "
+                                         f"{(replayed - eager).abs().nan_to_num().max().item():.3g}")
+        except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: without them the model still answers
+            pb_utils.Logger.log_warn(f"flowserve_runner: no CUDA graphs for buckets {buckets}, running each batch "
+                                     f"as it comes: {type(exc).__name__}: {exc}")
+            return None
+        pb_utils.Logger.log_info(f"flowserve_runner: CUDA graphs captured for batches of up to {buckets} rows")
+        return graphs
 
     def batch(self, tensors):
         parts = [self.torch.from_dlpack(t) for t in tensors]
@@ -163,8 +268,7 @@ class TorchScriptSession:
 
     def run(self, output_names, input_names, inputs):
         with self.torch.inference_mode():
-            outputs = self.module(*inputs)
-        return outputs if isinstance(outputs, tuple) else (outputs,)
+            return self.graphs(inputs) if self.graphs is not None else self._eager(*inputs)
 
     def split(self, output, row_counts):
         return self.torch.split(output, row_counts)
@@ -203,7 +307,7 @@ class TritonPythonModel:
             session_type = SESSIONS.get(os.path.splitext(filename)[1])
             if session_type is None:
                 raise RuntimeError(f"flowserve_runner: cannot run {filename}; expected .onnx or .pt")
-            self.session = session_type(path, threads, device_id)
+            self.session = session_type(path, threads, device_id, model_config)
         self.input_names = [t["name"] for t in model_config["input"]]
         self.output_names = [t["name"] for t in model_config["output"]]
         self.output_dtypes = [pb_utils.triton_string_to_numpy(t["data_type"]) for t in model_config["output"]]
