@@ -69,7 +69,7 @@ TIMED_ROWS = (4096, 65536)
 IN_FLIGHT, CLIENT_PROCESSES, GATEWAY_ROWS = 16, 4, 64
 # What the box lacks (tritonclient's gRPC client needs rapidjson and packaging too), and the
 # grpcio and protobuf the committed stubs are tested with here, which then take the place of
-# the box's own whatever their versions: 55 MiB with the slimmed nvidia-pytriton.
+# the box's own whatever their versions: 47 MiB with the slimmed nvidia-pytriton.
 WHEELS = ("nvidia-pytriton==0.7.0", "tritonclient==2.73.0", "python-rapidjson==1.23", "packaging==25.0",
           "grpcio-health-checking==1.81.1", "grpcio-reflection==1.81.1", "tqdm==4.70.1", "grpcio==1.85.1",
           "protobuf==6.33.6")
