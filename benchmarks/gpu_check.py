@@ -92,8 +92,8 @@ def prepare(directory: Path, steps: int, wheels: bool = True) -> None:
     import torch
 
     from flowserve.cli.build import export
-    from flowserve.contract.spec import DENSITY, GENERATION
-    from flowserve.export.exporter.graphs import GRAPHS, prepared_copy
+    from flowserve.contract.spec import GENERATION
+    from flowserve.export.exporter.graphs import GRAPHS, model_spec, prepared_copy, served_directions
     from flowserve.export.exporter.triton_config import ServingConfig
 
     shutil.rmtree(directory, ignore_errors=True)
@@ -106,18 +106,20 @@ def prepare(directory: Path, steps: int, wheels: bool = True) -> None:
             for variant, (fmt, kind) in {**VARIANTS, **REFUSED_VARIANT.get(flow, {})}.items():
                 export(checkpoint, directory / "repository", name=f"{flow}-{variant}",
                        serving=ServingConfig(format=fmt, instance_kind=kind))
-            dims = {DENSITY: model.event_shape[0], GENERATION: model.noise_dim}
-            for direction, graph in GRAPHS.items():
-                inputs = rng.standard_normal((max(CHECK_ROWS), dims[direction])).astype(np.float32)
+            # The data rows (for density and encode) are the flow's own samples; z is fresh noise.
+            noise = [rng.standard_normal((max(CHECK_ROWS), model.noise_dim)).astype(np.float32) for _ in range(2)]
+            with torch.no_grad():
+                references[f"{flow}/x"] = GRAPHS[GENERATION](prepared_copy(model))(torch.from_numpy(noise[0]))[0].numpy()
+            references[f"{flow}/z"] = noise[1]
+            for direction in served_directions(model):
+                spec = model_spec(model, direction)
                 with torch.no_grad():
-                    if direction == DENSITY:  # points the flow gives density to: its own samples
-                        inputs = GRAPHS[GENERATION](prepared_copy(model))(torch.from_numpy(inputs))[0].numpy()
-                    outputs = graph(prepared_copy(model).double())(torch.from_numpy(inputs).double())
+                    outputs = GRAPHS[direction](prepared_copy(model).double())(
+                        torch.from_numpy(references[f"{flow}/{spec.input_names[0]}"]).double())
                 outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                names = ["log_prob"] if direction == DENSITY else ["x", "log_prob"]
-                references[f"{flow}/{direction}/input"] = inputs
                 # float32 keeps the float64 reference to 6e-8 relative, far inside the tolerance
-                references.update({f"{flow}/{direction}/{n}": o.float().numpy() for n, o in zip(names, outputs)})
+                references.update({f"{flow}/{direction}/{name}": output.float().numpy()
+                                   for name, output in zip(spec.output_names, outputs)})
     np.savez(directory / "references.npz", **references)
     if wheels:
         gather_wheels(directory / "wheels")
@@ -283,14 +285,17 @@ def triton_phase(triton, report: Report, cpu_only: bool) -> dict:
 def correctness(triton_url: str, references: dict, loaded: list[str], report: Report) -> dict:
     import tritonclient.grpc as triton_client
 
+    from flowserve.contract.spec import direction_spec
+
     client = triton_client.InferenceServerClient(triton_url)
     gaps = {}
     for model in loaded:
         flow, direction = model.split("-")[0], model.rsplit("-", 1)[1]
-        source = references[f"{flow}/{direction}/input"]
-        names = ["log_prob"] if direction == "density" else ["x", "log_prob"]
+        spec = direction_spec(direction, references[f"{flow}/x"].shape[1], noise_dim=references[f"{flow}/z"].shape[1])
+        source = references[f"{flow}/{spec.input_names[0]}"]
+        names = spec.output_names
         for rows in CHECK_ROWS:
-            request = triton_client.InferInput("x" if direction == "density" else "z", [rows, source.shape[1]], "FP32")
+            request = triton_client.InferInput(spec.input_names[0], [rows, source.shape[1]], "FP32")
             request.set_data_from_numpy(np.ascontiguousarray(source[:rows]))
             answer = client.infer(model, [request], outputs=[triton_client.InferRequestedOutput(n) for n in names])
             gap = max(scaled_gap(answer.as_numpy(n).reshape(references[f"{flow}/{direction}/{n}"][:rows].shape),
@@ -486,7 +491,7 @@ def run(args) -> int:
                 report.phase("cuda_graphs", cuda_graphs, repository, args.repeats)
             flow = "rnvp-onnx-cpu" if args.cpu_only else "rnvp-ts-gpu"
             points = workdir / "points.npy"
-            np.save(points, references["rnvp/density/input"])
+            np.save(points, references["rnvp/x"])
             workers = args.workers or max(2, min(8, (os.cpu_count() or 2) // 2))
             report.phase("gateway", gateway, triton.grpc_url, repository, flow, points, workdir, args.seconds,
                          args.rounds, workers, state)

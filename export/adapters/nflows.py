@@ -76,13 +76,17 @@ class NflowsFlow(nn.Module):
         self.noise_dim = int(features)
         self.context_dim = int(context)
 
-    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def encode(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(z, log|det dz/dx|, log p(x))`` through the flow's layers."""
         context = self.flow._embedding_net(context)
         total = x.new_zeros(x.shape[0])
         for layer in self.layers:
             x, logabsdet = _forward(layer, x, context)
             total = total + logabsdet
-        return self.flow._distribution.log_prob(x, context) + total
+        return x, total, self.flow._distribution.log_prob(x, context) + total
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.encode(x, context)[2]
 
     def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         context = self.flow._embedding_net(context)

@@ -64,9 +64,13 @@ class ZukoFlow(nn.Module):
         base = self.flow.base(context)
         return base if context is None else base.expand(context.shape[:-1])
 
-    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def encode(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(z, log|det dz/dx|, log p(x))`` through the flow's transform."""
         z, ladj = self._transform(context).call_and_ladj(x)
-        return self._base(context).log_prob(z) + ladj
+        return z, ladj, self._base(context).log_prob(z) + ladj
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.encode(x, context)[2]
 
     def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x, ladj = self._transform(context).inv.call_and_ladj(z)

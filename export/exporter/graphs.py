@@ -1,7 +1,8 @@
-"""The two served directions of a model as ``nn.Module`` graphs, with the spec's tensors.
+"""The served directions of a model as ``nn.Module`` graphs, with the spec's tensors.
 
 density:    x[B, D] (, context[B, C]) -> log_prob[B]
 generation: z[B, N] (, context[B, C]) -> x[B, D], log_prob[B]
+encode:     x[B, D] (, context[B, C]) -> z[B, N], log_det[B], log_prob[B]   (models with ``encode``)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from flowserve.contract.spec import DENSITY, GENERATION, DirectionSpec, direction_spec
+from flowserve.contract.spec import DENSITY, DIRECTIONS, ENCODE, GENERATION, DirectionSpec, direction_spec
 
 from ..flows.base import ServableModel
 
@@ -40,7 +41,25 @@ class GenerationGraph(nn.Module):
         return x.flatten(1), log_prob
 
 
-GRAPHS = {DENSITY: DensityGraph, GENERATION: GenerationGraph}
+class EncodeGraph(nn.Module):
+    """x[B, D] (, context[B, C]) -> z[B, N], log|det dz/dx|[B], log_prob[B]."""
+
+    def __init__(self, model: ServableModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        z, log_det, log_prob = self.model.encode(x.reshape(-1, *self.model.event_shape), context)
+        return z.flatten(1), log_det, log_prob
+
+
+GRAPHS = {DENSITY: DensityGraph, GENERATION: GenerationGraph, ENCODE: EncodeGraph}
+
+
+def served_directions(model: ServableModel, encode: bool = True) -> tuple[str, ...]:
+    """The directions ``model`` is exported in: both always, and (unless not ``encode``)
+    encode where the model has ``encode``."""
+    return DIRECTIONS + ((ENCODE,) if encode and callable(getattr(model, "encode", None)) else ())
 
 
 def model_spec(model: ServableModel, direction: str) -> DirectionSpec:

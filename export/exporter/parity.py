@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flowserve.contract.spec import DENSITY, GENERATION
+from flowserve.contract.spec import DENSITY, ENCODE, GENERATION
 
 from ..flows.base import Flow, ServableModel
 from .formats import load_exported
@@ -68,6 +68,13 @@ def _generation(model, z, context, dtype):
     """x and its log p from noise z, the generation direction."""
     x, log_prob = model.sample_with_log_prob(torch.from_numpy(z).to(dtype), _tensor(context, dtype))
     return [x.flatten(1).numpy(), log_prob.numpy()]
+
+
+def _encode(model, x, context, dtype):
+    """z, log|det dz/dx| and log p of data x, the encode direction."""
+    shaped = torch.from_numpy(x).to(dtype).reshape(-1, *model.event_shape)
+    z, log_det, log_prob = model.encode(shaped, _tensor(context, dtype))
+    return [z.flatten(1).numpy(), log_det.numpy(), log_prob.numpy()]
 
 
 def _tensor(array: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -152,8 +159,9 @@ def check_parity(
 ) -> dict[str, float]:
     """Largest gaps (:func:`gaps`) between the exported graphs and the :class:`Reference`.
 
-    Checks log_prob of both graphs, the generated x, and (for flows) the generation graph on
-    the latents of the data points, where PyTorch's round trip lands.
+    Checks log_prob of both graphs, the generated x, (for flows) the generation graph on
+    the latents of the data points, where PyTorch's round trip lands, and the encode graph's
+    z, log|det| and log_prob where there is one.
     Raises ExportParityError above ``tolerance``.
     """
     runners = {d: load_exported(fmt, data) for d, data in graphs.items()}
@@ -166,6 +174,10 @@ def check_parity(
         generated_x, generated_log_prob = reference.largest_gaps(
             _generation, inputs.z, inputs.z_context, runners[GENERATION](inputs.z, *z_ctx))
     report = {"density_log_prob": density, "generation_x": generated_x, "generation_log_prob": generated_log_prob}
+    if ENCODE in runners:
+        with torch.no_grad():
+            encoded = reference.largest_gaps(_encode, flat, inputs.x_context, runners[ENCODE](flat, *x_ctx))
+        report.update(zip(("encode_z", "encode_log_det", "encode_log_prob"), encoded))
     if isinstance(model, Flow):
         with torch.no_grad():
             shaped = torch.from_numpy(inputs.x).reshape(-1, *model.event_shape)

@@ -1,4 +1,4 @@
-"""Export both directions of a flow to ONNX or TorchScript, check the graphs against
+"""Export the directions of a flow to ONNX or TorchScript, check the graphs against
 PyTorch, and write them into a Triton model repository with their configs and the flow's
 metadata file."""
 
@@ -18,14 +18,14 @@ from tqdm import tqdm
 
 from flowserve import __version__
 from flowserve.contract.metadata import EXACT, FlowMetadata
-from flowserve.contract.spec import DIRECTIONS, triton_model_name, validate_flow_name
+from flowserve.contract.spec import triton_model_name, validate_flow_name
 
 from ..data import summarize
 from ..flows.autoregressive import use_cached_inverse
 from ..flows.base import ServableModel, servable_problem
 from ..training import HELDOUT_SAMPLE_ROWS, load_checkpoint
 from .formats import EXPORTERS, cuda_graph_blockers, graph_stats
-from .graphs import model_spec
+from .graphs import model_spec, served_directions
 from .parity import PARITY_ROWS, check_parity, parity_inputs
 from .triton_config import ServingConfig, write_model
 
@@ -46,14 +46,14 @@ def export_model(
     data_summary: dict | None = None,
     metrics: dict | None = None,
 ) -> FlowMetadata:
-    """Export both directions of ``model`` (any :class:`ServableModel`) into ``repository``;
+    """Export the directions of ``model`` (any :class:`ServableModel`) into ``repository``;
     returns the flow's metadata.
 
     ``example_data`` (rows ``[N, *event_shape]``, e.g. held out from training) and, for a
     model with a context, ``example_context`` ``[N, context_dim]``: the parity check runs
     on the first 512 rows and on the model's own samples; the metadata's data summary is
-    theirs unless ``data_summary`` is given. Writes ``<name>-density`` and
-    ``<name>-generation`` (config.pbtxt and the version's model file in ``serving.format``)
+    theirs unless ``data_summary`` is given. Writes ``<name>-density``,
+    ``<name>-generation`` and, for a model with ``encode``, ``<name>-encode`` (config.pbtxt and the version's model file in ``serving.format``)
     and ``<name>.flowserve.json``. Nothing is written if a check fails.
     """
     problem = servable_problem(model)
@@ -69,9 +69,10 @@ def export_model(
     if serving.cached_inverse_min_batch is not None:
         model = _with_cached_inverse(model, serving.cached_inverse_min_batch)
     started = time.perf_counter()
-    steps = tqdm(total=len(DIRECTIONS) + 2, desc=f"export {name}", disable=not progress, unit="step")
+    directions = served_directions(model, serving.encode)
+    steps = tqdm(total=len(directions) + 2, desc=f"export {name}", disable=not progress, unit="step")
     graphs, stats = {}, {}
-    for direction in DIRECTIONS:
+    for direction in directions:
         steps.set_postfix_str(direction)
         direction_started = time.perf_counter()
         graphs[direction] = EXPORTERS[serving.format](model, direction)

@@ -67,6 +67,9 @@ class ServingConfig:
     # limit). The config's parameters carry both to the gateway, whose batcher enforces them.
     max_queue_size: int = 0
     queue_timeout_ms: int = 2000
+    # Export the encode direction (x -> z) too, where the model has one: one more Triton model
+    # per flow, hence one more Python stub process (on a GPU, one more CUDA context).
+    encode: bool = True
     # TorchScript on GPU instances of flowserve's runner: capture a CUDA graph per batch-size
     # bucket (cuda_graph_buckets) for each direction that can be captured.
     cuda_graphs: bool = True

@@ -39,7 +39,10 @@ class ServableModel(Protocol):
     - ``sample_with_log_prob(z, context=None)``: samples ``[B, *event_shape]`` pushed forward
       from base noise ``z`` ``[B, noise_dim]`` ~ N(0, I), and their log-density, in one pass.
 
-    Optional, read when present: ``family`` (a name shown by ListModels, default
+    Optional, read when present: ``encode(x, context=None)``, for a model with an exact
+    data -> noise map: the noise ``z`` ``[B, noise_dim]`` of ``x``, ``log|det dz/dx|`` ``[B]``
+    and ``log p(x)`` ``[B]``, in one pass (exported as the ``encode`` direction);
+    ``family`` (a name shown by ListModels, default
     ``custom``), ``log_likelihood`` (``EXACT``, or ``LOWER_BOUND`` for a bound),
     ``support`` (``(low, high)`` that every data value must lie in), ``config()`` (a plain
     description, recorded as the architecture) and ``prepare_for_export()`` (precompute
@@ -193,9 +196,13 @@ class Flow(DensityModel):
         """Latent to data: ``(x [B, *event_shape], log|det dx/dz|)``."""
         return self.transform.inverse(z, context)
 
-    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def encode(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Data to noise: ``(z [B, D], log|det dz/dx| [B], log p(x) [B])``."""
         z, ladj = self.to_latent(x, context)
-        return standard_normal_log_prob(z) + ladj
+        return z, ladj, standard_normal_log_prob(z) + ladj
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.encode(x, context)[2]
 
     def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x, ladj = self.from_latent(z, context)

@@ -1,5 +1,5 @@
 """The ``flowserve`` command: build (train, export, quality, plot), doctor, serve, query
-(sample, score, models, health) and demo. The commands import what they need (torch, the gateway) when
+(sample, score, encode, models, health) and demo. The commands import what they need (torch, the gateway) when
 they run; the parser reads only the torch-free name registries of ``flowserve.export``,
 so ``flowserve --help`` and the client commands start fast and work without the extra."""
 
@@ -22,6 +22,7 @@ COMMANDS = {
     "serve": serve.serve_command,
     "sample": query.sample_command,
     "score": query.score_command,
+    "encode": query.encode_command,
     "models": query.models_command,
     "health": query.health_command,
     "demo": demo.demo_command,

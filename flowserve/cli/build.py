@@ -97,7 +97,7 @@ def export_command(args) -> None:
         max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
         triton_queue_policy=args.triton_queue_policy, instance_kind=args.instance_kind,
         gpus=tuple(int(g) for g in args.gpus.split(",") if g.strip()), intra_op_threads=args.intra_op_threads,
-        cached_inverse_min_batch=args.cached_inverse, cuda_graphs=args.cuda_graphs,
+        cached_inverse_min_batch=args.cached_inverse, cuda_graphs=args.cuda_graphs, encode=args.encode,
     )
     if (args.checkpoint is None) == (args.module is None):
         raise ValueError("give a checkpoint of flowserve train, or --module FILE.py:FUNCTION with --data")

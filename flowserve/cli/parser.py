@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="flowserve", description="Train, export and serve normalizing flows: train, export, quality, plot "
-                                      "(need the 'export' extra); doctor, serve; sample, score, models; demo.")
+                                      "(need the 'export' extra); doctor, serve; sample, score, encode, models; demo.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--cached-inverse", type=int, nargs="?", const=256, default=None, metavar="MIN_BATCH",
                         help="MAF/IAF in ONNX: compute batches of MIN_BATCH (default 256) rows or more of the "
                              "slow direction with the cached inverse (see docs/flows.md); exports take longer")
+    export.add_argument("--encode", action=argparse.BooleanOptionalAction, default=True,
+                        help="also export x -> z (the Encode RPC) for flows: one more Triton model per flow, with its "
+                             "own stub process (and CUDA context on a GPU)")
     export.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="TorchScript on GPU instances (python backend): capture CUDA graphs for batches of 1, 4, "
                              "16, ... up to --max-batch-size rows, for each direction that can be captured")
@@ -204,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="contexts, [N, *context_shape] or one row for all")
     score.add_argument("--bits-per-dim", action="store_true", help="also report bits/dim")
     score.add_argument("-o", "--output", type=Path, help="write log-likelihoods to this .npy file")
+
+    encode = commands.add_parser("encode", help="the base noise z of each row of a .npy file (x -> z), with "
+                                                "log|det dz/dx| and log p(x)")
+    _add_target(encode)
+    encode.add_argument("--model", required=True)
+    encode.add_argument("data", type=Path, help=".npy file of shape [N, *event_shape]")
+    encode.add_argument("--context", type=Path, default=None, metavar="FILE.npy",
+                        help="contexts, [N, *context_shape] or one row for all")
+    encode.add_argument("-o", "--output", type=Path,
+                        help="write z, log_det and log_prob to this .npz file")
 
     models = commands.add_parser("models", help="list the gateway's models")
     _add_target(models)

@@ -108,6 +108,18 @@ def score_command(args) -> None:
         print(f"wrote {args.output}")
 
 
+def encode_command(args) -> None:
+    x = _load_npy(args.data)
+    context = None if args.context is None else _load_npy(args.context)
+    with connect(args) as client:
+        encoded = client.encode(args.model, x, context)
+    print(f"encoded {len(encoded.z)} rows with {args.model}: z {list(encoded.z.shape)}, mean log|det dz/dx| "
+          f"{encoded.log_det.mean():.4f}, mean log p(x) {encoded.log_prob.mean():.4f}")
+    if args.output:
+        np.savez(args.output, z=encoded.z, log_det=encoded.log_det, log_prob=encoded.log_prob)
+        print(f"wrote {args.output}")
+
+
 def models_command(args) -> None:
     from flowserve.server.protocol.proto import flowserve_pb2 as pb
 

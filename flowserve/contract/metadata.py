@@ -16,7 +16,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from flowserve.contract.spec import DIRECTIONS, DirectionSpec, direction_spec, validate_flow_name
+from flowserve.contract.spec import (
+    ALL_DIRECTIONS,
+    DIRECTIONS,
+    OPTIONAL_DIRECTIONS,
+    DirectionSpec,
+    direction_spec,
+    validate_flow_name,
+)
 
 SCHEMA_VERSION = 1
 SUFFIX = ".flowserve.json"
@@ -35,7 +42,8 @@ class FlowMetadata:
     """What the exporter records of a flow, and what the gateway needs to serve it.
 
     Serving fields (validated on construction):
-      ``models`` maps each direction to its Triton model; ``noise_dim`` is the base noise
+      ``models`` maps each direction to its Triton model (density and generation always,
+      encode where the model has an exact data -> noise map); ``noise_dim`` is the base noise
       per generated row (default ``prod(event_shape)``); ``context_shape`` is the shape of
       one row's context (empty: no context input); ``log_likelihood`` is one of
       :data:`LOG_LIKELIHOOD_KINDS`; ``support`` is ``(low, high)``, the range every data
@@ -83,8 +91,11 @@ class FlowMetadata:
             raise ValueError(f"noise_dim must be a positive integer, got {self.noise_dim!r}")
         if self.log_likelihood not in LOG_LIKELIHOOD_KINDS:
             raise ValueError(f"log_likelihood must be one of {LOG_LIKELIHOOD_KINDS}, got {self.log_likelihood!r}")
-        if not isinstance(self.models, dict) or not all(isinstance(self.models.get(d), str) for d in DIRECTIONS):
-            raise ValueError(f"models must map {list(DIRECTIONS)} to Triton model names, got {self.models!r}")
+        if (not isinstance(self.models, dict) or not all(isinstance(self.models.get(d), str) for d in DIRECTIONS)
+                or not set(self.models) <= set(ALL_DIRECTIONS)
+                or not all(isinstance(model, str) for model in self.models.values())):
+            raise ValueError(f"models must map {list(DIRECTIONS)} (and optionally {list(OPTIONAL_DIRECTIONS)}) to "
+                             f"Triton model names, got {self.models!r}")
         if self.support is not None:
             support = self.support
             if not (isinstance(support, (list, tuple)) and len(support) == 2

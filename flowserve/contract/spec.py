@@ -16,6 +16,12 @@ from dataclasses import dataclass
 DENSITY = "density"
 GENERATION = "generation"
 DIRECTIONS = (DENSITY, GENERATION)
+"""The directions every flow serves."""
+ENCODE = "encode"
+OPTIONAL_DIRECTIONS = (ENCODE,)
+"""Directions a flow serves where it can: ``encode`` (x -> z), for a model with an exact
+data -> noise map. A flow exported before encode existed has none."""
+ALL_DIRECTIONS = DIRECTIONS + OPTIONAL_DIRECTIONS
 
 RUNNER_BACKEND = "flowserve_runner"
 """Name of flowserve's Python-based Triton backend: the configs the exporter writes name it,
@@ -105,6 +111,7 @@ def direction_spec(direction: str, event_dim: int, *, noise_dim: int | None = No
 
     density:    x[B, D] (, context[B, C]) -> log_prob[B]
     generation: z[B, N] (, context[B, C]) -> x[B, D], log_prob[B]   (log-density of the generated x)
+    encode:     x[B, D] (, context[B, C]) -> z[B, N], log_det[B], log_prob[B]   (log|det dz/dx|)
 
     ``noise_dim`` N is the base noise per row, ``D`` unless the model draws more (a VAE
     draws its latent and its decoder noise). ``context`` exists only when ``context_dim > 0``.
@@ -124,7 +131,14 @@ def direction_spec(direction: str, event_dim: int, *, noise_dim: int | None = No
             inputs=(TensorSpec("z", (noise_dim or event_dim,)), *context),
             outputs=(TensorSpec("x", (event_dim,)), TensorSpec("log_prob", ())),
         )
-    raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
+    if direction == ENCODE:
+        return DirectionSpec(
+            ENCODE,
+            inputs=(TensorSpec("x", (event_dim,)), *context),
+            outputs=(TensorSpec("z", (noise_dim or event_dim,)), TensorSpec("log_det", ()),
+                     TensorSpec("log_prob", ())),
+        )
+    raise ValueError(f"unknown direction {direction!r}; expected one of {ALL_DIRECTIONS}")
 
 
 def validate_flow_name(name: str) -> str:
@@ -139,6 +153,6 @@ def validate_flow_name(name: str) -> str:
 
 def triton_model_name(flow_name: str, direction: str) -> str:
     """Name of the Triton model that serves ``direction`` of flow ``flow_name``."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
+    if direction not in ALL_DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; expected one of {ALL_DIRECTIONS}")
     return f"{validate_flow_name(flow_name)}-{direction}"

@@ -40,6 +40,15 @@ class Scores:
     bits_per_dim: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """Encode's answer: each row's base noise z [N, noise_dim], log|det dz/dx| and log p(x | context)."""
+
+    z: np.ndarray
+    log_det: np.ndarray
+    log_prob: np.ndarray
+
+
 class FlowClient:
     """Calls ``flowserve.v1.FlowService`` at ``target`` (``host:port``).
 
@@ -118,6 +127,16 @@ class FlowClient:
         response = self.stub.LogLikelihood(request, timeout=self.timeout, metadata=self.metadata)
         bits_per_dim = np.asarray(response.bits_per_dim, dtype=np.float32) if return_bits_per_dim else None
         return Scores(np.asarray(response.log_prob, dtype=np.float32), bits_per_dim)
+
+    def encode(self, model: str, x: np.ndarray, context: np.ndarray | None = None) -> Encoded:
+        """Encode each row of ``x`` (x -> z); ``context`` is [N, *context_shape] or [*context_shape].
+        FAILED_PRECONDITION for a flow that cannot encode (a VAE)."""
+        request = pb.EncodeRequest(model=model, x=tensors.encode(x))
+        if context is not None:
+            request.context.CopyFrom(tensors.encode(context))
+        response = self.stub.Encode(request, timeout=self.timeout, metadata=self.metadata)
+        return Encoded(tensors.decode(response.z, "z"), np.asarray(response.log_det, dtype=np.float32),
+                       np.asarray(response.log_prob, dtype=np.float32))
 
 
 def sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,

@@ -73,3 +73,21 @@ class LogLikelihoodResult:
 
     log_prob: np.ndarray
     bits_per_dim: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class EncodeQuery:
+    """An Encode request; ``context`` is [N, *context_shape] or [*context_shape]."""
+
+    model: str
+    x: np.ndarray
+    context: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Each row's base noise z [N, noise_dim], log|det dz/dx| and log p(x | context)."""
+
+    z: np.ndarray
+    log_det: np.ndarray
+    log_prob: np.ndarray

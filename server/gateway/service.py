@@ -18,14 +18,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowserve.contract.metadata import FlowMetadata
-from flowserve.contract.spec import CONTEXT, DENSITY, DIRECTIONS, GENERATION, DirectionSpec, bits_per_dim
-from flowserve.server.protocol.errors import DeadlineExceeded, FlowServeError, InvalidArgument, ResourceExhausted
+from flowserve.contract.metadata import EXACT, FlowMetadata
+from flowserve.contract.spec import ALL_DIRECTIONS, CONTEXT, DENSITY, ENCODE, GENERATION, DirectionSpec, bits_per_dim
+from flowserve.server.protocol.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FlowServeError,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from flowserve.server.protocol.tensors import MAX_MESSAGE_BYTES, WIRE_DTYPE
 
 from .backend import Backend
 from .catalog import ModelCatalog
-from .domain import LogLikelihoodQuery, LogLikelihoodResult, ModelInfo, SampleQuery, SampleResult
+from .domain import (
+    EncodeQuery,
+    EncodeResult,
+    LogLikelihoodQuery,
+    LogLikelihoodResult,
+    ModelInfo,
+    SampleQuery,
+    SampleResult,
+)
 from .health import FlowHealth
 
 log = logging.getLogger(__name__)
@@ -63,7 +77,7 @@ def _dims(shape: tuple[int, ...]) -> str:
 
 
 class FlowService:
-    """Sample and LogLikelihood for every flow of the catalog, run on Triton. ``health``, when
+    """Sample, LogLikelihood and Encode for every flow of the catalog, run on Triton. ``health``, when
     given, says which flows answer (ListModels' ``ready``)."""
 
     def __init__(self, backend: Backend, catalog: ModelCatalog, limits: GatewayLimits,
@@ -85,7 +99,7 @@ class FlowService:
         infos = []
         for name in self.catalog.names():
             flow = self.catalog.get(name)
-            directions = tuple(d for d in DIRECTIONS if d in flow.models)
+            directions = tuple(d for d in ALL_DIRECTIONS if d in flow.models)
             per_direction = [set(ready_versions.get(flow.models[d], ())) for d in directions]
             infos.append(ModelInfo(
                 name=name,
@@ -199,7 +213,28 @@ class FlowService:
         """log p(x | context) of each row of ``query.x`` (a lower bound where the flow says so),
         and its bits per dimension if asked for."""
         flow = self.catalog.get(query.model)
-        x = query.x
+        outputs = await self._map_rows(flow, DENSITY, query.x, query.context, timeout)
+        log_prob = outputs["log_prob"]
+        bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
+        return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
+
+    async def encode(self, query: EncodeQuery, timeout: float | None = None) -> EncodeResult:
+        """z, log|det dz/dx| and log p(x | context) of each row of ``query.x``; FailedPrecondition
+        for a flow that has no encode model."""
+        flow = self.catalog.get(query.model)
+        if ENCODE not in flow.models:
+            why = (f"its log-likelihood is a {flow.log_likelihood.replace('_', ' ')} ({flow.family}): it has no "
+                   "exact data -> noise map" if flow.log_likelihood != EXACT else
+                   "it was exported without an encode model (flowserve exports one since Encode exists): export "
+                   "it again")
+            raise FailedPrecondition(f"model {flow.name!r} cannot encode: {why}")
+        outputs = await self._map_rows(flow, ENCODE, query.x, query.context, timeout)
+        return EncodeResult(z=outputs["z"], log_det=outputs["log_det"], log_prob=outputs["log_prob"])
+
+    async def _map_rows(self, flow: FlowMetadata, direction: str, x: np.ndarray, context: np.ndarray | None,
+                        timeout: float | None) -> dict[str, np.ndarray]:
+        """Every output of ``direction`` (density or encode) for the data rows ``x``, after
+        checking them: their shape, count, values and support, and their context."""
         if x.ndim != 1 + len(flow.event_shape) or tuple(x.shape[1:]) != flow.event_shape:
             raise InvalidArgument(
                 f"x.shape is {list(x.shape)}; model {flow.name!r} expects [N, {_dims(flow.event_shape)}]"
@@ -215,17 +250,16 @@ class FlowService:
                     f"x has values outside [{low:g}, {high:g}], the support of model {flow.name!r} "
                     f"(pixel values), in row {int(np.argmin(inside))}"
                 )
-        context = _context_rows(flow, query.context, rows, "x.shape[0]")
+        context = _context_rows(flow, context, rows, "x.shape[0]")
         with self._reserve(rows):
-            spec = flow.spec(DENSITY)
-            chunk = await self.backend.max_batch_size(flow.models[DENSITY])
+            spec = flow.spec(direction)
+            chunk = await self.backend.max_batch_size(flow.models[direction])
             flat = x.reshape(rows, flow.dim)
             chunks = iter([_inputs(spec, flat[start:start + chunk], None if context is None else context[start:start + chunk])
                            for start in range(0, rows, chunk)])
-            parts = [outputs["log_prob"] async for outputs in self._run(flow, DENSITY, chunks, timeout)]
-            log_prob = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
-        return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
+            parts = [outputs async for outputs in self._run(flow, direction, chunks, timeout)]
+        return {name: parts[0][name] if len(parts) == 1 else np.concatenate([part[name] for part in parts])
+                for name in spec.output_names}
 
     def _check_rows(self, field: str, rows: int, flow: FlowMetadata) -> None:
         if rows < 1:

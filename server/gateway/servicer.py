@@ -1,6 +1,6 @@
 """The thin gRPC servicer: protos to domain objects, the service, and back.
 
-Sample, SampleStream and LogLikelihood answer with ``tensors.Serialized`` responses, already
+Sample, SampleStream, LogLikelihood and Encode answer with ``tensors.Serialized`` responses, already
 in protobuf's wire format (one copy of the arrays instead of four); the handlers that the
 interceptor builds send them as they are."""
 
@@ -10,22 +10,22 @@ import grpc
 import numpy as np
 
 from flowserve.contract.metadata import EXACT, LOWER_BOUND
-from flowserve.contract.spec import DENSITY, GENERATION
+from flowserve.contract.spec import DENSITY, ENCODE, GENERATION
 from flowserve.server.protocol import tensors
 from flowserve.server.protocol.proto import flowserve_pb2 as pb
 from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
 
-from .domain import LogLikelihoodQuery, SampleQuery
+from .domain import EncodeQuery, LogLikelihoodQuery, SampleQuery
 from .service import FlowService
 
-DIRECTION_ENUM = {DENSITY: pb.DIRECTION_DENSITY, GENERATION: pb.DIRECTION_GENERATION}
+DIRECTION_ENUM = {DENSITY: pb.DIRECTION_DENSITY, GENERATION: pb.DIRECTION_GENERATION, ENCODE: pb.DIRECTION_ENCODE}
 LOG_LIKELIHOOD_KIND_ENUM = {
     EXACT: pb.LOG_LIKELIHOOD_KIND_EXACT,
     LOWER_BOUND: pb.LOG_LIKELIHOOD_KIND_LOWER_BOUND,
 }
 
 
-def _context(request: pb.SampleRequest | pb.LogLikelihoodRequest) -> np.ndarray | None:
+def _context(request: pb.SampleRequest | pb.LogLikelihoodRequest | pb.EncodeRequest) -> np.ndarray | None:
     """The request's context array, or None when the field is unset."""
     if not request.HasField("context"):
         return None
@@ -86,3 +86,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         )
         result = await self.service.log_likelihood(query, timeout=context.time_remaining())
         return tensors.log_likelihood_response(result.log_prob, result.bits_per_dim)
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext):
+        query = EncodeQuery(model=request.model, x=tensors.decode(request.x, "x"), context=_context(request))
+        result = await self.service.encode(query, timeout=context.time_remaining())
+        return tensors.encode_response(result.z, result.log_det, result.log_prob)

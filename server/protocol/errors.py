@@ -30,6 +30,11 @@ class ModelNotFound(FlowServeError):
     """No flow of that name is served."""
 
 
+class FailedPrecondition(FlowServeError):
+    """The flow cannot do what was asked, whatever the request: the message says why (a VAE
+    has no exact data -> noise map; a flow exported before Encode existed has no encode model)."""
+
+
 class ResourceExhausted(FlowServeError):
     """The gateway's in-flight budget or a model's queue is full; retry later, after about
     ``retry_after_s`` seconds when that is known."""
@@ -52,22 +57,25 @@ class BackendError(FlowServeError):
 
 
 class Status(enum.Enum):
-    """A transport-neutral status: its name is the gRPC status code's, ``http`` the HTTP one's."""
+    """A transport-neutral status: its name is the gRPC status code's, ``http`` the HTTP one's
+    (the value pairs it with the gRPC code's number, since two statuses share HTTP 400)."""
 
-    INVALID_ARGUMENT = 400
-    NOT_FOUND = 404
-    RESOURCE_EXHAUSTED = 429
-    UNAVAILABLE = 503
-    DEADLINE_EXCEEDED = 504
-    INTERNAL = 500
+    INVALID_ARGUMENT = (400, 3)
+    FAILED_PRECONDITION = (400, 9)
+    NOT_FOUND = (404, 5)
+    RESOURCE_EXHAUSTED = (429, 8)
+    UNAVAILABLE = (503, 14)
+    DEADLINE_EXCEEDED = (504, 4)
+    INTERNAL = (500, 13)
 
     @property
     def http(self) -> int:
-        return self.value
+        return self.value[0]
 
 
 STATUS_OF_ERROR: dict[type[FlowServeError], Status] = {
     InvalidArgument: Status.INVALID_ARGUMENT,
+    FailedPrecondition: Status.FAILED_PRECONDITION,
     ModelNotFound: Status.NOT_FOUND,
     ResourceExhausted: Status.RESOURCE_EXHAUSTED,
     BackendUnavailable: Status.UNAVAILABLE,

@@ -112,6 +112,14 @@ def sample_response(samples: np.ndarray, log_prob: np.ndarray | None, seed: int,
     return Serialized(b"".join(parts), len(samples) if rows is None else rows)
 
 
+def encode_response(z: np.ndarray, log_det: np.ndarray, log_prob: np.ndarray) -> Serialized:
+    """An ``EncodeResponse`` on the wire."""
+    parts = _length_delimited(pb.EncodeResponse, "z", _tensor(z))
+    parts += _length_delimited(pb.EncodeResponse, "log_det", _floats(log_det))
+    parts += _length_delimited(pb.EncodeResponse, "log_prob", _floats(log_prob))
+    return Serialized(b"".join(parts), len(z))
+
+
 def log_likelihood_response(log_prob: np.ndarray, bits_per_dim: np.ndarray | None) -> Serialized:
     """A ``LogLikelihoodResponse`` on the wire."""
     parts = _length_delimited(pb.LogLikelihoodResponse, "log_prob", _floats(log_prob))

@@ -23,6 +23,7 @@ from flowserve.contract.metadata import FlowMetadata, read_all
 from flowserve.contract.spec import (
     DENSITY,
     DIRECTIONS,
+    ENCODE,
     GENERATION,
     QUEUE_SIZE_PARAMETER,
     QUEUE_TIMEOUT_PARAMETER,
@@ -114,7 +115,9 @@ def test_repository_layout_and_metadata(repository):
     assert set(flows) == {SMALL_CHUNKS, LARGE_CHUNKS}
     meta = flows[SMALL_CHUNKS]
     assert meta.family == "realnvp" and meta.event_shape == (2,)
-    assert meta.models == {DENSITY: f"{SMALL_CHUNKS}-density", GENERATION: f"{SMALL_CHUNKS}-generation"}
+    assert meta.models == {DENSITY: f"{SMALL_CHUNKS}-density", GENERATION: f"{SMALL_CHUNKS}-generation",
+                           ENCODE: f"{SMALL_CHUNKS}-encode"}
+    assert {"encode_z", "encode_log_det", "encode_log_prob"} <= set(meta.parity_max_diff)
     assert meta.data["n"] == 1600 and len(meta.data["mean"]) == 2
     assert np.isfinite(meta.metrics["test_log_likelihood"])
     assert meta.exported_at.endswith("+00:00")
@@ -180,7 +183,7 @@ def test_cli_export_writes_gpu_configs_for_the_native_backend(checkpoint, tmp_pa
 def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path, capsys, monkeypatch):
     repo = tmp_path / "repo"
     code = cli.main(["export", str(checkpoint), "--model-repository", str(repo), "--name", "ts",
-                     "--format", "torchscript", "--backend", "pytorch"])
+                     "--format", "torchscript", "--backend", "pytorch", "--no-encode"])
     assert code == 0, capsys.readouterr().err
     config = parse_config_text((repo / "ts-generation" / "config.pbtxt").read_text())
     assert config.backend == "pytorch" and config.default_model_filename == "model.pt"
@@ -196,6 +199,7 @@ def test_cli_export_torchscript_for_tritons_pytorch_backend(checkpoint, tmp_path
     assert x.shape == (3, 2) and log_prob.shape == (3,)
     meta = FlowMetadata.read(repo / "ts.flowserve.json")
     assert meta.format == "torchscript" and meta.backend == "pytorch"
+    assert set(meta.models) == set(DIRECTIONS) and not (repo / "ts-encode").exists()  # --no-encode
     assert max(meta.parity_max_diff.values()) <= 1e-4
 
 

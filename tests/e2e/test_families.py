@@ -7,10 +7,14 @@ PyTorch's on the same inputs and the same base noise.
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -18,15 +22,17 @@ from grpc_health.v1 import health_pb2
 from helpers.flows import set_early_exit
 from helpers.processes import start_serve, stop_serve, wait_for_health
 
-from flowserve.contract.spec import GENERATION
+from flowserve.contract.spec import CONTEXT, GENERATION, triton_model_name
 from flowserve.export.data import load_dataset
 from flowserve.export.exporter.formats import export_onnx, load_exported
+from flowserve.export.exporter.parity import scaled_gap
 from flowserve.export.exporter.pipeline import export_flow
 from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, default_flow_config
 from flowserve.export.training import TrainConfig, load_checkpoint, save_checkpoint, train_flow
 from flowserve.server.client import FlowClient
 from flowserve.server.protocol.proto import flowserve_pb2 as pb
+from flowserve.server.triton.launcher import free_port
 
 
 @dataclass(frozen=True)
@@ -70,20 +76,27 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def zoo_server(tmp_path_factory, zoo):
+def zoo_serve(tmp_path_factory, zoo):
+    """``flowserve serve`` over the zoo: a client of the gateway, and the address of its Triton."""
     repository = tmp_path_factory.mktemp("zoo_repository")
     for name, checkpoint in zoo.items():
         export_flow(checkpoint, repository, name=name, progress=False,
                     serving=ServingConfig(format=ZOO[name].format, max_batch_size=256))
     workdir = tmp_path_factory.mktemp("zoo_triton")
-    process, port, _ = start_serve(repository, workdir)
+    triton_port = free_port()
+    process, port, _ = start_serve(repository, workdir, "--triton-grpc-port", str(triton_port))
     target = f"127.0.0.1:{port}"
     try:
         wait_for_health(target, process, health_pb2.HealthCheckResponse.SERVING)
         with FlowClient(target, timeout=120) as client:
-            yield client
+            yield client, f"127.0.0.1:{triton_port}"
     finally:
         stop_serve(process)
+
+
+@pytest.fixture(scope="module")
+def zoo_server(zoo_serve) -> FlowClient:
+    return zoo_serve[0]
 
 
 def test_list_models_describes_every_family(zoo_server):
@@ -158,3 +171,62 @@ def test_served_maf_samples_are_the_d_step_loops(zoo_server, zoo):
     expected_x, expected_log_prob = d_steps(noise)
     assert np.abs(served.x - expected_x).max() <= 1e-6 * np.abs(expected_x).max()
     np.testing.assert_allclose(served.log_prob, expected_log_prob, rtol=0, atol=1e-6)
+
+
+def generate_on_triton(triton_url: str, name: str, z: np.ndarray, context: np.ndarray | None) -> np.ndarray:
+    """x from the base noise ``z``: the flow's generation model, called on Triton directly (the
+    gateway's Sample draws its own noise)."""
+    import tritonclient.grpc as triton
+
+    inputs = [("z", z)] + ([] if context is None else [(CONTEXT, context)])
+    requests = []
+    for tensor_name, array in inputs:
+        requests.append(triton.InferInput(tensor_name, list(array.shape), "FP32"))
+        requests[-1].set_data_from_numpy(np.ascontiguousarray(array, np.float32))
+    client = triton.InferenceServerClient(triton_url)
+    try:
+        return client.infer(triton_model_name(name, GENERATION), requests).as_numpy("x")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_encode_gives_the_models_own_z_and_generation_maps_it_back_to_x(zoo_serve, zoo, name):
+    """Served z, log|det| and log p equal the model's own in float64 to 1e-4, and the served
+    generation maps z back to x within 1e-4 (relative above 1). The VAE has no data -> noise
+    map: FAILED_PRECONDITION, saying so."""
+    client, triton_url = zoo_serve
+    model, x, context = _heldout(zoo[name])
+    served_context = None if context is None else context.numpy()
+    if ZOO[name].family == "vae":
+        with pytest.raises(grpc.RpcError) as info:
+            client.encode(name, x.numpy(), served_context)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "its log-likelihood is a lower bound (vae): it has no exact data -> noise map" in info.value.details()
+        return
+    encoded = client.encode(name, x.numpy(), served_context)
+    with torch.no_grad():
+        z, log_det, log_prob = copy.deepcopy(model).double().encode(
+            x.double(), None if context is None else context.double())
+    assert encoded.z.shape == (ROWS, model.noise_dim)
+    for got, expected in ((encoded.z, z.flatten(1)), (encoded.log_det, log_det), (encoded.log_prob, log_prob)):
+        assert scaled_gap(got, expected.numpy()) <= 1e-4
+    x_back = generate_on_triton(triton_url, name, encoded.z, served_context)
+    assert scaled_gap(x_back, x.reshape(ROWS, -1).numpy()) <= 1e-4
+
+
+def test_maf_encodes_in_its_fast_direction(zoo_server, zoo):
+    """MAF's x -> z is one pass of its network per layer, z -> x one pass per dimension (D=30,
+    with early exit): served, encode takes less time than Sample for the same rows."""
+    name, rows = "maf-breast-cancer", 256
+    model, _, _ = _heldout(zoo[name])
+    x = zoo_server.sample(name, rows, seed=1).x
+    times = {"encode": [], "sample": []}
+    for _ in range(7):  # interleaved, the median of each
+        for what, call in (("encode", lambda: zoo_server.encode(name, x)),
+                           ("sample", lambda: zoo_server.sample(name, rows, seed=2))):
+            started = time.perf_counter()
+            call()
+            times[what].append(time.perf_counter() - started)
+    encode, sample = (statistics.median(times[what]) for what in ("encode", "sample"))
+    assert encode < sample, times

@@ -36,7 +36,8 @@ def test_the_gpu_check_prepares_serves_checks_and_reports_on_the_cpu(tmp_path):
     assert phases["triton"]["failed_models"] == {}  # the GPU variants were left out
     gaps = phases["correctness"]["gaps"]
     assert sorted(gaps) == sorted(f"{flow}-{variant}-{direction}@{rows}" for flow in ("maf", "rnvp")
-                                  for variant in ("onnx-cpu", "ts-cpu") for direction in ("density", "generation")
+                                  for variant in ("onnx-cpu", "ts-cpu") for direction in ("density", "generation",
+                                                                                           "encode")
                                   for rows in (1, 64, 100, 4096))
     assert max(gaps.values()) <= 1e-4
     rates = phases["gateway"]["rows_per_s"]

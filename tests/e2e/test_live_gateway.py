@@ -73,14 +73,14 @@ def gpus_through_nvml() -> int | None:
         pynvml.nvmlShutdown()
 
 
-def test_list_models_describes_both_flows(live_server):
+def test_list_models_describes_both_flows_and_their_directions(live_server):
     with FlowClient(live_server.target) as client:
         models = {m.name: m for m in client.list_models()}
     assert set(models) == {SMALL_CHUNKS, LARGE_CHUNKS}
     info = models[SMALL_CHUNKS]
     assert info.family == "realnvp"
     assert list(info.event_shape) == [2]
-    assert list(info.directions) == [pb.DIRECTION_DENSITY, pb.DIRECTION_GENERATION]
+    assert list(info.directions) == [pb.DIRECTION_DENSITY, pb.DIRECTION_GENERATION, pb.DIRECTION_ENCODE]
     assert list(info.versions) == ["1"] and info.ready
     assert info.metadata["dataset"] == "moons"
     assert math.isfinite(float(info.metadata["metrics.test_log_likelihood"]))
@@ -350,7 +350,7 @@ def test_health_and_reflection(live_server):
     assert "flowserve.v1.FlowService" in services and "grpc.health.v1.Health" in services
 
 
-def test_cli_sample_and_score(live_server, tmp_path, trained_flow):
+def test_cli_sample_score_and_encode(live_server, tmp_path, trained_flow):
     def flowserve(command: str, *args: str) -> subprocess.CompletedProcess:
         """``flowserve COMMAND --target <live gateway> ARGS`` in a process of its own."""
         return subprocess.run([sys.executable, "-m", "flowserve.cli", command, "--target", live_server.target, *args],
@@ -378,6 +378,17 @@ def test_cli_sample_and_score(live_server, tmp_path, trained_flow):
 
     out = flowserve("score", "--model", "nope", str(samples_path))
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+
+    encoded_path = tmp_path / "encoded.npz"
+    out = flowserve("encode", "--model", SMALL_CHUNKS, str(samples_path), "-o", str(encoded_path))
+    assert out.returncode == 0, out.stderr
+    assert "encoded 300 rows with moons-small-chunks: z [300, 2]" in out.stdout
+    encoded = np.load(encoded_path)
+    with torch.no_grad():
+        z, log_det, log_prob = trained_flow.encode(torch.from_numpy(samples))
+    np.testing.assert_allclose(encoded["z"], z.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(encoded["log_det"], log_det.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(encoded["log_prob"], np.load(scores_path), rtol=0, atol=1e-5)
 
 
 def test_gateway_without_triton_reports_unavailable(repository, tmp_path):

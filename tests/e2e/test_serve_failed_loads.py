@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.flows import LARGE_CHUNKS, SMALL_CHUNKS
 from helpers.processes import processes_mentioning, start_serve, stop_serve, wait_for_health
 
-from flowserve.contract.spec import DIRECTIONS, triton_model_name
+from flowserve.contract.spec import ALL_DIRECTIONS, triton_model_name
 from flowserve.server.protocol.names import flow_health_service
 
 
@@ -48,11 +48,11 @@ def test_serve_names_the_model_that_failed_to_load_and_serves_the_others(reposit
 def test_serve_exits_nonzero_with_every_reason_when_no_model_loads(repository, tmp_path):
     private_repo = tmp_path / "repo"
     shutil.copytree(repository, private_repo)
-    broken = [corrupt(private_repo, flow, d) for flow in (SMALL_CHUNKS, LARGE_CHUNKS) for d in DIRECTIONS]
+    broken = [corrupt(private_repo, flow, d) for flow in (SMALL_CHUNKS, LARGE_CHUNKS) for d in ALL_DIRECTIONS]
     process, _, _ = start_serve(private_repo, tmp_path / "work")
     assert process.wait(120) == 1
     log = (tmp_path / "work" / "serve.log").read_text()
-    assert "flowserve serve: error: Triton loaded none of the 4 model(s)" in log
+    assert "flowserve serve: error: Triton loaded none of the 6 model(s)" in log
     for model in broken:
         assert f"  {model}: " in log
     assert processes_mentioning(str(private_repo)) == []

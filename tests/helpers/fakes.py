@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from flowserve.contract.metadata import FlowMetadata
-from flowserve.contract.spec import CONTEXT, DENSITY, DIRECTIONS, DirectionSpec, direction_spec, triton_model_name
+from flowserve.contract.spec import (
+    CONTEXT,
+    DENSITY,
+    DIRECTIONS,
+    ENCODE,
+    DirectionSpec,
+    direction_spec,
+    triton_model_name,
+)
 from flowserve.server.gateway.app import Gateway, GatewayConfig
 from flowserve.server.gateway.backend import QueuePolicy
 from flowserve.server.gateway.batching import BatchingBackend
@@ -57,12 +65,23 @@ def fake_generation(z: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.
     return z[:, :EVENT_DIM] + context.sum(axis=1, keepdims=True), z.sum(axis=1) + 100 * context.sum(axis=1)
 
 
+def fake_encode(x: np.ndarray, context: np.ndarray, noise_dim: int) -> dict[str, np.ndarray]:
+    """What the stand-in's encode model answers: z (x shifted by the context, cut or padded with
+    zeros to ``noise_dim``), log|det| and log_prob from each row."""
+    z = np.zeros((len(x), noise_dim), np.float32)
+    width = min(noise_dim, x.shape[1])
+    z[:, :width] = x[:, :width] + context.sum(axis=1, keepdims=True)
+    return {"z": z, "log_det": x.sum(axis=1), "log_prob": fake_density(x, context)}
+
+
 def fake_answer(spec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The stand-in Triton's answer: from each row's inputs, so a context row that travels
     with the wrong x or z row changes the result."""
     context = inputs.get(CONTEXT, np.zeros((next(iter(inputs.values())).shape[0], 0), np.float32))
     if spec.direction == DENSITY:
         return {"log_prob": fake_density(inputs["x"], context)}
+    if spec.direction == ENCODE:
+        return fake_encode(inputs["x"], context, spec.outputs[0].dims[0])
     x, log_prob = fake_generation(inputs["z"], context)
     return {"x": x, "log_prob": log_prob}
 

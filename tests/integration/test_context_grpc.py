@@ -15,6 +15,7 @@ from helpers import fakes
 from helpers.fakes import InMemoryBackend, fake_answer, serve_and_call
 
 from flowserve import cli
+from flowserve.contract.spec import ALL_DIRECTIONS, triton_model_name
 from flowserve.server.client import FlowClient
 from flowserve.server.gateway.app import Gateway, GatewayConfig
 from flowserve.server.protocol.proto import flowserve_pb2 as pb
@@ -158,3 +159,35 @@ def test_samples_per_context_through_grpc_the_client_and_the_cli(conditional_rep
     assert "12 samples (3 contexts x 4)" in capsys.readouterr().out
     for name in ("grouped.npy", "streamed.npy"):
         np.testing.assert_array_equal(np.load(tmp_path / name), grouped.x)
+
+
+def test_encode_travels_through_grpc_and_a_flow_that_cannot_encode_gets_failed_precondition(tmp_path):
+    fakes.write_metadata(tmp_path, fakes.UNCONDITIONAL, family="realnvp", noise_dim=fakes.EVENT_DIM,
+                         models={d: triton_model_name(fakes.UNCONDITIONAL, d) for d in ALL_DIRECTIONS})
+    fakes.write_metadata(tmp_path, fakes.CONDITIONAL, context_shape=[3], noise_dim=fakes.NOISE_DIM,
+                         log_likelihood="lower_bound")
+    x = np.random.default_rng(3).normal(size=(6, *fakes.EVENT_SHAPE)).astype(np.float32)
+
+    def calls(target: str):
+        with FlowClient(target, timeout=30) as client:
+            directions = {m.name: list(m.directions) for m in client.list_models()}
+            encoded = client.encode(fakes.UNCONDITIONAL, x)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.encode(fakes.CONDITIONAL, x, context=np.zeros(3, np.float32))
+        return directions, encoded, refused.value
+
+    config = GatewayConfig(tmp_path, triton_url="in-memory", host="127.0.0.1", port=0, metrics_port=free_port())
+    (directions, encoded, refused), registry = serve_and_call(config, calls)
+    assert directions == {fakes.UNCONDITIONAL: [pb.DIRECTION_DENSITY, pb.DIRECTION_GENERATION, pb.DIRECTION_ENCODE],
+                          fakes.CONDITIONAL: [pb.DIRECTION_DENSITY, pb.DIRECTION_GENERATION]}
+    expected = fakes.fake_encode(x.reshape(6, -1), np.zeros((6, 0), np.float32), fakes.EVENT_DIM)
+    for name in ("z", "log_det", "log_prob"):
+        np.testing.assert_array_equal(getattr(encoded, name), expected[name])
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.details() == (f"model {fakes.CONDITIONAL!r} cannot encode: its log-likelihood is a lower bound "
+                                 "(vae): it has no exact data -> noise map")
+    count = registry.get_sample_value
+    assert count("flowserve_requests_total", {"method": "Encode", "model": fakes.UNCONDITIONAL, "code": "OK"}) == 1
+    assert count("flowserve_requests_total", {"method": "Encode", "model": fakes.CONDITIONAL,
+                                              "code": "FAILED_PRECONDITION"}) == 1
+    assert count("flowserve_request_rows_sum", {"method": "Encode", "model": fakes.UNCONDITIONAL}) == 6

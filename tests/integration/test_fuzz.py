@@ -19,6 +19,7 @@ from helpers.fakes import CONDITIONAL, UNCONDITIONAL, InMemoryBackend, fake_answ
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flowserve.contract.spec import ALL_DIRECTIONS, triton_model_name
 from flowserve.server.client import FlowClient, sample_request
 from flowserve.server.gateway.app import Gateway, GatewayConfig
 from flowserve.server.gateway.service import GatewayLimits
@@ -27,9 +28,10 @@ from flowserve.server.triton.launcher import free_port
 
 EXAMPLES = int(os.environ.get("FLOWSERVE_FUZZ_EXAMPLES", "2000"))
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-           grpc.StatusCode.RESOURCE_EXHAUSTED}
+           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
 REQUEST_TYPES = {"Sample": pb.SampleRequest, "SampleStream": pb.SampleRequest,
-                 "LogLikelihood": pb.LogLikelihoodRequest, "ListModels": pb.ListModelsRequest}
+                 "LogLikelihood": pb.LogLikelihoodRequest, "Encode": pb.EncodeRequest,
+                 "ListModels": pb.ListModelsRequest}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def gateway_target(tmp_path_factory):
     """A gateway on an in-memory backend, on its own event loop in a thread, for the module."""
     repository = tmp_path_factory.mktemp("fuzz-repo")
     write_metadata(repository, CONDITIONAL, context_shape=[3], noise_dim=6)
-    write_metadata(repository, UNCONDITIONAL)
+    # The unconditional flow can encode; the conditional one (a VAE here) cannot.
+    write_metadata(repository, UNCONDITIONAL, models={d: triton_model_name(UNCONDITIONAL, d) for d in ALL_DIRECTIONS})
     config = GatewayConfig(repository, triton_url="in-memory", host="127.0.0.1", port=0, metrics_port=free_port(),
                            limits=GatewayLimits(1_000, 10_000, max_rows_per_stream=1_000))
     started, stop = threading.Event(), None
@@ -92,14 +95,23 @@ def _score(model, x, context, bits) -> pb.LogLikelihoodRequest:
     return request
 
 
+def _encode(model, x, context) -> pb.EncodeRequest:
+    request = pb.EncodeRequest(model=model, x=x)
+    if context is not None:
+        request.context.CopyFrom(context)
+    return request
+
+
 SAMPLES_PER_CONTEXT = st.none() | st.integers(-3, 8) | st.sampled_from([10**6, 2**62])
 samples = st.builds(sample_request, MODELS, NUM_SAMPLES, st.none() | st.integers(0, 2**64 - 1),
                     st.none() | st.floats(0.25, 2, width=32) | st.floats(width=32), st.booleans(), CONTEXTS,
                     SAMPLES_PER_CONTEXT)
 scores = st.builds(_score, MODELS, tensors([-1, 1, 2, 2]), CONTEXTS, st.booleans())
+encodes = st.builds(_encode, MODELS, tensors([-1, 1, 2, 2]), CONTEXTS)
 calls = st.one_of(
     st.tuples(st.sampled_from(["Sample", "SampleStream"]), samples.map(pb.SampleRequest.SerializeToString)),
     st.tuples(st.just("LogLikelihood"), scores.map(pb.LogLikelihoodRequest.SerializeToString)),
+    st.tuples(st.just("Encode"), encodes.map(pb.EncodeRequest.SerializeToString)),
     st.tuples(st.sampled_from(sorted(REQUEST_TYPES)), st.binary(max_size=64)),  # bytes that may not parse
 )
 
@@ -107,7 +119,8 @@ calls = st.one_of(
 def test_generated_requests_get_specific_statuses_and_leave_good_ones_exact(gateway_target):
     target, thread = gateway_target
     channel = grpc.insecure_channel(target)
-    unary = {m: channel.unary_unary(f"/flowserve.v1.FlowService/{m}") for m in ("Sample", "LogLikelihood", "ListModels")}
+    unary = {m: channel.unary_unary(f"/flowserve.v1.FlowService/{m}")
+             for m in ("Sample", "LogLikelihood", "Encode", "ListModels")}
     stream = channel.unary_stream("/flowserve.v1.FlowService/SampleStream")
     client = FlowClient(target, timeout=30)
     expected = fake_generation(np.random.Generator(np.random.PCG64(7)).standard_normal((3, 4), dtype=np.float32),
@@ -142,3 +155,4 @@ def test_generated_requests_get_specific_statuses_and_leave_good_ones_exact(gate
     assert thread.is_alive()
     assert sum(seen.values()) >= EXAMPLES and seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0
     assert seen.get(grpc.StatusCode.OK, 0) > 0 and seen.get(grpc.StatusCode.NOT_FOUND, 0) > 0
+    assert seen.get(grpc.StatusCode.FAILED_PRECONDITION, 0) > 0

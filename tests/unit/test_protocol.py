@@ -12,6 +12,7 @@ from flowserve.server.protocol.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    FailedPrecondition,
     FlowServeError,
     InvalidArgument,
     ModelNotFound,
@@ -23,15 +24,17 @@ from flowserve.server.protocol.errors import (
 
 @pytest.mark.parametrize(("error", "code", "http"), [
     (InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION, 400),
     (ModelNotFound("x"), grpc.StatusCode.NOT_FOUND, 404),
     (ResourceExhausted("x", retry_after_s=0.1), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (BackendUnavailable("x"), grpc.StatusCode.UNAVAILABLE, 503),
     (DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     (BackendError("x"), grpc.StatusCode.INTERNAL, 500),
-], ids=["invalid-argument", "not-found", "resource-exhausted", "unavailable", "deadline-exceeded", "internal"])
+], ids=["invalid-argument", "failed-precondition", "not-found", "resource-exhausted", "unavailable", "deadline-exceeded", "internal"])
 def test_each_error_has_one_status_for_grpc_and_for_http(error, code, http):
     assert grpc.StatusCode[status_of(error).name] == code
     assert status_of(error).http == http
+    assert status_of(error).value[1] == code.value[0]
 
 
 def test_every_error_kind_is_in_the_table_and_a_new_one_gets_its_parents_status():

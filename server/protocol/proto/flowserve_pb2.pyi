@@ -12,6 +12,7 @@ class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIRECTION_UNSPECIFIED: _ClassVar[Direction]
     DIRECTION_DENSITY: _ClassVar[Direction]
     DIRECTION_GENERATION: _ClassVar[Direction]
+    DIRECTION_ENCODE: _ClassVar[Direction]
 
 class LogLikelihoodKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -21,6 +22,7 @@ class LogLikelihoodKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_DENSITY: Direction
 DIRECTION_GENERATION: Direction
+DIRECTION_ENCODE: Direction
 LOG_LIKELIHOOD_KIND_UNSPECIFIED: LogLikelihoodKind
 LOG_LIKELIHOOD_KIND_EXACT: LogLikelihoodKind
 LOG_LIKELIHOOD_KIND_LOWER_BOUND: LogLikelihoodKind
@@ -121,3 +123,23 @@ class LogLikelihoodResponse(_message.Message):
     log_prob: _containers.RepeatedScalarFieldContainer[float]
     bits_per_dim: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, log_prob: _Optional[_Iterable[float]] = ..., bits_per_dim: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("model", "x", "context")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    x: Tensor
+    context: Tensor
+    def __init__(self, model: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("z", "log_det", "log_prob")
+    Z_FIELD_NUMBER: _ClassVar[int]
+    LOG_DET_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    z: Tensor
+    log_det: _containers.RepeatedScalarFieldContainer[float]
+    log_prob: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ..., log_det: _Optional[_Iterable[float]] = ..., log_prob: _Optional[_Iterable[float]] = ...) -> None: ...

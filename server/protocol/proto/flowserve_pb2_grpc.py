@@ -55,6 +55,11 @@ class FlowServiceStub:
                 request_serializer=flowserve__pb2.LogLikelihoodRequest.SerializeToString,
                 response_deserializer=flowserve__pb2.LogLikelihoodResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/flowserve.v1.FlowService/Encode',
+                request_serializer=flowserve__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=flowserve__pb2.EncodeResponse.FromString,
+                _registered_method=True)
 
 
 class FlowServiceServicer:
@@ -92,6 +97,16 @@ class FlowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """The base noise z = f(x | context) of each row, with log|det dz/dx| and log p(x | context):
+        the data -> noise map of a normalizing flow. FAILED_PRECONDITION for a flow without one
+        (a VAE, or a flow exported before Encode existed); ListModels lists DIRECTION_ENCODE for
+        the flows that have it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +129,11 @@ def add_FlowServiceServicer_to_server(servicer, server):
                     servicer.LogLikelihood,
                     request_deserializer=flowserve__pb2.LogLikelihoodRequest.FromString,
                     response_serializer=flowserve__pb2.LogLikelihoodResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=flowserve__pb2.EncodeRequest.FromString,
+                    response_serializer=flowserve__pb2.EncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +245,33 @@ class FlowService:
             '/flowserve.v1.FlowService/LogLikelihood',
             flowserve__pb2.LogLikelihoodRequest.SerializeToString,
             flowserve__pb2.LogLikelihoodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowserve.v1.FlowService/Encode',
+            flowserve__pb2.EncodeRequest.SerializeToString,
+            flowserve__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
