@@ -143,7 +143,8 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
             for name, (_, context) in models.items():
                 one_side = None if context is None else np.ones(1, np.float32)
                 served[name] = (client.log_likelihood(name, rows[:300], None if context is None else context[:300]),
-                                client.sample(name, 300, seed=5, context=one_side))
+                                client.sample(name, 300, seed=5, context=one_side),
+                                client.encode(name, rows[:300], None if context is None else context[:300]))
             both_sides = np.array([[0.0], [1.0]], np.float32)  # 150 samples of each moon in one call
             grouped = client.sample("zuko-nsf-conditional", seed=6, context=both_sides, samples_per_context=150)
             repeated = client.sample("zuko-nsf-conditional", 300, seed=6, context=np.repeat(both_sides, 150, axis=0))
@@ -159,10 +160,14 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
     assert np.concatenate([chunk.context_index for chunk in streamed]).tolist() == [0] * 150 + [1] * 150
     with torch.no_grad():
         for name, (model, context) in models.items():
-            log_prob, samples = served[name]
-            expected = library_adapters.library_log_prob(model, torch.from_numpy(rows[:300]),
-                                                         None if context is None else torch.from_numpy(context[:300]))
+            log_prob, samples, encoded = served[name]
+            x_context = None if context is None else torch.from_numpy(context[:300])
+            expected = library_adapters.library_log_prob(model, torch.from_numpy(rows[:300]), x_context)
             np.testing.assert_allclose(log_prob, expected.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+            z, log_det = library_adapters.library_encode(model, torch.from_numpy(rows[:300]), x_context)
+            np.testing.assert_allclose(encoded.z, z.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(encoded.log_det, log_det.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(encoded.log_prob, log_prob, rtol=0, atol=1e-5, err_msg=name)
             x, expected_log_prob = library_adapters.library_generation(model, torch.from_numpy(noise),
                                                                        None if context is None else torch.ones(300, 1))
             np.testing.assert_allclose(samples.x, x.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)

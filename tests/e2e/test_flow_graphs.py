@@ -77,7 +77,7 @@ def test_exported_cached_inverse_gives_the_d_step_result(tmp_path):
     model = perturbed_model(AUTOREGRESSIVE["iaf-4d-context"])
     points, context = data_points(model, 300, seed=3), contexts(model, 300, seed=8)
     export_model(model, tmp_path, name="flow", example_data=points[:64].numpy(), example_context=context[:64].numpy(),
-                 serving=ServingConfig(cached_inverse_min_batch=100))
+                 serving=ServingConfig(cached_inverse_min_batch=100, encode=False))
     graph = (tmp_path / triton_model_name("flow", DENSITY) / "1" / "model.onnx").read_bytes()
     layers = len(fixed_point_inverses(model))
     stats = graph_stats("onnx", graph)

@@ -627,7 +627,8 @@ def test_a_burst_of_five_times_the_capacity_gets_its_excess_refused_at_once(chec
     offered for 1.5 s. (At 4096 rows the burst is about 600 calls/s here, docs/performance.md,
     and the benchmark's own client then takes the CPU that the gateway needs to refuse calls
     at once.)"""
-    export_flow(checkpoint, tmp_path / "repo", name="burst", progress=False, serving=ServingConfig(max_batch_size=16384))
+    export_flow(checkpoint, tmp_path / "repo", name="burst", progress=False,
+                serving=ServingConfig(max_batch_size=16384, encode=False))
     burst = Path(__file__).resolve().parents[2] / "benchmarks" / "burst.py"
     out = subprocess.run([sys.executable, str(burst), "--repository", str(tmp_path / "repo"), "--model", "burst",
                           "--rows", "16384", "--seconds", "1.5", "--workdir", str(tmp_path), "--json"],

@@ -53,6 +53,13 @@ def library_generation(model, z: torch.Tensor, context: torch.Tensor | None) -> 
     return x, model.flow._distribution.log_prob(z, embedded) - logabsdet
 
 
+def library_encode(model, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base noise z of x, and log|det dz/dx|, as the model's own library computes them."""
+    if isinstance(model, ZukoFlow):
+        return model.flow(context).transform.call_and_ladj(x)
+    return model.flow._transform(x, context=model.flow._embedding_net(context))
+
+
 NFLOWS_FLOWS = {
     "maf": (lambda: nflows_maf(4), 0, 3),
     "maf-conditional": (lambda: nflows_maf(4, context=2), 2, 3),
