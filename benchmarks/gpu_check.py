@@ -24,8 +24,9 @@ Phases of ``run``:
 * doctor: ``flowserve doctor --json`` over the repository;
 * triton: which models loaded; the ONNX models on GPU instances must be refused (the box's
   ONNX Runtime has no CUDA provider), every other model must load;
-* correctness: every loaded model, called on Triton at 1, 64, 100 (padded to a CUDA-graph
-  bucket) and 4096 rows, against the float64 references: scaled gap at most 1e-4;
+* correctness: every loaded model (density, generation, encode), called on Triton at 1, 64,
+  100 (padded to a CUDA-graph bucket) and 4096 rows, against the float64 references: scaled
+  gap at most 1e-4;
 * cuda_graphs: rows/s of each TorchScript direction on the GPU at 4096 and 65536 rows, the
   runner's session with and without CUDA graphs, interleaved call by call;
 * gateway: LogLikelihood of 64 rows with 16 calls in flight (from 4 client processes):
