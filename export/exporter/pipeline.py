@@ -52,9 +52,10 @@ def export_model(
     ``example_data`` (rows ``[N, *event_shape]``, e.g. held out from training) and, for a
     model with a context, ``example_context`` ``[N, context_dim]``: the parity check runs
     on the first 512 rows and on the model's own samples; the metadata's data summary is
-    theirs unless ``data_summary`` is given. Writes ``<name>-density``,
-    ``<name>-generation`` and, for a model with ``encode``, ``<name>-encode`` (config.pbtxt and the version's model file in ``serving.format``)
-    and ``<name>.flowserve.json``. Nothing is written if a check fails.
+    theirs unless ``data_summary`` is given. Writes ``<name>-density``, ``<name>-generation``
+    and, for a model with ``encode`` (unless ``serving.encode`` is off), ``<name>-encode``
+    (config.pbtxt and the version's model file in ``serving.format``), and
+    ``<name>.flowserve.json``. Nothing is written if a check fails.
     """
     problem = servable_problem(model)
     if problem:

@@ -176,6 +176,7 @@ class Gateway:
 
 
 def print_ready(gateway: "Gateway") -> None:
+    """The line a single gateway prints once it serves (what scripts wait for)."""
     config = gateway.config
     print(f"gateway ready: gRPC {config.host}:{gateway.port}, "
           f"metrics http://{config.host}:{config.metrics_port}/metrics", flush=True)

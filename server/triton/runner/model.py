@@ -229,9 +229,10 @@ class TorchScriptSession:
         limit = int(model_config.get("max_batch_size", 0)) or max(buckets)
         buckets = sorted(b for b in buckets if 0 < b <= limit)
         templates = [(_torch_dtype(torch, t["data_type"]), _row_shape(t)) for t in model_config["input"]]
-        pool = []  # the graphs' shared memory pool, made with the first capture
+        pool = None  # the graphs' shared memory pool, made with the first capture
 
         def capture(run, statics):
+            nonlocal pool
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -239,8 +240,8 @@ class TorchScriptSession:
                     run(*statics)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            pool[:] = pool or [torch.cuda.graph_pool_handle()]
-            with torch.cuda.graph(graph, pool=pool[0]):
+            pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=pool):
                 outputs = run(*statics)
             return graph.replay, outputs
 
@@ -259,7 +260,7 @@ class TorchScriptSession:
             pb_utils.Logger.log_warn(f"flowserve_runner: no CUDA graphs for buckets {buckets}, running each batch "
                                      f"as it comes: {type(exc).__name__}: {exc}")
             return None
-        pb_utils.Logger.log_info(f"flowserve_runner: CUDA graphs captured for batches of up to {buckets} rows")
+        pb_utils.Logger.log_info(f"flowserve_runner: CUDA graphs captured for batches of {buckets} rows")
         return graphs
 
     def batch(self, tensors):
