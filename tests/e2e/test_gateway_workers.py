@@ -59,7 +59,8 @@ def test_workers_share_the_port_the_metrics_port_sums_them_and_a_killed_worker_c
         workers = worker_processes(process.pid)
         assert len(workers) == 2
         samples, connections = sample_on_channels(target, 3, workers, port)
-        assert sum(connections.values()) == CHANNELS and all(connections.values()), connections  # both serve
+        # Our 16 connections (and perhaps the health check's, while it closes): both workers serve.
+        assert sum(connections.values()) >= CHANNELS and all(connections.values()), connections
         assert all(np.array_equal(s, samples[0]) for s in samples)  # and give the same numbers
         text = live_server.scrape(metrics_url)
         assert metric_value(text, "flowserve_requests_total", method="Sample", code="OK") == 3 * CHANNELS
@@ -71,7 +72,7 @@ def test_workers_share_the_port_the_metrics_port_sums_them_and_a_killed_worker_c
         wait_for_health(target, process, SERVING, timeout=60)
         workers = worker_processes(process.pid)
         _, connections = sample_on_channels(target, 1, workers, port)
-        assert sum(connections.values()) == CHANNELS, connections
+        assert sum(connections.values()) >= CHANNELS, connections  # every new connection reached a live worker
         text = live_server.scrape(metrics_url)
         assert metric_value(text, "flowserve_gateway_worker_restarts_total") == 1
         # The killed worker's count stays in the sum; its gauges went with it.
