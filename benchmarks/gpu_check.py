@@ -77,14 +77,6 @@ WHEELS = ("nvidia-pytriton==0.7.0", "tritonclient==2.73.0", "python-rapidjson==1
 BOX_PYTHON = "3.12"
 
 
-def scaled_gap(got: np.ndarray, expected: np.ndarray) -> float:
-    """max |got - expected| / max(1, |expected|): absolute below one, relative above."""
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    if got.shape != expected.shape:
-        return float("inf")
-    return float(np.max(np.abs(got - expected) / np.maximum(1.0, np.abs(expected)), initial=0.0))
-
-
 # ---------------------------------------------------------------- prepare (the development machine)
 
 def prepare(directory: Path, steps: int, wheels: bool = True) -> None:
@@ -287,6 +279,7 @@ def correctness(triton_url: str, references: dict, loaded: list[str], report: Re
     import tritonclient.grpc as triton_client
 
     from flowserve.contract.spec import direction_spec
+    from flowserve.export.exporter.parity import scaled_gap
 
     client = triton_client.InferenceServerClient(triton_url)
     gaps = {}
@@ -378,12 +371,10 @@ def _drive(job) -> int:
 
     points = np.load(points_path)[:GATEWAY_ROWS]
     if kind == "triton":
-        from tritonclient.grpc import service_pb2, service_pb2_grpc
+        from gateway import triton_request  # benchmarks/gateway.py, beside this file
+        from tritonclient.grpc import service_pb2_grpc
 
-        request = service_pb2.ModelInferRequest(model_name=f"{model}-density")
-        request.inputs.add(name="x", datatype="FP32", shape=list(points.shape))
-        request.outputs.add(name="log_prob")
-        request.raw_input_contents.append(points.tobytes())
+        request = triton_request(f"{model}-density", points)
         stub_type, method = service_pb2_grpc.GRPCInferenceServiceStub, "ModelInfer"
     else:
         from flowserve.server.protocol.proto import flowserve_pb2, flowserve_pb2_grpc
