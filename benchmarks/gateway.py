@@ -88,15 +88,19 @@ def flat_digits(folder: Path) -> Path:
 
 
 class Served:
-    """``flowserve serve`` in a child process, as a user starts it (with ``options``)."""
+    """``flowserve serve`` in a child process, as a user starts it (with ``options``).
+
+    It runs in the log's folder: ``python -m`` puts the working directory first on sys.path,
+    and a checkout's flowserve/ folder must not shadow the installed package."""
 
     def __init__(self, repository: Path, log: Path, *options: str):
         self.port, metrics_port = free_port(), free_port()
         started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
+            [sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(Path(repository).resolve()),
              "--port", str(self.port), "--metrics-port", str(metrics_port), *options],
-            stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)
+            stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True, cwd=Path(log).resolve().parent)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.triton_url = None
         for line in self.process.stdout:
             if match := re.match(r"Triton ready: gRPC (\S+),", line):

@@ -199,7 +199,7 @@ class Report:
         print(f"== {name}", flush=True)
         try:
             result = function(*args)
-        except Exception as exc:  # noqa: BLE001 - a phase that breaks must not lose the others
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a phase that breaks must not lose the others
             result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
             self.data["failures"].append(f"{name}: {result['error']}")
         result = result if isinstance(result, dict) else {"result": result}
@@ -404,31 +404,20 @@ def _drive(job) -> int:
     return asyncio.run(run())
 
 
-def start_gateway(triton_url: str, repository: Path, workers: int, log: Path):
-    from flowserve.server.triton.launcher import free_port
-
-    port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen([sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
-                                "--triton-url", triton_url, "--port", str(port), "--metrics-port", str(metrics_port),
-                                "--workers", str(workers)], stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True,
-                               cwd=log.parent)
-    for line in process.stdout:
-        if line.startswith("gateway ready"):
-            return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-    raise RuntimeError(f"flowserve serve --workers {workers} exited with {process.wait()}; see {log}")
-
-
 def gateway(triton_url: str, repository: Path, flow: str, points: Path, workdir: Path, seconds: float,
             rounds: int, workers: int, state: dict) -> dict:
     """Rows/s of 64-row LogLikelihood, 16 in flight: Triton-direct and the gateway with 1 and
     ``workers`` workers, in interleaved rounds (the best round of each is kept)."""
+    from gateway import Served  # benchmarks/gateway.py, beside this file
+
     served = {}
     for count in sorted({1, workers}):
-        served[count] = start_gateway(triton_url, repository, count, workdir / f"gateway-{count}.log")
-        state.setdefault("gateways", []).append(served[count][0])
-    state["metrics_url"] = served[max(served)][2]
-    targets = {"triton-direct": ("triton", triton_url), **{f"gateway, {n} worker(s)": ("gateway", target)
-                                                          for n, (_, target, _) in served.items()}}
+        served[count] = Served(repository, workdir / f"gateway-{count}.log", "--triton-url", triton_url,
+                               "--workers", str(count))
+        state.setdefault("gateways", []).append(served[count])
+    state["metrics_url"] = served[max(served)].metrics_url
+    targets = {"triton-direct": ("triton", triton_url), **{f"gateway, {n} worker(s)": ("gateway", server.target)
+                                                          for n, server in served.items()}}
     rates = dict.fromkeys(targets, 0.0)
     per_process = IN_FLIGHT // CLIENT_PROCESSES
     with multiprocessing.get_context("spawn").Pool(CLIENT_PROCESSES) as pool:
@@ -490,9 +479,8 @@ def run(args) -> int:
             if not args.cpu_only and "metrics_url" in state:
                 report.phase("nvml", nvml, state["metrics_url"])
     finally:
-        for process in state.get("gateways", []):
-            process.terminate()
-            process.wait(60)
+        for gateway_process in state.get("gateways", []):
+            gateway_process.stop()
         triton.stop()
     report.data["passed"] = not report.data["failures"]
     report.write()

@@ -181,8 +181,8 @@ class CapturedBatches:
         return tuple(output[:rows].clone() for output in outputs)
 
 
-def _torch_dtype(torch, config_dtype):
-    return torch.from_numpy(np.empty(0, pb_utils.triton_string_to_numpy(config_dtype))).dtype
+def _torch_dtype(torch, numpy_dtype):
+    return torch.from_numpy(np.empty(0, numpy_dtype)).dtype
 
 
 def _row_shape(tensor_config):
@@ -228,7 +228,8 @@ class TorchScriptSession:
         torch = self.torch
         limit = int(model_config.get("max_batch_size", 0)) or max(buckets)
         buckets = sorted(b for b in buckets if 0 < b <= limit)
-        templates = [(_torch_dtype(torch, t["data_type"]), _row_shape(t)) for t in model_config["input"]]
+        templates = [(_torch_dtype(torch, pb_utils.triton_string_to_numpy(t["data_type"])), _row_shape(t))
+                     for t in model_config["input"]]
         pool = None  # the graphs' shared memory pool, made with the first capture
 
         def capture(run, statics):
@@ -275,7 +276,7 @@ class TorchScriptSession:
         return self.torch.split(output, row_counts)
 
     def tensor(self, name, part, dtype):
-        part = part.to(self.torch.from_numpy(np.empty(0, dtype)).dtype).contiguous()
+        part = part.to(_torch_dtype(self.torch, dtype)).contiguous()
         return pb_utils.Tensor.from_dlpack(name, part)
 
 
