@@ -261,7 +261,7 @@ def serving_repository(prepared: Path, target: Path, cpu_only: bool) -> Path:
     return target
 
 
-def triton_phase(triton, report: Report, cpu_only: bool) -> dict:
+def triton_phase(triton, report: Report) -> dict:
     triton.start(ready_timeout=240)
     failed = dict(triton.failed_models)
     for model in sorted(p.parent.name for p in Path(triton.model_repository).glob("*/config.pbtxt")):
@@ -463,7 +463,7 @@ def run(args) -> int:
     triton = TritonServer(repository, workdir / "triton")
     state = {}
     try:
-        result = report.phase("triton", triton_phase, triton, report, args.cpu_only)
+        result = report.phase("triton", triton_phase, triton, report)
         if "error" not in result:
             loaded = sorted(p.parent.name for p in repository.glob("*/config.pbtxt")
                             if p.parent.name not in triton.failed_models)
