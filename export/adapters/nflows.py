@@ -76,6 +76,13 @@ class NflowsFlow(nn.Module):
         self.noise_dim = int(features)
         self.context_dim = int(context)
 
+    @property
+    def context_embedding(self) -> nn.Module | None:
+        """The flow's embedding net, which flowserve exports apart; None for nflows' default
+        (the identity)."""
+        net = self.flow._embedding_net
+        return None if isinstance(net, nn.Identity) else net
+
     def encode(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(z, log|det dz/dx|, log p(x))`` through the flow's layers."""
         context = self.flow._embedding_net(context)
@@ -99,7 +106,9 @@ class NflowsFlow(nn.Module):
     def config(self) -> dict[str, Any]:
         """The library and the flow's layers, for the metadata."""
         return {"library": f"nflows {metadata.version('nflows')}", "class": type(self.flow).__name__,
-                "transforms": [type(layer).__name__ for layer in self.layers]}
+                "transforms": [type(layer).__name__ for layer in self.layers],
+                **({} if self.context_embedding is None else
+                   {"context_embedding": type(self.context_embedding).__name__})}
 
 
 def _forward(layer: nn.Module, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -31,13 +31,15 @@ class LoopedAutoregressiveTransform(AutoregressiveTransform):
 
 class ZukoFlow(nn.Module):
     """``flow`` (a ``zuko.flows.Flow`` over ``features`` values, with a context of
-    ``context`` values or none) in flowserve's model protocol."""
+    ``context`` values or none) in flowserve's model protocol. ``embedding``, if given, maps
+    the context ``[B, context]`` to what the flow was trained to take (an sbi or lampe
+    embedding net); flowserve exports it apart, so a call embeds each distinct context once."""
 
     family = "zuko"
     export_formats = ("onnx",)
     """TorchScript traces would unroll the autoregressive inverse, so ONNX only."""
 
-    def __init__(self, flow: zuko.flows.Flow, features: int, context: int = 0):
+    def __init__(self, flow: zuko.flows.Flow, features: int, context: int = 0, embedding: nn.Module | None = None):
         super().__init__()
         if not isinstance(flow, zuko.flows.Flow):
             raise TypeError(f"expected a zuko.flows.Flow, got {type(flow).__name__}")
@@ -49,6 +51,12 @@ class ZukoFlow(nn.Module):
         self.event_shape = (int(features),)
         self.noise_dim = int(features)
         self.context_dim = int(context)
+        if embedding is not None and not context:
+            raise ValueError("an embedding needs the size of the context it embeds (context > 0)")
+        self.context_embedding = embedding
+
+    def _embed(self, context: Tensor | None) -> Tensor | None:
+        return context if context is None or self.context_embedding is None else self.context_embedding(context)
 
     def _transform(self, context: Tensor | None) -> ComposedTransform:
         lazy = self.flow.transform
@@ -66,6 +74,7 @@ class ZukoFlow(nn.Module):
 
     def encode(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(z, log|det dz/dx|, log p(x))`` through the flow's transform."""
+        context = self._embed(context)
         z, ladj = self._transform(context).call_and_ladj(x)
         return z, ladj, self._base(context).log_prob(z) + ladj
 
@@ -73,10 +82,13 @@ class ZukoFlow(nn.Module):
         return self.encode(x, context)[2]
 
     def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        context = self._embed(context)
         x, ladj = self._transform(context).inv.call_and_ladj(z)
         return x, self._base(context).log_prob(z) - ladj
 
     def config(self) -> dict[str, Any]:
         """The library, the flow's class and its layers, for the metadata."""
         return {"library": f"zuko {zuko.__version__}", "class": type(self.flow).__name__,
-                "transforms": [type(t).__name__ for t in getattr(self.flow.transform, "transforms", [])]}
+                "transforms": [type(t).__name__ for t in getattr(self.flow.transform, "transforms", [])],
+                **({} if self.context_embedding is None else
+                   {"context_embedding": type(self.context_embedding).__name__})}

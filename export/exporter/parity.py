@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flowserve.contract.spec import DENSITY, ENCODE, GENERATION
+from flowserve.contract.spec import DENSITY, EMBED, ENCODE, GENERATION
 
 from ..flows.base import Flow, ServableModel
 from .formats import load_exported
@@ -75,6 +75,11 @@ def _encode(model, x, context, dtype):
     shaped = torch.from_numpy(x).to(dtype).reshape(-1, *model.event_shape)
     z, log_det, log_prob = model.encode(shaped, _tensor(context, dtype))
     return [z.flatten(1).numpy(), log_det.numpy(), log_prob.numpy()]
+
+
+def _embedding(model, context, _, dtype):
+    """The embedded context, the embed model's output."""
+    return [model.context_embedding(torch.from_numpy(context).to(dtype)).numpy()]
 
 
 def _tensor(array: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -161,19 +166,27 @@ def check_parity(
 
     Checks log_prob of both graphs, the generated x, (for flows) the generation graph on
     the latents of the data points, where PyTorch's round trip lands, and the encode graph's
-    z, log|det| and log_prob where there is one.
+    z, log|det| and log_prob where there is one. With an embed graph, it checks the embedded
+    contexts, and each direction is run on the embed graph's outputs, as the gateway runs it.
     Raises ExportParityError above ``tolerance``.
     """
     runners = {d: load_exported(fmt, data) for d, data in graphs.items()}
+    reference = Reference(model, tolerance)
+    report = {}
+    if EMBED in runners:
+        embed = runners.pop(EMBED)
+        with torch.no_grad():
+            (report["embedded_context"],) = reference.largest_gaps(
+                _embedding, inputs.x_context, None, embed(inputs.x_context))
+        runners = {d: _after_embedding(embed, run) for d, run in runners.items()}
     x_ctx = () if inputs.x_context is None else (inputs.x_context,)
     z_ctx = () if inputs.z_context is None else (inputs.z_context,)
-    reference = Reference(model, tolerance)
     flat = inputs.x.reshape(len(inputs.x), -1)
     with torch.no_grad():
         (density,) = reference.largest_gaps(_density, flat, inputs.x_context, runners[DENSITY](flat, *x_ctx))
         generated_x, generated_log_prob = reference.largest_gaps(
             _generation, inputs.z, inputs.z_context, runners[GENERATION](inputs.z, *z_ctx))
-    report = {"density_log_prob": density, "generation_x": generated_x, "generation_log_prob": generated_log_prob}
+    report.update(density_log_prob=density, generation_x=generated_x, generation_log_prob=generated_log_prob)
     if ENCODE in runners:
         with torch.no_grad():
             encoded = reference.largest_gaps(_encode, flat, inputs.x_context, runners[ENCODE](flat, *x_ctx))
@@ -187,6 +200,11 @@ def check_parity(
     if not max(report.values()) <= tolerance:  # also catches NaN
         raise ExportParityError(f"{fmt} differs from PyTorch by more than {tolerance:g}: {report}")
     return report
+
+
+def _after_embedding(embed, run):
+    """``run`` (a direction's graph) taking the context through ``embed`` first."""
+    return lambda points, *context: run(points, *(embed(c)[0] for c in context))
 
 
 PARITY_ROWS = 512

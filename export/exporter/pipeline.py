@@ -18,14 +18,14 @@ from tqdm import tqdm
 
 from flowserve import __version__
 from flowserve.contract.metadata import EXACT, FlowMetadata
-from flowserve.contract.spec import triton_model_name, validate_flow_name
+from flowserve.contract.spec import EMBED, triton_model_name, validate_flow_name
 
 from ..data import summarize
 from ..flows.autoregressive import use_cached_inverse
 from ..flows.base import ServableModel, servable_problem
 from ..training import HELDOUT_SAMPLE_ROWS, load_checkpoint
 from .formats import EXPORTERS, cuda_graph_blockers, graph_stats
-from .graphs import model_spec, served_directions
+from .graphs import EmbeddingApart, context_embedding, model_spec, served_directions
 from .parity import PARITY_ROWS, check_parity, parity_inputs
 from .triton_config import ServingConfig, write_model
 
@@ -53,7 +53,9 @@ def export_model(
     model with a context, ``example_context`` ``[N, context_dim]``: the parity check runs
     on the first 512 rows and on the model's own samples; the metadata's data summary is
     theirs unless ``data_summary`` is given. Writes ``<name>-density``, ``<name>-generation``
-    and, for a model with ``encode`` (unless ``serving.encode`` is off), ``<name>-encode``
+    and, for a model with ``encode`` (unless ``serving.encode`` is off), ``<name>-encode``,
+    and, for a model with a ``context_embedding`` (unless ``serving.separate_embedding`` is
+    off), ``<name>-embed``, whose output the directions take in place of the context
     (config.pbtxt and the version's model file in ``serving.format``), and
     ``<name>.flowserve.json``. Nothing is written if a check fails.
     """
@@ -71,12 +73,16 @@ def export_model(
         model = _with_cached_inverse(model, serving.cached_inverse_min_batch)
     started = time.perf_counter()
     directions = served_directions(model, serving.encode)
+    served = model
+    if serving.separate_embedding and context_embedding(model) is not None:
+        served = EmbeddingApart(model)
+        directions += (EMBED,)
     steps = tqdm(total=len(directions) + 2, desc=f"export {name}", disable=not progress, unit="step")
     graphs, stats = {}, {}
     for direction in directions:
         steps.set_postfix_str(direction)
         direction_started = time.perf_counter()
-        graphs[direction] = EXPORTERS[serving.format](model, direction)
+        graphs[direction] = EXPORTERS[serving.format](served, direction)
         stats[direction] = {**graph_stats(serving.format, graphs[direction]),
                             "seconds": round(time.perf_counter() - direction_started, 2)}
         if serving.format == "torchscript":
@@ -96,6 +102,7 @@ def export_model(
         models=models,
         noise_dim=int(model.noise_dim),
         context_shape=(int(model.context_dim),) if model.context_dim else (),
+        embedded_dim=served.embedded_dim if EMBED in graphs else None,
         log_likelihood=getattr(model, "log_likelihood", EXACT),
         support=getattr(model, "support", None),
         version=version,
@@ -115,7 +122,7 @@ def export_model(
     # Validated above, before anything is written; the metadata file goes last, so a gateway
     # sees the flow once its models are in place.
     for direction, graph in graphs.items():
-        write_model(repository, models[direction], version, model_spec(model, direction), serving, graph,
+        write_model(repository, models[direction], version, model_spec(served, direction), serving, graph,
                     capturable=not stats[direction].get("cuda_graph_blockers", ["not TorchScript"]))
     metadata.write(repository)
     steps.update()

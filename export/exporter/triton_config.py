@@ -70,6 +70,10 @@ class ServingConfig:
     # Export the encode direction (x -> z) too, where the model has one: one more Triton model
     # per flow, hence one more Python stub process (on a GPU, one more CUDA context).
     encode: bool = True
+    # Export a model's context embedding (``context_embedding``) as a model apart,
+    # ``<flow>-embed``, that the gateway runs once per distinct context of a call; the
+    # directions then take the embedded context. Off: the directions embed every row.
+    separate_embedding: bool = True
     # TorchScript on GPU instances of flowserve's runner: capture a CUDA graph per batch-size
     # bucket (cuda_graph_buckets) for each direction that can be captured.
     cuda_graphs: bool = True

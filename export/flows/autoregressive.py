@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import Flow, widths
+from .base import Flow, conditioning_features, widths
 from .cached_inverse import CachedMADEInverse
 from .nets import MADE
 from .transforms import AutoregressiveAffine, Flatten, Inverse, Permutation, fixed_point_inverses
@@ -34,12 +34,13 @@ class MAF(Flow):
     inverted = False
 
     def __init__(self, event_shape, context_dim=0, preprocessing=None, num_layers: int = 5,
-                 hidden_features: Sequence[int] = (64, 64)):
+                 hidden_features: Sequence[int] = (64, 64), context_embedding: dict | None = None):
         dim = math.prod(event_shape)
         self.num_layers, self.hidden_features = num_layers, widths(hidden_features)
+        features = conditioning_features(context_dim, context_embedding)
         body = [Flatten(event_shape),
-                *_autoregressive_layers(dim, num_layers, self.hidden_features, context_dim, self.inverted)]
-        super().__init__(event_shape, body, context_dim, preprocessing)
+                *_autoregressive_layers(dim, num_layers, self.hidden_features, features, self.inverted)]
+        super().__init__(event_shape, body, context_dim, preprocessing, context_embedding)
 
     def options(self):
         return {"num_layers": self.num_layers, "hidden_features": list(self.hidden_features)}

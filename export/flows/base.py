@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from flowserve.contract.metadata import EXACT
 
+from .nets import MLP
 from .transforms import ComposedTransform, InvertibleLinearLU, PixelLogit, Standardize
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -42,6 +43,9 @@ class ServableModel(Protocol):
     Optional, read when present: ``encode(x, context=None)``, for a model with an exact
     data -> noise map: the noise ``z`` ``[B, noise_dim]`` of ``x``, ``log|det dz/dx|`` ``[B]``
     and ``log p(x)`` ``[B]``, in one pass (exported as the ``encode`` direction);
+    ``context_embedding``, a submodule (or None) that the model's methods apply to the
+    context first, ``[B, context_dim] -> [B, E]``, and nowhere else: the exporter serves it
+    as a model apart, so that a call embeds each distinct context once, not once per row;
     ``family`` (a name shown by ListModels, default
     ``custom``), ``log_likelihood`` (``EXACT``, or ``LOWER_BOUND`` for a bound),
     ``support`` (``(low, high)`` that every data value must lie in), ``config()`` (a plain
@@ -104,13 +108,19 @@ class DensityModel(nn.Module):
 
     Subclasses set ``family`` and ``log_likelihood`` (``EXACT`` or ``LOWER_BOUND`` of
     :mod:`flowserve.contract.metadata`),
-    implement :meth:`log_prob`, :meth:`sample_with_log_prob` and :meth:`options`.
+    implement :meth:`log_prob`, :meth:`sample_with_log_prob` and :meth:`options`, and give
+    their networks :func:`conditioning_features` context values, which their methods get
+    from :meth:`embed_context`.
+
+    ``context_embedding`` (``{"features": E, "hidden_features": [...]}``, or None) puts an
+    MLP between the context and the networks: they see its ``E`` outputs.
     """
 
     family: str = ""
     log_likelihood: str = EXACT
 
-    def __init__(self, event_shape: Sequence[int], context_dim: int = 0, preprocessing: dict | None = None):
+    def __init__(self, event_shape: Sequence[int], context_dim: int = 0, preprocessing: dict | None = None,
+                 context_embedding: dict | None = None):
         super().__init__()
         self.event_shape = tuple(int(s) for s in event_shape)
         if not self.event_shape or min(self.event_shape) < 1:
@@ -118,6 +128,16 @@ class DensityModel(nn.Module):
         self.dim = math.prod(self.event_shape)
         self.context_dim = int(context_dim)
         self.preprocessing_config = dict(preprocessing or {"kind": "none"})
+        self.context_embedding_config = _embedding_config(context_dim, context_embedding)
+        self.context_embedding = None if self.context_embedding_config is None else MLP(
+            self.context_dim, self.context_embedding_config["features"],
+            self.context_embedding_config["hidden_features"], activation=nn.ReLU, zero_last=False)
+
+    def embed_context(self, context: Tensor | None) -> Tensor | None:
+        """The context as the networks see it: through ``context_embedding`` when there is one."""
+        if context is None or self.context_embedding is None:
+            return context
+        return self.context_embedding(context)
 
     @property
     def noise_dim(self) -> int:
@@ -161,13 +181,16 @@ class DensityModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """JSON-able description; ``registry.build_flow`` rebuilds the model from it."""
-        return {
+        config = {
             "family": self.family,
             "event_shape": list(self.event_shape),
             "context_dim": self.context_dim,
             "preprocessing": self.preprocessing_config,
             **self.options(),
         }
+        if self.context_embedding_config is not None:
+            config["context_embedding"] = self.context_embedding_config
+        return config
 
     def prepare_for_export(self) -> DensityModel:
         """Precompute what the exported graphs need (Glow's matrix inverses); eval mode."""
@@ -184,17 +207,18 @@ class Flow(DensityModel):
     latents flattened to ``[B, D]``.
     """
 
-    def __init__(self, event_shape, body: list[nn.Module], context_dim: int = 0, preprocessing: dict | None = None):
-        super().__init__(event_shape, context_dim, preprocessing)
+    def __init__(self, event_shape, body: list[nn.Module], context_dim: int = 0, preprocessing: dict | None = None,
+                 context_embedding: dict | None = None):
+        super().__init__(event_shape, context_dim, preprocessing, context_embedding)
         self.transform = with_preprocessing(self.preprocessing_config, self.event_shape, body)
 
     def to_latent(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data to latent: ``(z [B, D], log|det dz/dx|)``."""
-        return self.transform(x, context)
+        return self.transform(x, self.embed_context(context))
 
     def from_latent(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent to data: ``(x [B, *event_shape], log|det dx/dz|)``."""
-        return self.transform.inverse(z, context)
+        return self.transform.inverse(z, self.embed_context(context))
 
     def encode(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Data to noise: ``(z [B, D], log|det dz/dx| [B], log p(x) [B])``."""
@@ -212,3 +236,25 @@ class Flow(DensityModel):
 def widths(hidden_features: Sequence[int]) -> tuple[int, ...]:
     """Hidden layer widths as plain ints (configs hold them as lists)."""
     return tuple(int(width) for width in hidden_features)
+
+
+def conditioning_features(context_dim: int, context_embedding: dict | None) -> int:
+    """Context values a family's networks take: the embedding's ``features`` if it has one,
+    else ``context_dim``."""
+    config = _embedding_config(context_dim, context_embedding)
+    return int(context_dim) if config is None else config["features"]
+
+
+def _embedding_config(context_dim: int, context_embedding: dict | None) -> dict[str, Any] | None:
+    """``context_embedding`` checked and as plain values (None for none)."""
+    if context_embedding is None:
+        return None
+    features, hidden = context_embedding.get("features"), context_embedding.get("hidden_features", [256, 256])
+    if not context_dim:
+        raise ValueError("context_embedding is set but the model takes no context (context_dim is 0)")
+    if (type(features) is not int or features < 1 or not isinstance(hidden, (list, tuple))
+            or any(type(width) is not int or width < 1 for width in hidden)
+            or set(context_embedding) - {"features", "hidden_features"}):
+        raise ValueError("context_embedding must be {'features': E, 'hidden_features': [H, ...]} with positive "
+                         f"integers, got {context_embedding!r}")
+    return {"features": features, "hidden_features": list(hidden)}

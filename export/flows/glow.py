@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .base import Flow, widths
+from .base import Flow, conditioning_features, widths
 from .nets import MLP, ConvNet
 from .transforms import ActNorm, ComposedTransform, Coupling, FactorOut, Flatten, InvertibleLinearLU, Squeeze, channel_mask
 
@@ -23,17 +23,19 @@ class Glow(Flow):
     family = "glow"
 
     def __init__(self, event_shape, context_dim=0, preprocessing=None, num_levels: int = 2,
-                 steps_per_level: int = 4, hidden_features: Sequence[int] = (64, 64), hidden_channels: int = 32):
+                 steps_per_level: int = 4, hidden_features: Sequence[int] = (64, 64), hidden_channels: int = 32,
+                 context_embedding: dict | None = None):
         self.num_levels, self.steps_per_level = num_levels, steps_per_level
         self.hidden_features, self.hidden_channels = widths(hidden_features), hidden_channels
         self._seed = 0
         event_shape = tuple(event_shape)
+        features = conditioning_features(context_dim, context_embedding)
         if len(event_shape) == 3:
-            body = [self._level(event_shape, num_levels, context_dim)]
+            body = [self._level(event_shape, num_levels, features)]
         else:
             dim = math.prod(event_shape)
-            body = [Flatten(event_shape), *self._steps((dim,), context_dim)]
-        super().__init__(event_shape, body, context_dim, preprocessing)
+            body = [Flatten(event_shape), *self._steps((dim,), features)]
+        super().__init__(event_shape, body, context_dim, preprocessing, context_embedding)
 
     def _steps(self, shape, context_dim) -> list[nn.Module]:
         steps = []

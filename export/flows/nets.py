@@ -1,7 +1,8 @@
 """Networks that parameterise transforms: MLPs, MADE and small convnets.
 
 Every network takes ``(x, context)`` with an optional context ``[B, C]`` and starts
-with its last layer at zero, so the transform it drives starts as the identity.
+with its last layer at zero, so the transform it drives starts as the identity (a context
+embedding's MLP, which drives no transform, does not).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def _zero_init(layer: nn.Module) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Fully connected ``in_features (+ context) -> hidden... -> out_features``."""
+    """Fully connected ``in_features (+ context) -> hidden... -> out_features``; the last
+    layer starts at zero unless not ``zero_last`` (a context embedding's)."""
 
     def __init__(
         self,
@@ -29,13 +31,15 @@ class MLP(nn.Module):
         hidden_features: Sequence[int] = (64, 64),
         activation: type[nn.Module] = nn.Tanh,
         context_features: int = 0,
+        zero_last: bool = True,
     ):
         super().__init__()
         widths = [in_features + context_features, *hidden_features]
         layers: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(width_in, width_out), activation()]
-        self.layers = nn.Sequential(*layers, _zero_init(nn.Linear(widths[-1], out_features)))
+        last = nn.Linear(widths[-1], out_features)
+        self.layers = nn.Sequential(*layers, _zero_init(last) if zero_last else last)
         self.context_features = context_features
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .base import Flow, widths
+from .base import Flow, conditioning_features, widths
 from .nets import MLP, ConvNet
 from .transforms import ComposedTransform, Coupling, FactorOut, Flatten, Squeeze, alternating_mask, channel_mask
 
@@ -29,22 +29,24 @@ class RealNVP(Flow):
     family = "realnvp"
 
     def __init__(self, event_shape, context_dim=0, preprocessing=None, num_couplings: int = 8,
-                 hidden_features: Sequence[int] = (64, 64), num_scales: int = 2, hidden_channels: int = 32):
+                 hidden_features: Sequence[int] = (64, 64), num_scales: int = 2, hidden_channels: int = 32,
+                 context_embedding: dict | None = None):
         self.num_couplings, self.hidden_features = num_couplings, widths(hidden_features)
         self.num_scales, self.hidden_channels = num_scales, hidden_channels
         event_shape = tuple(event_shape)
+        features = conditioning_features(context_dim, context_embedding)
         if len(event_shape) == 3:
-            body = [self._scale(event_shape, num_scales, context_dim)]
+            body = [self._scale(event_shape, num_scales, features)]
         else:
             dim = math.prod(event_shape)
             if dim < 2:
                 raise ValueError(f"RealNVP needs at least 2 features, got {dim}")
             body = [Flatten(event_shape)] + [
                 Coupling(alternating_mask([dim], index % 2),
-                         MLP(dim, 2 * dim, self.hidden_features, context_features=context_dim))
+                         MLP(dim, 2 * dim, self.hidden_features, context_features=features))
                 for index in range(num_couplings)
             ]
-        super().__init__(event_shape, body, context_dim, preprocessing)
+        super().__init__(event_shape, body, context_dim, preprocessing, context_embedding)
 
     def _scale(self, shape, scales_left, context_dim) -> nn.Module:
         channels, height, width = shape

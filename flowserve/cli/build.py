@@ -98,6 +98,7 @@ def export_command(args) -> None:
         triton_queue_policy=args.triton_queue_policy, instance_kind=args.instance_kind,
         gpus=tuple(int(g) for g in args.gpus.split(",") if g.strip()), intra_op_threads=args.intra_op_threads,
         cached_inverse_min_batch=args.cached_inverse, cuda_graphs=args.cuda_graphs, encode=args.encode,
+        separate_embedding=args.separate_embedding,
     )
     if (args.checkpoint is None) == (args.module is None):
         raise ValueError("give a checkpoint of flowserve train, or --module FILE.py:FUNCTION with --data")

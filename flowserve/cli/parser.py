@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--encode", action=argparse.BooleanOptionalAction, default=True,
                         help="also export x -> z (the Encode RPC) for flows: one more Triton model per flow, with its "
                              "own stub process (and CUDA context on a GPU)")
+    export.add_argument("--separate-embedding", action=argparse.BooleanOptionalAction, default=True,
+                        help="export a flow's context embedding as a model apart (<flow>-embed), which the gateway "
+                             "runs once for each distinct context of a call instead of once per row")
     export.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="TorchScript on GPU instances (python backend): capture CUDA graphs for batches of 1, 4, "
                              "16, ... up to --max-batch-size rows, for each direction that can be captured")

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from flowserve.contract.spec import (
-    ALL_DIRECTIONS,
     DIRECTIONS,
+    EMBED,
+    FLOW_MODELS,
     OPTIONAL_DIRECTIONS,
     DirectionSpec,
     direction_spec,
@@ -43,9 +44,12 @@ class FlowMetadata:
 
     Serving fields (validated on construction):
       ``models`` maps each direction to its Triton model (density and generation always,
-      encode where the model has an exact data -> noise map); ``noise_dim`` is the base noise
+      encode where the model has an exact data -> noise map), and ``embed`` to the model of
+      the context embedding where it is exported apart; ``noise_dim`` is the base noise
       per generated row (default ``prod(event_shape)``); ``context_shape`` is the shape of
-      one row's context (empty: no context input); ``log_likelihood`` is one of
+      one row's context (empty: no context input); ``embedded_dim`` is the width of the
+      embedded context that the directions take when there is an ``embed`` model (else
+      None: they take the context itself); ``log_likelihood`` is one of
       :data:`LOG_LIKELIHOOD_KINDS`; ``support`` is ``(low, high)``, the range every data
       value must lie in (pixel models), or None for any value.
     Provenance fields (free-form, shown by ``ListModels``): the model version, file format
@@ -60,6 +64,7 @@ class FlowMetadata:
     models: dict[str, str]
     noise_dim: int | None = None
     context_shape: tuple[int, ...] = ()
+    embedded_dim: int | None = None
     log_likelihood: str = EXACT
     support: tuple[float, float] | None = None
     version: int | None = None
@@ -92,10 +97,15 @@ class FlowMetadata:
         if self.log_likelihood not in LOG_LIKELIHOOD_KINDS:
             raise ValueError(f"log_likelihood must be one of {LOG_LIKELIHOOD_KINDS}, got {self.log_likelihood!r}")
         if (not isinstance(self.models, dict) or not all(isinstance(self.models.get(d), str) for d in DIRECTIONS)
-                or not set(self.models) <= set(ALL_DIRECTIONS)
+                or not set(self.models) <= set(FLOW_MODELS)
                 or not all(isinstance(model, str) for model in self.models.values())):
-            raise ValueError(f"models must map {list(DIRECTIONS)} (and optionally {list(OPTIONAL_DIRECTIONS)}) to "
-                             f"Triton model names, got {self.models!r}")
+            raise ValueError(f"models must map {list(DIRECTIONS)} (and optionally {list(OPTIONAL_DIRECTIONS)} and "
+                             f"{EMBED!r}) to Triton model names, got {self.models!r}")
+        if self.embedded_dim is not None and (type(self.embedded_dim) is not int or self.embedded_dim < 1):
+            raise ValueError(f"embedded_dim must be a positive integer, got {self.embedded_dim!r}")
+        if (EMBED in self.models) != (self.embedded_dim is not None) or (EMBED in self.models and not self.context_shape):
+            raise ValueError(f"a flow with an {EMBED!r} model needs a context_shape and an embedded_dim, and "
+                             "embedded_dim needs an embed model")
         if self.support is not None:
             support = self.support
             if not (isinstance(support, (list, tuple)) and len(support) == 2
@@ -120,8 +130,9 @@ class FlowMetadata:
         return math.prod(self.context_shape) if self.context_shape else 0
 
     def spec(self, direction: str) -> DirectionSpec:
-        """Triton tensors of ``direction`` of this flow."""
-        return direction_spec(direction, self.dim, noise_dim=self.noise_dim, context_dim=self.context_dim)
+        """Triton tensors of ``direction`` (or of the ``embed`` model) of this flow."""
+        return direction_spec(direction, self.dim, noise_dim=self.noise_dim, context_dim=self.context_dim,
+                              embedded_dim=self.embedded_dim or 0)
 
     def to_dict(self) -> dict[str, Any]:
         """The file's JSON object; fields that are None are left out, ``extra`` keys come last."""

@@ -1,8 +1,8 @@
 """The contract between exporter, Triton configs, the Python runner and the gateway.
 
-Tensor names, dtypes and shapes of both directions of a flow live here and nowhere else:
-the ONNX export call, ``config.pbtxt`` and the gateway's Triton client are all generated
-from :func:`direction_spec`. This module imports nothing heavy (no torch) so the gateway
+Tensor names, dtypes and shapes of a flow's directions (and of its context embedding) live
+here and nowhere else: the ONNX export call, ``config.pbtxt`` and the gateway's Triton
+client are all generated from :func:`direction_spec`. This module imports nothing heavy (no torch) so the gateway
 can use it.
 """
 
@@ -22,6 +22,12 @@ OPTIONAL_DIRECTIONS = (ENCODE,)
 """Directions a flow serves where it can: ``encode`` (x -> z), for a model with an exact
 data -> noise map. A flow exported before encode existed has none."""
 ALL_DIRECTIONS = DIRECTIONS + OPTIONAL_DIRECTIONS
+EMBED = "embed"
+"""The Triton model of a flow whose context embedding is exported apart: context[B, C] ->
+embedded_context[B, E]; the flow's directions then take the embedded context, so a call
+embeds each distinct context once rather than once per row."""
+FLOW_MODELS = ALL_DIRECTIONS + (EMBED,)
+"""Every Triton model a flow may have: its directions and its context embedding."""
 
 RUNNER_BACKEND = "flowserve_runner"
 """Name of flowserve's Python-based Triton backend: the configs the exporter writes name it,
@@ -102,23 +108,38 @@ def bits_per_dim(log_likelihood, dim: int):
 
 CONTEXT = "context"
 """Name of the optional per-row conditioning input (e.g. a one-hot class label)."""
+EMBEDDED_CONTEXT = "embedded_context"
+"""Name of the context input of a flow's directions when its embedding is a model apart."""
 
 
 @functools.lru_cache(maxsize=1024)  # specs are frozen; the gateway asks on every request
 def direction_spec(direction: str, event_dim: int, *, noise_dim: int | None = None,
-                   context_dim: int = 0) -> DirectionSpec:
-    """Tensor spec of ``direction`` for a flow over ``event_dim``-dimensional events.
+                   context_dim: int = 0, embedded_dim: int = 0) -> DirectionSpec:
+    """Tensor spec of ``direction`` (or of the :data:`EMBED` model) for a flow over
+    ``event_dim``-dimensional events.
 
     density:    x[B, D] (, context[B, C]) -> log_prob[B]
     generation: z[B, N] (, context[B, C]) -> x[B, D], log_prob[B]   (log-density of the generated x)
     encode:     x[B, D] (, context[B, C]) -> z[B, N], log_det[B], log_prob[B]   (log|det dz/dx|)
+    embed:      context[B, C] -> embedded_context[B, E]
 
     ``noise_dim`` N is the base noise per row, ``D`` unless the model draws more (a VAE
-    draws its latent and its decoder noise). ``context`` exists only when ``context_dim > 0``.
+    draws its latent and its decoder noise). ``context`` exists only when ``context_dim > 0``;
+    with ``embedded_dim`` E > 0 the directions take ``embedded_context[B, E]`` in its place.
     """
-    if event_dim < 1 or context_dim < 0 or (noise_dim is not None and noise_dim < 1):
-        raise ValueError(f"invalid dims: event {event_dim}, noise {noise_dim}, context {context_dim}")
-    context = (TensorSpec(CONTEXT, (context_dim,)),) if context_dim else ()
+    if (event_dim < 1 or context_dim < 0 or embedded_dim < 0 or (noise_dim is not None and noise_dim < 1)
+            or (embedded_dim and not context_dim)):
+        raise ValueError(f"invalid dims: event {event_dim}, noise {noise_dim}, context {context_dim}, "
+                         f"embedded context {embedded_dim}")
+    if direction == EMBED:
+        if not embedded_dim:
+            raise ValueError("the embed model needs context_dim and embedded_dim")
+        return DirectionSpec(EMBED, inputs=(TensorSpec(CONTEXT, (context_dim,)),),
+                             outputs=(TensorSpec(EMBEDDED_CONTEXT, (embedded_dim,)),))
+    if embedded_dim:
+        context = (TensorSpec(EMBEDDED_CONTEXT, (embedded_dim,)),)
+    else:
+        context = (TensorSpec(CONTEXT, (context_dim,)),) if context_dim else ()
     if direction == DENSITY:
         return DirectionSpec(
             DENSITY,
@@ -138,7 +159,7 @@ def direction_spec(direction: str, event_dim: int, *, noise_dim: int | None = No
             outputs=(TensorSpec("z", (noise_dim or event_dim,)), TensorSpec("log_det", ()),
                      TensorSpec("log_prob", ())),
         )
-    raise ValueError(f"unknown direction {direction!r}; expected one of {ALL_DIRECTIONS}")
+    raise ValueError(f"unknown direction {direction!r}; expected one of {FLOW_MODELS}")
 
 
 def validate_flow_name(name: str) -> str:
@@ -152,7 +173,8 @@ def validate_flow_name(name: str) -> str:
 
 
 def triton_model_name(flow_name: str, direction: str) -> str:
-    """Name of the Triton model that serves ``direction`` of flow ``flow_name``."""
-    if direction not in ALL_DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; expected one of {ALL_DIRECTIONS}")
+    """Name of the Triton model that serves ``direction`` (or the :data:`EMBED` model) of
+    flow ``flow_name``."""
+    if direction not in FLOW_MODELS:
+        raise ValueError(f"unknown direction {direction!r}; expected one of {FLOW_MODELS}")
     return f"{validate_flow_name(flow_name)}-{direction}"

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from flowserve.contract.metadata import EXACT, FlowMetadata
-from flowserve.contract.spec import ALL_DIRECTIONS, CONTEXT, DENSITY, ENCODE, GENERATION, DirectionSpec, bits_per_dim
+from flowserve.contract.spec import (
+    ALL_DIRECTIONS,
+    CONTEXT,
+    DENSITY,
+    EMBED,
+    EMBEDDED_CONTEXT,
+    ENCODE,
+    GENERATION,
+    DirectionSpec,
+    bits_per_dim,
+)
 from flowserve.server.protocol.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -99,15 +109,14 @@ class FlowService:
         infos = []
         for name in self.catalog.names():
             flow = self.catalog.get(name)
-            directions = tuple(d for d in ALL_DIRECTIONS if d in flow.models)
-            per_direction = [set(ready_versions.get(flow.models[d], ())) for d in directions]
+            per_model = [set(ready_versions.get(model, ())) for model in flow.models.values()]
             infos.append(ModelInfo(
                 name=name,
                 family=flow.family,
                 event_shape=flow.event_shape,
-                directions=directions,
-                versions=tuple(sorted(set.intersection(*per_direction), key=int)),
-                ready=all(per_direction) and (self.health is None or self.health.is_ready(name)),
+                directions=tuple(d for d in ALL_DIRECTIONS if d in flow.models),
+                versions=tuple(sorted(set.intersection(*per_model), key=int)),
+                ready=all(per_model) and (self.health is None or self.health.is_ready(name)),
                 context_shape=flow.context_shape,
                 log_likelihood=flow.log_likelihood,
                 metadata=flow.listing(),
@@ -123,14 +132,16 @@ class FlowService:
         into the response's arrays as they come back. With ``samples_per_context`` N, each of
         the B contexts is repeated N times, one per row: the rows are those of that call.
         """
+        deadline = _deadline(timeout)
         flow = self.catalog.get(query.model)
         n, context = self._sample_rows(flow, query, stream=False)
         seed = self._seed(query)
         with self._reserve(n):
+            context = await self._embedded(flow, context, deadline)
             chunk = await self.backend.max_batch_size(flow.models[GENERATION])
             samples = np.empty((n, flow.dim), np.float32)
             log_prob = np.empty(n, np.float32)
-            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, timeout):
+            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, deadline):
                 rows = len(outputs["log_prob"])
                 samples[start:start + rows] = outputs["x"]
                 log_prob[start:start + rows] = outputs["log_prob"]
@@ -145,16 +156,18 @@ class FlowService:
         drawn before the reader has taken the ones before: memory does not grow with the rows.
         A chunk also fits in one message (fewer rows for very wide flows), and says where its
         first row is among the call's rows."""
+        deadline = _deadline(timeout)
         flow = self.catalog.get(query.model)
         n, context = self._sample_rows(flow, query, stream=True)
         seed = self._seed(query)
         chunk = min(await self.backend.max_batch_size(flow.models[GENERATION]), _message_rows(flow))
         with self._reserve(min(n, chunk * self.limits.max_chunks_in_flight_per_request)):
-            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, timeout):
+            context = await self._embedded(flow, context, deadline)
+            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, deadline):
                 samples = outputs["x"].reshape(-1, *flow.event_shape)
                 yield SampleResult(samples, outputs["log_prob"] if query.return_log_prob else None, seed, start)
 
-    def _sample_rows(self, flow: FlowMetadata, query: SampleQuery, stream: bool) -> tuple[int, Contexts | None]:
+    def _sample_rows(self, flow: FlowMetadata, query: SampleQuery, stream: bool) -> tuple[int, ContextRows | None]:
         """The query's rows and their context rows, checked against the call's row limits."""
         per = query.samples_per_context
         if per is None:
@@ -179,7 +192,7 @@ class FlowService:
                                   f"{'stream' if stream else 'request'}{advice}")
         if not stream:
             self._check_rows(product, n, flow)
-        return n, _RepeatedContexts(contexts, per)
+        return n, ContextRows(contexts, per)
 
     @staticmethod
     def _seed(query: SampleQuery) -> int:
@@ -189,8 +202,8 @@ class FlowService:
         return secrets.randbits(64) if query.seed is None else query.seed
 
     async def _generate(
-        self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: Contexts | None, chunk: int,
-        timeout: float | None,
+        self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: ContextRows | None, chunk: int,
+        deadline: float | None,
     ) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
         """(first row, outputs) of each chunk of ``chunk`` of ``rows`` rows of the generation
         direction, in order."""
@@ -205,7 +218,7 @@ class FlowService:
                 yield _inputs(spec, noise, None if context is None else context[start:start + chunk])
 
         start = 0
-        async for outputs in self._run(flow, GENERATION, chunks(), timeout):
+        async for outputs in self._run(flow, GENERATION, chunks(), deadline):
             yield start, outputs
             start += len(outputs["log_prob"])
 
@@ -213,7 +226,7 @@ class FlowService:
         """log p(x | context) of each row of ``query.x`` (a lower bound where the flow says so),
         and its bits per dimension if asked for."""
         flow = self.catalog.get(query.model)
-        outputs = await self._map_rows(flow, DENSITY, query.x, query.context, timeout)
+        outputs = await self._map_rows(flow, DENSITY, query.x, query.context, _deadline(timeout))
         log_prob = outputs["log_prob"]
         bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
         return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
@@ -228,11 +241,11 @@ class FlowService:
                    "it was exported without an encode model (flowserve exports one since Encode exists): export "
                    "it again")
             raise FailedPrecondition(f"model {flow.name!r} cannot encode: {why}")
-        outputs = await self._map_rows(flow, ENCODE, query.x, query.context, timeout)
+        outputs = await self._map_rows(flow, ENCODE, query.x, query.context, _deadline(timeout))
         return EncodeResult(z=outputs["z"], log_det=outputs["log_det"], log_prob=outputs["log_prob"])
 
     async def _map_rows(self, flow: FlowMetadata, direction: str, x: np.ndarray, context: np.ndarray | None,
-                        timeout: float | None) -> dict[str, np.ndarray]:
+                        deadline: float | None) -> dict[str, np.ndarray]:
         """Every output of ``direction`` (density or encode) for the data rows ``x``, after
         checking them: their shape, count, values and support, and their context."""
         if x.ndim != 1 + len(flow.event_shape) or tuple(x.shape[1:]) != flow.event_shape:
@@ -252,14 +265,29 @@ class FlowService:
                 )
         context = _context_rows(flow, context, rows, "x.shape[0]")
         with self._reserve(rows):
+            context = await self._embedded(flow, context, deadline)
             spec = flow.spec(direction)
             chunk = await self.backend.max_batch_size(flow.models[direction])
             flat = x.reshape(rows, flow.dim)
             chunks = iter([_inputs(spec, flat[start:start + chunk], None if context is None else context[start:start + chunk])
                            for start in range(0, rows, chunk)])
-            parts = [outputs async for outputs in self._run(flow, direction, chunks, timeout)]
-        return {name: parts[0][name] if len(parts) == 1 else np.concatenate([part[name] for part in parts])
-                for name in spec.output_names}
+            parts = [outputs async for outputs in self._run(flow, direction, chunks, deadline)]
+        return _joined(parts, spec)
+
+    async def _embedded(self, flow: FlowMetadata, context: ContextRows | None,
+                        deadline: float | None) -> ContextRows | None:
+        """The context rows as the flow's directions take them: for a flow with an embed model,
+        its embeddings, computed once for each distinct context of the call. (A call that
+        sends B contexts and one that sends each of them N times embed the same rows, so they
+        get the same numbers.)"""
+        if context is None or EMBED not in flow.models:
+            return context
+        distinct, index = np.unique(context.table, axis=0, return_inverse=True)
+        spec = flow.spec(EMBED)
+        chunk = await self.backend.max_batch_size(flow.models[EMBED])
+        chunks = iter([{CONTEXT: distinct[start:start + chunk]} for start in range(0, len(distinct), chunk)])
+        parts = [outputs async for outputs in self._run(flow, EMBED, chunks, deadline)]
+        return ContextRows(_joined(parts, spec)[EMBEDDED_CONTEXT][index.reshape(-1)], context.per)
 
     def _check_rows(self, field: str, rows: int, flow: FlowMetadata) -> None:
         if rows < 1:
@@ -290,10 +318,11 @@ class FlowService:
             self._rows_in_flight -= rows
 
     async def _run(
-        self, flow: FlowMetadata, direction: str, chunks: Iterator[dict[str, np.ndarray]], timeout: float | None
+        self, flow: FlowMetadata, direction: str, chunks: Iterator[dict[str, np.ndarray]], deadline: float | None
     ) -> AsyncIterator[dict[str, np.ndarray]]:
         """The outputs of each chunk of ``chunks`` (every input of the direction's spec, by
-        name, at most Triton's max_batch_size rows), in order. Chunks are taken from the
+        name, at most Triton's max_batch_size rows), in order, each call made with the time
+        left until ``deadline`` (the event loop's clock). Chunks are taken from the
         iterator only as room opens: at most ``max_chunks_in_flight_per_request`` are on
         Triton at once. If one fails, or the caller stops early, the others are cancelled and
         waited for, so their rows are not released while still on Triton."""
@@ -303,7 +332,6 @@ class FlowService:
         model = flow.models[direction]
         spec = flow.spec(direction)
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
 
         def call(inputs: dict[str, np.ndarray]):
             remaining = None if deadline is None else deadline - loop.time()
@@ -330,6 +358,17 @@ class FlowService:
             await asyncio.gather(*running, return_exceptions=True)
 
 
+def _deadline(timeout: float | None) -> float | None:
+    """When a call with ``timeout`` seconds must end, on the running event loop's clock."""
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+def _joined(parts: list[dict[str, np.ndarray]], spec: DirectionSpec) -> dict[str, np.ndarray]:
+    """The outputs of consecutive chunks as one array per output of ``spec``."""
+    return {name: parts[0][name] if len(parts) == 1 else np.concatenate([part[name] for part in parts])
+            for name in spec.output_names}
+
+
 def _message_rows(flow: FlowMetadata) -> int:
     """The most rows of ``flow`` one message can carry: a row costs its event values, its
     context values and its log_prob."""
@@ -337,9 +376,9 @@ def _message_rows(flow: FlowMetadata) -> int:
     return (MAX_MESSAGE_BYTES - _MESSAGE_HEADROOM_BYTES) // (values * WIRE_DTYPE.itemsize)
 
 
-def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, rows_field: str) -> np.ndarray | None:
-    """``context`` as [rows, context_dim], one context broadcast to every row; None for a flow
-    without context. Raises InvalidArgument naming ``context`` for anything else."""
+def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, rows_field: str) -> ContextRows | None:
+    """The context of each of ``rows`` rows: one context for every row, or one per row; None
+    for a flow without context. Raises InvalidArgument naming ``context`` for anything else."""
     shape = flow.context_shape
     if not shape:
         if context is not None:
@@ -355,7 +394,7 @@ def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, row
     if tuple(context.shape) == shape:
         if not np.isfinite(context).all():
             raise InvalidArgument("context has non-finite values (NaN or inf)")
-        return np.broadcast_to(context.reshape(1, flow.context_dim), (rows, flow.context_dim))
+        return ContextRows(context.reshape(1, flow.context_dim), rows)
     if context.ndim != 1 + len(shape) or tuple(context.shape[1:]) != shape:
         raise InvalidArgument(
             f"context.shape is {list(context.shape)}; model {flow.name!r} expects [{_dims(shape)}] or "
@@ -367,23 +406,21 @@ def _context_rows(flow: FlowMetadata, context: np.ndarray | None, rows: int, row
             f"or a single context of shape [{_dims(shape)}]"
         )
     _check_finite_rows(context, "context")
-    return context.reshape(rows, flow.context_dim)
+    return ContextRows(context.reshape(rows, flow.context_dim))
 
 
-class _RepeatedContexts:
-    """B contexts, each repeated ``per`` times, one per row: sliced by rows like the [B x per,
-    context_dim] array they stand for, without holding it (a stream may have 10^9 rows)."""
+@dataclass(frozen=True)
+class ContextRows:
+    """The contexts of a call's rows: row r takes ``table[r // per]`` (B contexts each
+    repeated ``per`` times, or one context for every row). Sliced by rows like the [rows,
+    context_dim] array it stands for, without holding it (a stream may have 10^9 rows)."""
 
-    def __init__(self, contexts: np.ndarray, per: int):
-        self.contexts, self.per = contexts, per
+    table: np.ndarray
+    per: int = 1
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, _ = rows.indices(len(self.contexts) * self.per)
-        return self.contexts[np.arange(start, stop) // self.per]
-
-
-Contexts = np.ndarray | _RepeatedContexts
-"""A sample call's context rows: an array [rows, context_dim], or B contexts repeated."""
+        start, stop, _ = rows.indices(len(self.table) * self.per)
+        return self.table[start:stop] if self.per == 1 else self.table[np.arange(start, stop) // self.per]
 
 
 def _context_batch(flow: FlowMetadata, context: np.ndarray | None) -> np.ndarray:
@@ -412,8 +449,9 @@ def _check_finite_rows(array: np.ndarray, field: str) -> None:
 
 
 def _inputs(spec: DirectionSpec, rows: np.ndarray, context: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Triton inputs of ``spec`` by name: ``rows`` as its first input, plus the context if it takes one."""
+    """Triton inputs of ``spec`` by name: ``rows`` as its first input, plus the context (or the
+    embedded context) if it takes one."""
     inputs = {spec.input_names[0]: rows}
     if context is not None:
-        inputs[CONTEXT] = context
+        inputs[spec.input_names[1]] = context
     return inputs

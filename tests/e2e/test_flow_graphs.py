@@ -21,9 +21,9 @@ from helpers.flows import (
     standard_normal,
 )
 
-from flowserve.contract.spec import DENSITY, GENERATION, triton_model_name
+from flowserve.contract.spec import DENSITY, DIRECTIONS, EMBED, GENERATION, triton_model_name
 from flowserve.export.exporter.formats import EXPORTERS, cuda_graph_blockers, export_onnx, graph_stats, load_exported
-from flowserve.export.exporter.graphs import GRAPHS
+from flowserve.export.exporter.graphs import GRAPHS, EmbeddingApart
 from flowserve.export.exporter.parity import check_parity, parity_inputs
 from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import ServingConfig
@@ -39,13 +39,18 @@ all_models = parametrize_configs(lambda config: True)
 @all_models
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_graphs_match_pytorch(config, fmt, caplog):
+    """A model with a context embedding exports it apart, as export_model does; the parity
+    check runs the directions on the embed graph's outputs."""
     model = perturbed_model(config)
     heldout = data_points(model, 64, seed=8)
-    graphs = {direction: EXPORTERS[fmt](model, direction) for direction in (DENSITY, GENERATION)}
+    embedded = "context_embedding" in config
+    served, directions = (EmbeddingApart(model), (DENSITY, GENERATION, EMBED)) if embedded else (model, DIRECTIONS)
+    graphs = {direction: EXPORTERS[fmt](served, direction) for direction in directions}
     report = check_parity(model, graphs, fmt, parity_inputs(model, heldout, contexts(model, 64, seed=9), rows=64))
     assert max(report.values()) <= 1e-4
     assert "float64" not in caplog.text  # checked against a float64 reference
     assert ("round_trip_x" in report) == isinstance(model, Flow)
+    assert ("embedded_context" in report) == embedded
     if fmt == "torchscript":  # a direction goes into a CUDA graph unless it runs the loop that stops on the host
         blockers = {direction: cuda_graph_blockers(graph) for direction, graph in graphs.items()}
         looping = {"maf": GENERATION, "iaf": DENSITY}.get(config["family"])

@@ -22,6 +22,8 @@ from flowserve.contract.spec import (
     CONTEXT,
     DENSITY,
     DIRECTIONS,
+    EMBED,
+    EMBEDDED_CONTEXT,
     ENCODE,
     DirectionSpec,
     direction_spec,
@@ -74,10 +76,19 @@ def fake_encode(x: np.ndarray, context: np.ndarray, noise_dim: int) -> dict[str,
     return {"z": z, "log_det": x.sum(axis=1), "log_prob": fake_density(x, context)}
 
 
+def fake_embedding(context: np.ndarray, width: int) -> np.ndarray:
+    """What the stand-in's embed model answers: ``width`` values from each context row."""
+    return (context[:, :1] * np.arange(1, width + 1, dtype=np.float32) + context.sum(axis=1, keepdims=True) ** 2
+            ).astype(np.float32)
+
+
 def fake_answer(spec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The stand-in Triton's answer: from each row's inputs, so a context row that travels
     with the wrong x or z row changes the result."""
-    context = inputs.get(CONTEXT, np.zeros((next(iter(inputs.values())).shape[0], 0), np.float32))
+    rows = next(iter(inputs.values())).shape[0]
+    context = inputs.get(CONTEXT, inputs.get(EMBEDDED_CONTEXT, np.zeros((rows, 0), np.float32)))
+    if spec.direction == EMBED:
+        return {EMBEDDED_CONTEXT: fake_embedding(context, spec.outputs[0].dims[0])}
     if spec.direction == DENSITY:
         return {"log_prob": fake_density(inputs["x"], context)}
     if spec.direction == ENCODE:

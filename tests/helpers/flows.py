@@ -66,6 +66,14 @@ FLOW_CONFIGS: dict[str, dict] = {
                "prior_couplings": 2, "importance_samples": 16},
     "vae-image-context": {"family": "vae", "event_shape": [1, 4, 4], "context_dim": 2, "preprocessing": PIXELS,
                           "latent_dim": 3, "hidden_features": [16], "prior_couplings": 2, "importance_samples": 8},
+    # A context embedding between the context and the networks (exported apart as <flow>-embed).
+    "nice-3d-embedded": {"family": "nice", "event_shape": [3], "context_dim": 4, "num_couplings": 3,
+                         "hidden_features": [16], "context_embedding": {"features": 2, "hidden_features": [8]}},
+    "maf-3d-embedded": {"family": "maf", "event_shape": [3], "context_dim": 4, "num_layers": 2,
+                        "hidden_features": [16], "context_embedding": {"features": 5, "hidden_features": [8, 8]}},
+    "vae-2d-embedded": {"family": "vae", "event_shape": [2], "context_dim": 3, "latent_dim": 2,
+                        "hidden_features": [16], "prior_couplings": 2, "importance_samples": 8,
+                        "context_embedding": {"features": 2, "hidden_features": [8]}},
 }
 
 

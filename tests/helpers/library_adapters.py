@@ -7,6 +7,7 @@ import torch
 import zuko
 from helpers.flows import add_weight_noise
 from helpers.library_flows import nflows_maf, nflows_spline_coupling
+from torch import nn
 
 from flowserve.export.adapters.nflows import NflowsFlow
 from flowserve.export.adapters.zuko import ZukoFlow
@@ -17,7 +18,10 @@ ZUKO_FLOWS = {
     "nsf-coupling": (lambda: zuko.flows.NSF(4, transforms=2, passes=2), 4, 0, 2),
     "nsf-conditional": (lambda: zuko.flows.NSF(4, 3, transforms=2), 4, 3, 2),
     "realnvp": (lambda: zuko.flows.RealNVP(4, transforms=2), 4, 0, 0),
+    "nsf-embedded": (lambda: zuko.flows.NSF(4, 5, transforms=2), 4, 3, 2),
 }
+ZUKO_EMBEDDINGS = {"nsf-embedded": lambda: nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 5))}
+"""The embedding nets of the ZUKO_FLOWS that take one: context -> what the flow takes."""
 
 
 def perturbed(name: str) -> ZukoFlow:
@@ -26,7 +30,14 @@ def perturbed(name: str) -> ZukoFlow:
     torch.manual_seed(0)
     flow = make()
     add_weight_noise(flow)
-    return ZukoFlow(flow, features, context).eval()
+    embedding = ZUKO_EMBEDDINGS[name]() if name in ZUKO_EMBEDDINGS else None
+    return ZukoFlow(flow, features, context, embedding=embedding).eval()
+
+
+def _zuko_context(model: ZukoFlow, context: torch.Tensor | None) -> torch.Tensor | None:
+    """The context as the zuko flow takes it: through the user's embedding net, if any."""
+    embedding = model.context_embedding
+    return context if embedding is None or context is None else embedding(context)
 
 
 def inputs(model: ZukoFlow, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -38,14 +49,14 @@ def inputs(model: ZukoFlow, rows: int, seed: int) -> tuple[torch.Tensor, torch.T
 def library_log_prob(model, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
     """log p(x | context) as the model's own library computes it."""
     if isinstance(model, ZukoFlow):
-        return model.flow(context).log_prob(x)
+        return model.flow(_zuko_context(model, context)).log_prob(x)
     return model.flow.log_prob(x, context)
 
 
 def library_generation(model, z: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x from base noise z, and log p(x), as the model's own library computes them."""
     if isinstance(model, ZukoFlow):
-        distribution = model.flow(context)
+        distribution = model.flow(_zuko_context(model, context))
         x, ladj = distribution.transform.inv.call_and_ladj(z)
         return x, distribution.base.log_prob(z) - ladj
     embedded = model.flow._embedding_net(context)
@@ -56,13 +67,14 @@ def library_generation(model, z: torch.Tensor, context: torch.Tensor | None) -> 
 def library_encode(model, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The base noise z of x, and log|det dz/dx|, as the model's own library computes them."""
     if isinstance(model, ZukoFlow):
-        return model.flow(context).transform.call_and_ladj(x)
+        return model.flow(_zuko_context(model, context)).transform.call_and_ladj(x)
     return model.flow._transform(x, context=model.flow._embedding_net(context))
 
 
 NFLOWS_FLOWS = {
     "maf": (lambda: nflows_maf(4), 0, 3),
     "maf-conditional": (lambda: nflows_maf(4, context=2), 2, 3),
+    "maf-embedded": (lambda: nflows_maf(4, context=3, embedded=5), 3, 3),
     "spline-coupling": (lambda: nflows_spline_coupling(4), 0, 0),
 }
 

@@ -28,12 +28,21 @@ def zuko_nsf_conditional() -> zuko.flows.Flow:
     return zuko.flows.NSF(2, 1, transforms=2)
 
 
-def nflows_maf(features: int = 2, context: int = 0, layers: int = 3) -> Flow:
+def nflows_maf(features: int = 2, context: int = 0, layers: int = 3, embedded: int = 0) -> Flow:
+    """nflows' MAF; with ``embedded`` E, an embedding net maps the context to E values first."""
     transforms = []
     for _ in range(layers):
-        transforms += [MaskedAffineAutoregressiveTransform(features, 32, context_features=context or None),
+        transforms += [MaskedAffineAutoregressiveTransform(features, 32, context_features=embedded or context or None),
                        ReversePermutation(features)]
-    return Flow(CompositeTransform(transforms), StandardNormal([features]))
+    embedding = None
+    if embedded:
+        embedding = torch.nn.Sequential(torch.nn.Linear(context, 16), torch.nn.ReLU(), torch.nn.Linear(16, embedded))
+    return Flow(CompositeTransform(transforms), StandardNormal([features]), embedding_net=embedding)
+
+
+def nflows_maf_embedded() -> Flow:
+    """A MAF with one context value, which an embedding net maps to 4."""
+    return nflows_maf(context=1, embedded=4)
 
 
 def nflows_spline_coupling(features: int = 2, tails: str | None = "linear") -> Flow:

@@ -28,6 +28,7 @@ from flowserve.export.adapters.builder import wrap
 from flowserve.export.adapters.nflows import NflowsFlow
 from flowserve.export.adapters.zuko import ZukoFlow
 from flowserve.export.data import two_moons
+from flowserve.export.exporter.graphs import EmbeddingApart
 from flowserve.export.exporter.pipeline import export_model
 from flowserve.export.exporter.triton_config import ServingConfig
 
@@ -139,3 +140,26 @@ def test_builders_flows_get_their_librarys_adapter():
         wrap(nflows_maf(2, layers=1), 3)
     own = perturbed("maf")  # already follows the protocol
     assert wrap(own, 4) is own
+
+
+@pytest.mark.parametrize("make", [lambda: perturbed("nsf-embedded"), lambda: perturbed_nflows("maf-embedded")],
+                         ids=["zuko", "nflows"])
+def test_a_librarys_embedding_net_is_the_context_embedding_the_exporter_serves_apart(make):
+    model = make()
+    apart = EmbeddingApart(model)
+    assert (apart.context_dim, apart.embedded_dim) == (3, 5)
+    x, context = inputs(model, 16, seed=4)
+    z, _ = inputs(model, 16, seed=5)
+    with torch.no_grad():
+        embedded = apart.context_embedding(context)
+        assert torch.equal(apart.log_prob(x, embedded), library_log_prob(model, x, context))
+        for got, expected in zip(apart.sample_with_log_prob(z, embedded), library_generation(model, z, context)):
+            assert torch.equal(got, expected)
+    assert model.context_embedding is not None  # the user's model is left as it was
+
+
+def test_flows_without_an_embedding_net_have_no_context_embedding():
+    assert perturbed_nflows("maf-conditional").context_embedding is None  # nflows' default identity
+    assert perturbed("nsf-conditional").context_embedding is None
+    with pytest.raises(ValueError, match="an embedding needs the size of the context"):
+        ZukoFlow(zuko.flows.NSF(4, 5), 4, embedding=torch.nn.Linear(3, 5))

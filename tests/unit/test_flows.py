@@ -30,6 +30,7 @@ from helpers.flows import (
 from flowserve import cli
 from flowserve.contract.spec import DENSITY, GENERATION
 from flowserve.export.data import DATASETS
+from flowserve.export.exporter.graphs import EmbeddingApart
 from flowserve.export.flows.autoregressive import use_cached_inverse
 from flowserve.export.flows.cached_inverse import CachedMADEInverse
 from flowserve.export.flows.nets import MADE
@@ -261,3 +262,31 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"format_version": 99}, wrong_version)
     with pytest.raises(ValueError, match="format_version 99"):
         load_checkpoint(wrong_version)
+
+
+@parametrize_configs(lambda config: "context_embedding" in config)
+def test_the_directions_without_the_embedding_on_embedded_contexts_compute_the_model(config):
+    """What the exporter serves apart (tests/e2e/test_flow_graphs.py exports it): the embedding,
+    then the model with its embedding taken out."""
+    model = perturbed_model(config)
+    apart = EmbeddingApart(model)
+    assert (apart.context_dim, apart.embedded_dim) == (config["context_dim"], config["context_embedding"]["features"])
+    x, z = data_points(model, 64, seed=8), standard_normal(64, model.noise_dim, seed=9)
+    context = contexts(model, 64, seed=10)
+    with torch.no_grad():
+        embedded = apart.context_embedding(context)
+        assert embedded.shape == (64, apart.embedded_dim)
+        assert torch.equal(apart.log_prob(x, embedded), model.log_prob(x, context))
+        for got, expected in zip(apart.sample_with_log_prob(z, embedded), model.sample_with_log_prob(z, context)):
+            assert torch.equal(got, expected)
+        assert not torch.equal(model.log_prob(x, context), model.log_prob(x, contexts(model, 64, seed=11)))
+    assert not isinstance(model.context_embedding, torch.nn.Identity)  # the model keeps its own
+
+
+def test_a_context_embedding_needs_a_context_and_a_plain_config():
+    embedded = FLOW_CONFIGS["maf-3d-embedded"]
+    with pytest.raises(ValueError, match="the model takes no context"):
+        build_flow({**embedded, "context_dim": 0})
+    for bad in ({"features": 0}, {"features": 2, "hidden_features": [0]}, {"features": 2, "depth": 3}, {}):
+        with pytest.raises(ValueError, match="context_embedding must be"):
+            build_flow({**embedded, "context_embedding": bad})
