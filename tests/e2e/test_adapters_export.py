@@ -84,7 +84,9 @@ LIVE_FLOWS = {
     "zuko-nsf-conditional": ("zuko_nsf_conditional", True, 2),
     "nflows-maf": ("nflows_maf", False, 3),
     "nflows-spline-coupling": ("nflows_spline_coupling", False, 0),
+    "nflows-maf-embedded": ("nflows_maf_embedded", True, 3),
 }
+EMBEDDED = {"nflows-maf-embedded"}  # with an embedding net, served apart as <flow>-embed
 # Flows also exported through export_model, whose graphs must equal the CLI's: one of each
 # library (each export takes 7 to 14 s here).
 SAME_GRAPHS_FROM_THE_API = ("zuko-maf", "nflows-maf")
@@ -101,10 +103,10 @@ def exported_outputs(repository, name: str, x: np.ndarray, z: np.ndarray):
 
 
 def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tmp_path):
-    """Five flows trained on moons for 200 steps, each exported through the CLI (from
+    """Six flows trained on moons for 200 steps, each exported through the CLI (from
     library_flows.py and its saved weights); for one flow of each library, the Python API
-    gives the same graphs. Triton and the gateway serve the CLI's. One flow takes a context
-    (which moon)."""
+    gives the same graphs. Triton and the gateway serve the CLI's. Two flows take a context
+    (which moon), one of them through an embedding net."""
     from flowserve import cli
 
     rows = two_moons(2000, seed=0)
@@ -126,6 +128,7 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
         assert code == 0, name
         meta = FlowMetadata.read(metadata_path(tmp_path / "cli", name))
         assert meta.graphs["generation"]["loops"] == autoregressive and meta.graphs["density"]["loops"] == 0
+        assert ("embed" in meta.models) == (name in EMBEDDED) and meta.embedded_dim == (4 if name in EMBEDDED else None)
         if name in SAME_GRAPHS_FROM_THE_API:
             export_model(model, tmp_path / "api", name=name, example_data=rows[-200:])
             for cli_run, api_run in zip(exported_outputs(tmp_path / "cli", name, rows[:300], noise),
@@ -146,18 +149,19 @@ def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tm
                                 client.sample(name, 300, seed=5, context=one_side),
                                 client.encode(name, rows[:300], None if context is None else context[:300]))
             both_sides = np.array([[0.0], [1.0]], np.float32)  # 150 samples of each moon in one call
-            grouped = client.sample("zuko-nsf-conditional", seed=6, context=both_sides, samples_per_context=150)
-            repeated = client.sample("zuko-nsf-conditional", 300, seed=6, context=np.repeat(both_sides, 150, axis=0))
-            streamed = list(client.sample_stream("zuko-nsf-conditional", seed=6, context=both_sides,
-                                                 samples_per_context=150))
+            per_context = {name: (client.sample(name, seed=6, context=both_sides, samples_per_context=150),
+                                  client.sample(name, 300, seed=6, context=np.repeat(both_sides, 150, axis=0)),
+                                  list(client.sample_stream(name, seed=6, context=both_sides, samples_per_context=150)))
+                           for name in ("zuko-nsf-conditional", "nflows-maf-embedded")}
     finally:
         assert stop_serve(process) == 0
     assert families == {name: name.split("-")[0] for name in LIVE_FLOWS}
-    assert grouped.x.shape == (2, 150, 2) and grouped.log_prob.shape == (2, 150)
-    np.testing.assert_array_equal(grouped.x.reshape(300, 2), repeated.x)  # B x N: bit for bit
-    np.testing.assert_array_equal(grouped.log_prob.reshape(300), repeated.log_prob)
-    np.testing.assert_array_equal(np.concatenate([chunk.x for chunk in streamed]), repeated.x)
-    assert np.concatenate([chunk.context_index for chunk in streamed]).tolist() == [0] * 150 + [1] * 150
+    for name, (grouped, repeated, streamed) in per_context.items():
+        assert grouped.x.shape == (2, 150, 2) and grouped.log_prob.shape == (2, 150)
+        np.testing.assert_array_equal(grouped.x.reshape(300, 2), repeated.x, err_msg=name)  # B x N: bit for bit
+        np.testing.assert_array_equal(grouped.log_prob.reshape(300), repeated.log_prob, err_msg=name)
+        np.testing.assert_array_equal(np.concatenate([chunk.x for chunk in streamed]), repeated.x, err_msg=name)
+        assert np.concatenate([chunk.context_index for chunk in streamed]).tolist() == [0] * 150 + [1] * 150
     with torch.no_grad():
         for name, (model, context) in models.items():
             log_prob, samples, encoded = served[name]
