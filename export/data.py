@@ -115,6 +115,17 @@ def checkerboard(n: int, seed: int = 0) -> np.ndarray:
     return (2.0 * np.stack([x1, x2], axis=1)).astype(np.float32)
 
 
+def gaussian_linear(n: int, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Simulation-based inference's Gaussian linear task: parameters ``theta ~ N(0, 0.1 I)``
+    and an observation ``x ~ N(theta, 0.1 I)`` of each, float32 ``[n, dim]`` both. A model
+    of theta given x as its context learns the posterior, known exactly:
+    ``N(x / 2, 0.05 I)``."""
+    rng = np.random.default_rng(seed)
+    theta = math.sqrt(0.1) * rng.standard_normal((n, dim))
+    x = theta + math.sqrt(0.1) * rng.standard_normal((n, dim))
+    return theta.astype(np.float32), x.astype(np.float32)
+
+
 def breast_cancer() -> np.ndarray:
     """The 569 x 30 Wisconsin breast-cancer features (labels dropped), float32, raw units.
 
@@ -226,6 +237,10 @@ def _load_digits_conditional(num_points: int | None, seed: int) -> tuple[np.ndar
     return _subsample(images, one_hot(labels, 10), num_points, seed, "digits-conditional")
 
 
+def _load_gaussian_linear(num_points: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return gaussian_linear(DEFAULT_TOY_POINTS if num_points is None else num_points, seed=seed)
+
+
 DATASETS: dict[str, BuiltinDataset] = {
     "moons": BuiltinDataset("two interleaving half circles, 2-D", _toy(two_moons)),
     "circles": BuiltinDataset("two concentric circles, 2-D", _toy(circles)),
@@ -236,6 +251,8 @@ DATASETS: dict[str, BuiltinDataset] = {
                              levels=DIGIT_LEVELS),
     "digits-conditional": BuiltinDataset("8x8 digits with the one-hot label (10 columns) as context",
                                          _load_digits_conditional, levels=DIGIT_LEVELS),
+    "gaussian-linear": BuiltinDataset("simulation-based inference's Gaussian linear task: parameters (10) given "
+                                      "their noisy observation (10) as context", _load_gaussian_linear),
 }
 """Built-in data sets by name."""
 

@@ -38,9 +38,11 @@ def show_progress(args) -> bool:
 
 def train(family: str, data: str | Path, *, num_points: int | None = None, steps: int = 2000,
           batch_size: int = 256, lr: float = 1e-3, seed: int = 0, output: Path | None = None,
-          progress: bool = False) -> Path:
+          progress: bool = False, context_embedding: dict | None = None) -> Path:
     """Train ``family`` on a built-in data set or a user file; returns the checkpoint path
-    (default ``checkpoints/<family>-<dataset>.pt``)."""
+    (default ``checkpoints/<family>-<dataset>.pt``). ``context_embedding`` (``{"features":
+    E, "hidden_features": [...]}``) puts an embedding MLP in front of a conditional model's
+    networks."""
     require_export_extra("train")
     import torch
 
@@ -50,7 +52,10 @@ def train(family: str, data: str | Path, *, num_points: int | None = None, steps
 
     dataset = load_dataset(data, num_points=num_points, seed=seed)
     torch.manual_seed(seed)  # the initial weights; train_flow seeds its own batches
-    flow = build_flow(default_flow_config(family, dataset))
+    config = default_flow_config(family, dataset)
+    if context_embedding is not None:
+        config["context_embedding"] = context_embedding
+    flow = build_flow(config)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     metrics = train_flow(flow, dataset, config, progress=progress)
     output = output or Path("checkpoints") / f"{family}-{dataset.name}.pt"
@@ -64,7 +69,7 @@ def train(family: str, data: str | Path, *, num_points: int | None = None, steps
 def train_command(args) -> None:
     train(args.family, args.data if args.data is not None else args.dataset or "moons",
           num_points=args.num_points, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-          output=args.output, progress=show_progress(args))
+          output=args.output, progress=show_progress(args), context_embedding=args.context_embedding)
 
 
 def export(checkpoint: Path, repository: Path, *, name: str | None = None, version: int = 1, serving=None,

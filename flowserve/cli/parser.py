@@ -34,6 +34,18 @@ def _float_list(text: str) -> np.ndarray:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _embedding(text: str) -> dict:
+    """``E`` or ``E:H1,H2,...`` as a context_embedding config."""
+    features, _, hidden = text.partition(":")
+    try:
+        config = {"features": int(features)}
+        if hidden:
+            config["hidden_features"] = [int(width) for width in hidden.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected E or E:H1,H2,... (integers), got {text!r}") from None
+    return config
+
+
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=os.environ.get("FLOWSERVE_TARGET", DEFAULT_TARGET),
                         help="gateway host:port (env FLOWSERVE_TARGET)")
@@ -88,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--context-embedding", type=_embedding, default=None, metavar="E[:H1,H2,...]",
+                       help="conditional data: an MLP (hidden widths H, default 256,256) maps the context to E "
+                            "values that the flow's networks take; exported apart, it runs once per context")
     train.add_argument("-o", "--output", type=Path, default=None,
                        help="checkpoint path (default checkpoints/<family>-<dataset>.pt)")
 

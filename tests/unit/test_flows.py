@@ -290,3 +290,11 @@ def test_a_context_embedding_needs_a_context_and_a_plain_config():
     for bad in ({"features": 0}, {"features": 2, "hidden_features": [0]}, {"features": 2, "depth": 3}, {}):
         with pytest.raises(ValueError, match="context_embedding must be"):
             build_flow({**embedded, "context_embedding": bad})
+
+
+def test_train_takes_a_context_embedding_from_the_command_line():
+    parser = cli.build_parser()
+    assert parser.parse_args(["train", "--context-embedding", "16:64,32"]).context_embedding == {
+        "features": 16, "hidden_features": [64, 32]}
+    assert parser.parse_args(["train", "--context-embedding", "8"]).context_embedding == {"features": 8}
+    assert parser.parse_args(["train"]).context_embedding is None
