@@ -19,7 +19,7 @@ from helpers.fakes import CONDITIONAL, UNCONDITIONAL, InMemoryBackend, fake_answ
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowserve.contract.spec import ALL_DIRECTIONS, triton_model_name
+from flowserve.contract.spec import ALL_DIRECTIONS, FLOW_MODELS, triton_model_name
 from flowserve.server.client import FlowClient, sample_request
 from flowserve.server.gateway.app import Gateway, GatewayConfig
 from flowserve.server.gateway.service import GatewayLimits
@@ -39,8 +39,11 @@ def gateway_target(tmp_path_factory):
     """A gateway on an in-memory backend, on its own event loop in a thread, for the module."""
     repository = tmp_path_factory.mktemp("fuzz-repo")
     write_metadata(repository, CONDITIONAL, context_shape=[3], noise_dim=6)
-    # The unconditional flow can encode; the conditional one (a VAE here) cannot.
+    # The unconditional flow can encode; the conditional one (a VAE here) cannot; the third
+    # has its context embedding apart.
     write_metadata(repository, UNCONDITIONAL, models={d: triton_model_name(UNCONDITIONAL, d) for d in ALL_DIRECTIONS})
+    write_metadata(repository, EMBEDDED, family="realnvp", context_shape=[3], noise_dim=4, embedded_dim=5,
+                   models={d: triton_model_name(EMBEDDED, d) for d in FLOW_MODELS})
     config = GatewayConfig(repository, triton_url="in-memory", host="127.0.0.1", port=0, metrics_port=free_port(),
                            limits=GatewayLimits(1_000, 10_000, max_rows_per_stream=1_000))
     started, stop = threading.Event(), None
@@ -82,7 +85,9 @@ def tensors(*fitting: list[int]) -> st.SearchStrategy[pb.Tensor]:
     return st.one_of(anything, small, *fits)
 
 
-MODELS = st.one_of(*[st.just(CONDITIONAL), st.just(UNCONDITIONAL)] * 3, st.just(""), st.text(max_size=20),
+EMBEDDED = "embedded"
+MODELS = st.one_of(*[st.just(CONDITIONAL), st.just(UNCONDITIONAL), st.just(EMBEDDED)] * 2, st.just(""),
+                   st.text(max_size=20),
                    st.text(min_size=200, max_size=5_000))
 CONTEXTS = st.none() | tensors([3], [-1, 3])
 NUM_SAMPLES = st.one_of(st.integers(-5, 40), st.sampled_from([0, 1_001, 10**9, 2**62]))
