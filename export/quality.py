@@ -137,6 +137,7 @@ _STEPS = {  # family: steps on 2d, tabular, image data
     "maf": (2000, 2000, 2000),
     "iaf": (2000, 500, 300),
     "vae": (2000, 2000, 2000),
+    "nsf": (2000, 2000, 2000),
 }
 RECIPES: dict[str, dict[str, Recipe]] = {
     family: {kind: Recipe(steps=count, batch_size=_BATCH_SIZES[kind]) for kind, count in zip(_BATCH_SIZES, steps)}

@@ -33,10 +33,10 @@ from nflows.transforms.coupling import PiecewiseRationalQuadraticCouplingTransfo
 from nflows.transforms.permutations import Permutation
 from torch import Tensor, nn
 
+from ..flows.splines import rational_quadratic, unit_derivative, with_linear_tails
 from ..flows.transforms import fixed_point_loop
 
 SUPPORTED = (MaskedAffineAutoregressiveTransform, PiecewiseRationalQuadraticCouplingTransform, Permutation)
-_SPLINE_SEARCH_EPS = 1e-6  # nflows widens the last bin edge by this much, so the right end falls in the last bin
 
 
 def layers_of(transform) -> list[nn.Module]:
@@ -154,63 +154,6 @@ def _spline(layer: PiecewiseRationalQuadraticCouplingTransform, inputs: Tensor, 
         widths, heights = widths / math.sqrt(scale), heights / math.sqrt(scale)
     limits = dict(min_width=layer.min_bin_width, min_height=layer.min_bin_height, min_derivative=layer.min_derivative)
     if layer.tails is None:
-        return _rational_quadratic(inputs, widths, heights, derivatives, inverse, 0.0, 1.0, **limits)
-    bound = layer.tail_bound
-    edge_derivative = math.log(math.exp(1 - layer.min_derivative) - 1)  # slope 1 where the linear tails join
-    derivatives = F.pad(derivatives, (1, 1), value=edge_derivative)
-    inside = (inputs >= -bound) & (inputs <= bound)
-    outputs, logabsdet = _rational_quadratic(inputs.clamp(-bound, bound), widths, heights, derivatives, inverse,
-                                             -bound, bound, **limits)
-    return torch.where(inside, outputs, inputs), torch.where(inside, logabsdet, torch.zeros_like(logabsdet))
-
-
-def _knots(unnormalized: Tensor, low: float, high: float, minimum: float) -> tuple[Tensor, Tensor]:
-    """Bin edges from ``low`` to ``high`` (exactly) and bin sizes, each bin at least ``minimum``."""
-    bins = unnormalized.shape[-1]
-    sizes = minimum + (1 - minimum * bins) * F.softmax(unnormalized, dim=-1)
-    edges = (high - low) * F.pad(torch.cumsum(sizes, dim=-1), (1, 0), value=0.0) + low
-    edges = torch.cat([torch.full_like(edges[..., :1], low), edges[..., 1:-1], torch.full_like(edges[..., :1], high)],
-                      dim=-1)
-    return edges, edges[..., 1:] - edges[..., :-1]
-
-
-def _rational_quadratic(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights: Tensor,
-                        unnormalized_derivatives: Tensor, inverse: bool, low: float, high: float, *,
-                        min_width: float, min_height: float, min_derivative: float) -> tuple[Tensor, Tensor]:
-    """nflows' ``rational_quadratic_spline`` on [low, high]², without its domain checks."""
-    cumwidths, widths = _knots(unnormalized_widths, low, high, min_width)
-    cumheights, heights = _knots(unnormalized_heights, low, high, min_height)
-    derivatives = min_derivative + F.softplus(unnormalized_derivatives)
-    edges = cumheights if inverse else cumwidths
-    edges = torch.cat([edges[..., :-1], edges[..., -1:] + _SPLINE_SEARCH_EPS], dim=-1)
-    # Clamped: outside [low, high] (which nflows refuses) the end bins extrapolate, and an
-    # exported graph never gathers out of range.
-    index = (torch.sum(inputs[..., None] >= edges, dim=-1) - 1).clamp(0, edges.shape[-1] - 2)[..., None]
-
-    def at(values: Tensor) -> Tensor:
-        return values.gather(-1, index)[..., 0]
-
-    input_cumwidths, input_widths = at(cumwidths), at(widths)
-    input_cumheights, input_heights = at(cumheights), at(heights)
-    input_delta = at(heights / widths)
-    input_derivatives, input_derivatives_next = at(derivatives), at(derivatives[..., 1:])
-    slopes = input_derivatives + input_derivatives_next - 2 * input_delta
-    if inverse:
-        shifted = inputs - input_cumheights
-        a = shifted * slopes + input_heights * (input_delta - input_derivatives)
-        b = input_heights * input_derivatives - shifted * slopes
-        c = -input_delta * shifted
-        theta = (2 * c) / (-b - torch.sqrt(b.pow(2) - 4 * a * c))
-        outputs = theta * input_widths + input_cumwidths
-    else:
-        theta = (inputs - input_cumwidths) / input_widths
-    theta_one_minus_theta = theta * (1 - theta)
-    denominator = input_delta + slopes * theta_one_minus_theta
-    if not inverse:
-        numerator = input_heights * (input_delta * theta.pow(2) + input_derivatives * theta_one_minus_theta)
-        outputs = input_cumheights + numerator / denominator
-    derivative_numerator = input_delta.pow(2) * (input_derivatives_next * theta.pow(2)
-                                                 + 2 * input_delta * theta_one_minus_theta
-                                                 + input_derivatives * (1 - theta).pow(2))
-    logabsdet = torch.log(derivative_numerator) - 2 * torch.log(denominator)
-    return outputs, -logabsdet if inverse else logabsdet
+        return rational_quadratic(inputs, widths, heights, derivatives, inverse, 0.0, 1.0, **limits)
+    derivatives = F.pad(derivatives, (1, 1), value=unit_derivative(layer.min_derivative))
+    return with_linear_tails(inputs, widths, heights, derivatives, inverse, layer.tail_bound, **limits)

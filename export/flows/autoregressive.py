@@ -60,7 +60,8 @@ def use_cached_inverse(model: nn.Module, min_batch: int = 256) -> int:
     ``min_batch`` rows or more with it. Returns how many layers got one."""
     if min_batch < 1:
         raise ValueError(f"min_batch must be at least 1, got {min_batch}")
-    inverses = [inverse for inverse in fixed_point_inverses(model) if isinstance(inverse.net, MADE)]
+    inverses = [inverse for inverse in fixed_point_inverses(model)
+                if inverse.cacheable and isinstance(inverse.net, MADE)]
     for inverse in inverses:
         inverse.cached = CachedMADEInverse(inverse.net, inverse.log_scale_bound, min_batch=min_batch)
     return len(inverses)

@@ -19,6 +19,7 @@ FAMILIES = {
     "glow": "glow:Glow",
     "maf": "autoregressive:MAF",
     "iaf": "autoregressive:IAF",
+    "nsf": "nsf:NSF",
     "vae": "vae:VAE",
 }
 """Family name -> ``module:class`` in this package."""

@@ -365,8 +365,12 @@ class FixedPointInverse(nn.Module):
     Iterating ``x <- z * exp(log_scale(x)) + shift(x)`` from ``x = 0`` makes one more
     feature exact per step, so ``D`` steps invert exactly: one network pass per step, and
     the loop stays a loop in both export formats. The loop stops early once a step changes
-    nothing, with the same result bit for bit (see :func:`fixed_point_loop`).
+    nothing, with the same result bit for bit (see :func:`fixed_point_loop`). Subclasses
+    invert other elementwise maps by overriding :meth:`_step` and :meth:`_log_det`.
     """
+
+    cacheable = True
+    """Whether a ``CachedMADEInverse`` can stand in for the loop (affine layers only)."""
 
     def __init__(self, net: nn.Module, log_scale_bound: float = 3.0):
         super().__init__()
@@ -383,8 +387,14 @@ class FixedPointInverse(nn.Module):
         return shift, soft_clamp(raw_log_scale, self.log_scale_bound)
 
     def _step(self, z: Tensor, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        """One pass: the elementwise inverse of ``z`` with the parameters that ``x`` gives."""
         shift, log_scale = self.params(x, context)
         return z * torch.exp(log_scale) + shift
+
+    def _log_det(self, z: Tensor, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        """``log|det dx/dz|`` at the inverse ``x`` of ``z``."""
+        _, log_scale = self.params(x, context)
+        return log_scale.sum(1)
 
     @torch.jit.unused
     def _outside_torchscript(self, z: Tensor, context: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
@@ -397,8 +407,7 @@ class FixedPointInverse(nn.Module):
 
         def loop(z: Tensor) -> tuple[Tensor, Tensor]:
             x = fixed_point_loop(lambda x, target: self._step(target, x, context), z, z.shape[1], self.early_exit)
-            _, log_scale = self.params(x, context)
-            return x, log_scale.sum(1)
+            return x, self._log_det(z, x, context)
 
         if not use_cached:
             return loop(z)
@@ -423,8 +432,7 @@ class FixedPointInverse(nn.Module):
             x = stepped
         if not torch.jit.is_scripting():
             self.passes_run = passes
-        _, log_scale = self.params(x, context)
-        return x, log_scale.sum(1)
+        return x, self._log_det(z, x, context)
 
 
 def fixed_point_inverses(module: nn.Module) -> list[FixedPointInverse]:

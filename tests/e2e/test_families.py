@@ -51,6 +51,9 @@ ZOO = {
     "iaf-moons": ZooEntry("iaf", "moons", {"num_layers": 3, "hidden_features": [32]}, format="torchscript"),
     "vae-moons": ZooEntry("vae", "moons", {"hidden_features": [32], "prior_couplings": 2,
                                            "importance_samples": 16}),
+    "nsf-moons": ZooEntry("nsf", "moons", {"num_transforms": 3, "hidden_features": [32], "bins": 6}),
+    "nsf-ar-moons": ZooEntry("nsf", "moons", {"num_transforms": 2, "hidden_features": [32], "bins": 6,
+                                              "variant": "autoregressive"}, format="torchscript"),
 }
 ROWS = 40
 

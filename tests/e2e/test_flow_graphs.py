@@ -11,12 +11,14 @@ import torch
 from helpers.flows import (
     AUTOREGRESSIVE,
     FLOW_CONFIGS,
+    SEQUENTIAL,
     assert_like_the_loop,
     contexts,
     data_points,
     moons_dataset,
     parametrize_configs,
     perturbed_model,
+    sequential_direction,
     set_early_exit,
     standard_normal,
 )
@@ -33,7 +35,9 @@ from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.quality import gaussian_baseline
 from flowserve.export.training import TrainConfig, mean_log_prob, train_flow
 
-all_models = parametrize_configs(lambda config: True)
+# Every config but the 2-D autoregressive NSF, whose graphs are those of nsf-4d-context with
+# another width (14 s of export here); its invariants are in tests/unit/test_flows.py.
+all_models = parametrize_configs(lambda config: config is not FLOW_CONFIGS["nsf-2d-autoregressive"])
 
 
 @all_models
@@ -53,22 +57,24 @@ def test_exported_graphs_match_pytorch(config, fmt, caplog):
     assert ("embedded_context" in report) == embedded
     if fmt == "torchscript":  # a direction goes into a CUDA graph unless it runs the loop that stops on the host
         blockers = {direction: cuda_graph_blockers(graph) for direction, graph in graphs.items()}
-        looping = {"maf": GENERATION, "iaf": DENSITY}.get(config["family"])
+        looping = sequential_direction(config) if config in SEQUENTIAL.values() else None
         assert blockers == {direction: ["aten::equal", "prim::If", "prim::Loop"] if direction == looping else []
                             for direction in graphs}
 
 
-@pytest.mark.parametrize("family, direction", [("maf", GENERATION), ("iaf", DENSITY)])
+@pytest.mark.parametrize("family, direction", [("maf", GENERATION), ("iaf", DENSITY), ("nsf", GENERATION)])
 def test_sequential_direction_is_a_loop_not_unrolled(family, direction):
     """D=64: the early-exit loop stays one Loop per layer, and its exported graphs compute
     what the D-step loop's graphs compute."""
-    model = perturbed_model(AUTOREGRESSIVE[f"{family}-64d"])
+    config = SEQUENTIAL[f"{family}-64d"]
+    model = perturbed_model(config)
+    layers = len(fixed_point_inverses(model))
     points = (standard_normal(256, 64, seed=3) if direction == GENERATION else data_points(model, 256, seed=3)).numpy()
-    for fmt, node_budget in (("onnx", 300), ("torchscript", None)):
+    for fmt, node_budget in (("onnx", (300 if family == "nsf" else 60) * layers), ("torchscript", None)):
         early = EXPORTERS[fmt](model, direction)
         d_steps = EXPORTERS[fmt](set_early_exit(copy.deepcopy(model), False), direction)
         stats = graph_stats(fmt, early)
-        assert stats["loops"] == 5 and (node_budget is None or stats["nodes"] < node_budget)
+        assert stats["loops"] == layers and (node_budget is None or stats["nodes"] < node_budget), stats
         for got, expected in zip(load_exported(fmt, early)(points), load_exported(fmt, d_steps)(points), strict=True):
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     one_pass = graph_stats("onnx", export_onnx(model, DENSITY if direction == GENERATION else GENERATION))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowserve.contract.spec import GENERATION
+from flowserve.contract.spec import DENSITY, GENERATION
 from flowserve.export.data import Dataset, train_test_split, two_moons
 from flowserve.export.flows.registry import build_flow
 from flowserve.export.flows.transforms import fixed_point_inverses
@@ -66,6 +66,12 @@ FLOW_CONFIGS: dict[str, dict] = {
                "prior_couplings": 2, "importance_samples": 16},
     "vae-image-context": {"family": "vae", "event_shape": [1, 4, 4], "context_dim": 2, "preprocessing": PIXELS,
                           "latent_dim": 3, "hidden_features": [16], "prior_couplings": 2, "importance_samples": 8},
+    "nsf-2d": {"family": "nsf", "event_shape": [2], "num_transforms": 3, "hidden_features": [16, 16], "bins": 6,
+               "tail_bound": 3.0},
+    "nsf-2d-autoregressive": {"family": "nsf", "event_shape": [2], "num_transforms": 3, "hidden_features": [16, 16],
+                              "bins": 6, "tail_bound": 3.0, "variant": "autoregressive"},
+    "nsf-4d-context": {"family": "nsf", "event_shape": [4], "context_dim": 2,
+                       "num_transforms": 2, "hidden_features": [16], "bins": 4, "variant": "autoregressive"},
     # A context embedding between the context and the networks (exported apart as <flow>-embed).
     "nice-3d-embedded": {"family": "nice", "event_shape": [3], "context_dim": 4, "num_couplings": 3,
                          "hidden_features": [16], "context_embedding": {"features": 2, "hidden_features": [8]}},
@@ -120,6 +126,16 @@ AUTOREGRESSIVE = {**{name: config for name, config in FLOW_CONFIGS.items() if co
                                 "hidden_features": [32, 32]},
                   "maf-64d": {"family": "maf", "event_shape": [64], "num_layers": 5, "hidden_features": [128]},
                   "iaf-64d": {"family": "iaf", "event_shape": [64], "num_layers": 5, "hidden_features": [128]}}
+SEQUENTIAL = {**AUTOREGRESSIVE,
+              **{name: config for name, config in FLOW_CONFIGS.items() if config.get("variant") == "autoregressive"},
+              "nsf-64d": {"family": "nsf", "event_shape": [64], "num_transforms": 2, "hidden_features": [64],
+                          "variant": "autoregressive"}}
+"""Every model with a sequential direction (a fixed-point loop): MAF, IAF and autoregressive NSF."""
+
+
+def sequential_direction(config: dict) -> str:
+    """The direction of ``config``'s model that runs its loops: IAF's density, the others' generation."""
+    return DENSITY if config["family"] == "iaf" else GENERATION
 
 
 def scaled_gap(got, expected) -> float:

@@ -16,12 +16,14 @@ import torch
 from helpers.flows import (
     AUTOREGRESSIVE,
     FLOW_CONFIGS,
+    SEQUENTIAL,
     STANDARDIZE_3D,
     assert_like_the_loop,
     contexts,
     data_points,
     parametrize_configs,
     perturbed_model,
+    sequential_direction,
     sequential_output,
     set_early_exit,
     standard_normal,
@@ -35,6 +37,7 @@ from flowserve.export.flows.autoregressive import use_cached_inverse
 from flowserve.export.flows.cached_inverse import CachedMADEInverse
 from flowserve.export.flows.nets import MADE
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, family_class
+from flowserve.export.flows.splines import spline_with_linear_tails
 from flowserve.export.flows.transforms import fixed_point_inverses
 from flowserve.export.training import load_checkpoint, save_checkpoint
 
@@ -193,18 +196,18 @@ def test_build_flow_rejects_unknown_family_and_bad_options():
                     "preprocessing": {**STANDARDIZE_3D, "std": [1.0, 0.0, 1.0]}})
 
 
-@pytest.mark.parametrize("config", AUTOREGRESSIVE.values(), ids=AUTOREGRESSIVE.keys())
+@pytest.mark.parametrize("config", SEQUENTIAL.values(), ids=SEQUENTIAL.keys())
 def test_early_exit_gives_the_d_step_result_bit_for_bit(config):
     model = perturbed_model(config)
-    direction = GENERATION if config["family"] == "maf" else DENSITY
+    direction = sequential_direction(config)
     early = sequential_output(model, direction)
     passes = [loop.passes_run for loop in fixed_point_inverses(model)]
     d_steps = sequential_output(set_early_exit(model, False), direction)
     for got, expected in zip(early, d_steps, strict=True):
         assert torch.equal(got, expected)
     assert [loop.passes_run for loop in fixed_point_inverses(model)] == [model.noise_dim] * len(passes)
-    if model.noise_dim == 64:
-        assert max(passes) < 32  # 15 to 17 of 64 here
+    if model.noise_dim == 64:  # MAF and IAF stopped after 15 to 17 of 64 passes here, NSF after 25 and 26
+        assert max(passes) < (40 if config["family"] == "nsf" else 32)
 
 
 @pytest.mark.parametrize("config", AUTOREGRESSIVE.values(), ids=AUTOREGRESSIVE.keys())
@@ -298,3 +301,31 @@ def test_train_takes_a_context_embedding_from_the_command_line():
         "features": 16, "hidden_features": [64, 32]}
     assert parser.parse_args(["train", "--context-embedding", "8"]).context_embedding == {"features": 8}
     assert parser.parse_args(["train"]).context_embedding is None
+
+
+def test_a_spline_is_the_identity_at_zero_parameters_monotonic_and_linear_outside_its_bound():
+    x = torch.linspace(-8.0, 8.0, 2001, dtype=torch.float64)
+    identity, log_det = spline_with_linear_tails(x, torch.zeros(len(x), 3 * 6 - 1, dtype=torch.float64), False, 3.0)
+    torch.testing.assert_close(identity, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(log_det, torch.zeros_like(x), atol=1e-12, rtol=0)
+    params = 2.0 * torch.randn(1, 3 * 6 - 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y, log_det = spline_with_linear_tails(x, params.expand(len(x), -1), False, 3.0)
+    outside = x.abs() > 3.0
+    assert torch.equal(y[outside], x[outside]) and torch.equal(log_det[outside], torch.zeros_like(x[outside]))
+    assert torch.all(y[1:] > y[:-1])  # strictly increasing, across the joins too
+    assert (y[~outside].min(), y[~outside].max()) >= (-3.0, -3.0) and y[~outside].max() <= 3.0
+    points = torch.tensor([-3.0 + 1e-12, 3.0 - 1e-12, *x[::50].tolist()], dtype=torch.float64, requires_grad=True)
+    values, point_log_det = spline_with_linear_tails(points, params.expand(len(points), -1), False, 3.0)
+    (slope,) = torch.autograd.grad(values.sum(), points)
+    torch.testing.assert_close(slope.log(), point_log_det.detach(), atol=1e-9, rtol=0)
+    torch.testing.assert_close(slope[:2], torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)  # no kink at +-3
+    back, inverse_log_det = spline_with_linear_tails(y, params.expand(len(x), -1), True, 3.0)
+    torch.testing.assert_close(back, x, atol=1e-9, rtol=0)
+    torch.testing.assert_close(inverse_log_det, -log_det, atol=1e-9, rtol=0)
+
+
+def test_the_cached_inverse_leaves_spline_loops_alone():
+    """The cached inverse solves affine layers; an autoregressive NSF keeps its loop."""
+    model = perturbed_model(FLOW_CONFIGS["nsf-4d-context"])
+    assert use_cached_inverse(model, 64) == 0
+    assert all(loop.cached is None for loop in fixed_point_inverses(model))
