@@ -87,9 +87,9 @@ LIVE_FLOWS = {
     "nflows-maf-embedded": ("nflows_maf_embedded", True, 3),
 }
 EMBEDDED = {"nflows-maf-embedded"}  # with an embedding net, served apart as <flow>-embed
-# Flows also exported through export_model, whose graphs must equal the CLI's: one of each
-# library (each export takes 7 to 14 s here).
-SAME_GRAPHS_FROM_THE_API = ("zuko-maf", "nflows-maf")
+# A flow also exported through export_model, whose graphs must equal the CLI's (the path
+# after the builder is the same for every library; an export takes 7 to 14 s here).
+SAME_GRAPHS_FROM_THE_API = ("zuko-maf",)
 
 
 def exported_outputs(repository, name: str, x: np.ndarray, z: np.ndarray):
@@ -104,8 +104,8 @@ def exported_outputs(repository, name: str, x: np.ndarray, z: np.ndarray):
 
 def test_trained_zuko_and_nflows_flows_are_served_with_their_librarys_numbers(tmp_path):
     """Six flows trained on moons for 200 steps, each exported through the CLI (from
-    library_flows.py and its saved weights); for one flow of each library, the Python API
-    gives the same graphs. Triton and the gateway serve the CLI's. Two flows take a context
+    library_flows.py and its saved weights); for one of them, the Python API gives the same
+    graphs. Triton and the gateway serve the CLI's. Two flows take a context
     (which moon), one of them through an embedding net."""
     from flowserve import cli
 

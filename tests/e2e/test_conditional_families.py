@@ -21,8 +21,9 @@ from flowserve.export.exporter.triton_config import ServingConfig
 from flowserve.export.flows.registry import FAMILY_NAMES
 from flowserve.server.client import FlowClient
 
-CONDITIONAL = {
-    **{name: config for name, config in FLOW_CONFIGS.items() if config.get("context_dim")},
+CONDITIONAL = {  # NICE's embedding apart is exported in tests/e2e/test_flow_graphs.py, not served here
+    **{name: config for name, config in FLOW_CONFIGS.items()
+       if config.get("context_dim") and name != "nice-3d-embedded"},
     "nice-3d-context": {"family": "nice", "event_shape": [3], "context_dim": 2, "num_couplings": 3,
                         "hidden_features": [16]},
     "maf-3d-context": {"family": "maf", "event_shape": [3], "context_dim": 2, "num_layers": 2,
