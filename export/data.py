@@ -180,6 +180,31 @@ def train_test_split(
     return data[train_rows], data[test_rows]
 
 
+@dataclass(frozen=True, eq=False)
+class ValidationSplit:
+    """A data set's training rows split into the rows a model trains on and the validation
+    rows that choose among its weights (None: nothing held back)."""
+
+    train: np.ndarray
+    train_context: np.ndarray | None
+    validation: np.ndarray | None
+    validation_context: np.ndarray | None
+
+
+def validation_split(dataset: Dataset, fraction: float, seed: int = 0) -> ValidationSplit:
+    """A seeded ``fraction`` of ``dataset.train`` as validation rows; the test rows are not
+    touched. ``fraction`` 0 holds nothing back."""
+    if fraction == 0:
+        return ValidationSplit(dataset.train, dataset.train_context, None, None)
+    if not 0 < round(len(dataset.train) * fraction) < len(dataset.train):
+        raise ValueError(f"{len(dataset.train)} training rows are too few to hold back a validation fraction of "
+                         f"{fraction}; use validation fraction 0")
+    kept, held = _split_order(len(dataset.train), fraction, seed)
+    context = dataset.train_context
+    return ValidationSplit(dataset.train[kept], None if context is None else context[kept],
+                           dataset.train[held], None if context is None else context[held])
+
+
 def summarize(data: np.ndarray) -> dict[str, Any]:
     """Row count, dimension and per-feature mean and standard deviation, as plain values.
 

@@ -36,19 +36,21 @@ def show_progress(args) -> bool:
     return sys.stderr.isatty() or args.verbose
 
 
-def train(family: str, data: str | Path, *, num_points: int | None = None, steps: int = 2000,
-          batch_size: int = 256, lr: float = 1e-3, seed: int = 0, output: Path | None = None,
-          progress: bool = False, context_embedding: dict | None = None) -> Path:
+def train(family: str, data: str | Path, *, num_points: int | None = None, seed: int = 0,
+          output: Path | None = None, progress: bool = False, context_embedding: dict | None = None,
+          **settings) -> Path:
     """Train ``family`` on a built-in data set or a user file; returns the checkpoint path
-    (default ``checkpoints/<family>-<dataset>.pt``). ``context_embedding`` (``{"features":
-    E, "hidden_features": [...]}``) puts an embedding MLP in front of a conditional model's
-    networks."""
+    (default ``checkpoints/<family>-<dataset>.pt``). ``settings`` are ``TrainConfig``'s
+    (steps, batch_size, lr, the validation split, early stopping, schedule, clipping);
+    ``seed`` drives the data, the initial weights and training. ``context_embedding``
+    (``{"features": E, "hidden_features": [...]}``) puts an embedding MLP in front of a
+    conditional model's networks."""
     require_export_extra("train")
     import torch
 
     from flowserve.export.data import load_dataset, summarize
     from flowserve.export.flows.registry import build_flow, default_flow_config
-    from flowserve.export.training import TrainConfig, save_checkpoint, train_flow
+    from flowserve.export.training import TrainConfig, save_checkpoint, train_flow, training_record
 
     dataset = load_dataset(data, num_points=num_points, seed=seed)
     torch.manual_seed(seed)  # the initial weights; train_flow seeds its own batches
@@ -56,20 +58,27 @@ def train(family: str, data: str | Path, *, num_points: int | None = None, steps
     if context_embedding is not None:
         config["context_embedding"] = context_embedding
     flow = build_flow(config)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    metrics = train_flow(flow, dataset, config, progress=progress)
+    settings = TrainConfig(seed=seed, **settings)
+    metrics = train_flow(flow, dataset, settings, progress=progress)
     output = output or Path("checkpoints") / f"{family}-{dataset.name}.pt"
     save_checkpoint(output, flow, data_summary=summarize(dataset.train), metrics=metrics, dataset=dataset.name,
-                    heldout=dataset.test, heldout_context=dataset.test_context)
-    print(f"trained {family} on {dataset.name}: train log-lik {metrics['train_log_likelihood']:.4f}, "
+                    heldout=dataset.test, heldout_context=dataset.test_context,
+                    training=training_record(settings, metrics))
+    validation = ("" if "validation_log_likelihood" not in metrics else
+                  f"validation log-lik {metrics['validation_log_likelihood']:.4f} (weights of step "
+                  f"{metrics['best_step']} of {metrics['steps_run']}), ")
+    print(f"trained {family} on {dataset.name}: train log-lik {metrics['train_log_likelihood']:.4f}, {validation}"
           f"held-out log-lik {metrics['test_log_likelihood']:.4f} -> {output}")
     return output
 
 
 def train_command(args) -> None:
     train(args.family, args.data if args.data is not None else args.dataset or "moons",
-          num_points=args.num_points, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-          output=args.output, progress=show_progress(args), context_embedding=args.context_embedding)
+          num_points=args.num_points, seed=args.seed, output=args.output, progress=show_progress(args),
+          context_embedding=args.context_embedding, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+          weight_decay=args.weight_decay, cosine_lr=args.lr_schedule == "cosine",
+          validation_fraction=args.validation_fraction, eval_every=args.eval_every, patience=args.patience or None,
+          clip_grad_norm=args.clip_grad_norm or None)
 
 
 def export(checkpoint: Path, repository: Path, *, name: str | None = None, version: int = 1, serving=None,

@@ -96,9 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-points", type=int, default=None,
                        help="data set size before the held-out split (default: 4000 for 2-D toys, all rows "
                             "otherwise)")
-    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--steps", type=int, default=2000,
+                       help="the most training steps (early stopping may end sooner)")
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                       help="cosine: anneal the rate to zero over --steps")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="Adam's weight decay")
+    train.add_argument("--clip-grad-norm", type=float, default=10.0, help="bound on the gradient's norm (0: none)")
+    train.add_argument("--validation-fraction", type=float, default=0.1,
+                       help="training rows held back to choose the weights by (never the held-out rows; 0: none, "
+                            "all steps run and the last weights are kept)")
+    train.add_argument("--eval-every", type=int, default=50, help="steps between validation scores")
+    train.add_argument("--patience", type=int, default=10,
+                       help="stop after this many validation scores without improvement (0: never early)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--context-embedding", type=_embedding, default=None, metavar="E[:H1,H2,...]",
                        help="conditional data: an MLP (hidden widths H, default 256,256) maps the context to E "

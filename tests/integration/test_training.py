@@ -1,5 +1,6 @@
 """Small trainings, seconds each: ``flowserve train`` on a user's CSV, a refused plot of
-what it trained, and training that gives the same weights twice for the same seed."""
+what it trained, training that gives the same weights twice for the same seed, and
+training that chooses by validation rows and never sees the test rows."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 from helpers.flows import FLOW_CONFIGS, moons_dataset
 
 from flowserve import cli
-from flowserve.export.data import load_dataset
+from flowserve.export.data import Dataset, load_dataset, train_test_split, two_moons, validation_split
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow
-from flowserve.export.training import TrainConfig, load_checkpoint, train_flow
+from flowserve.export.training import TrainConfig, load_checkpoint, mean_log_prob, train_flow
 
 
 def _array(rows=40, cols=3, seed=0):
@@ -69,3 +70,48 @@ def test_training_is_deterministic():
         train_flow(model, dataset, TrainConfig(steps=20, batch_size=64), progress=False)
         runs.append(model.state_dict())
     assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+
+
+def test_test_rows_take_no_part_in_training_or_selection():
+    """Held-out rows of NaN: had one reached a batch or a validation score, training would
+    stop on a non-finite loss or never find a best step."""
+    dataset = moons_dataset(600)
+    poisoned = Dataset(name="moons", train=dataset.train, test=np.full_like(dataset.test, np.nan), event_shape=(2,))
+    torch.manual_seed(0)
+    model = build_flow(FLOW_CONFIGS["realnvp-2d"])
+    metrics = train_flow(model, poisoned, TrainConfig(steps=100, batch_size=64, eval_every=20), progress=False)
+    assert np.isfinite(metrics["validation_log_likelihood"]) and np.isnan(metrics["test_log_likelihood"])
+    assert (metrics["train_rows"], metrics["validation_rows"]) == (432, 48)  # 10% of the 480 training rows
+    split = validation_split(dataset, 0.1, seed=0)
+    rows = {tuple(row) for row in dataset.train.tolist()}
+    assert {tuple(row) for row in split.train.tolist()} | {tuple(row) for row in split.validation.tolist()} == rows
+    assert not {tuple(row) for row in split.train.tolist()} & {tuple(row) for row in split.validation.tolist()}
+
+
+def test_early_stopping_keeps_the_best_weights_by_validation():
+    """40 training rows and a large flow overfit: validation stops improving, training stops
+    after ``patience`` scores without improvement, and the weights are those of the best
+    score, which the flow then gives again on the validation rows."""
+    train, test = train_test_split(two_moons(100, seed=1), seed=0)
+    dataset = Dataset(name="few-moons", train=train[:40], test=test, event_shape=(2,))
+    torch.manual_seed(0)
+    model = build_flow({**FLOW_CONFIGS["realnvp-2d"], "hidden_features": [128, 128]})
+    config = TrainConfig(steps=3000, batch_size=32, lr=3e-3, eval_every=25, patience=4, validation_fraction=0.25,
+                         cosine_lr=False)
+    metrics = train_flow(model, dataset, config, progress=False)
+    assert metrics["steps_run"] < config.steps and metrics["steps_run"] == metrics["best_step"] + 4 * 25
+    split = validation_split(dataset, 0.25, seed=0)
+    assert mean_log_prob(model, split.validation) == pytest.approx(metrics["validation_log_likelihood"], abs=1e-6)
+    assert metrics["train_log_likelihood"] > metrics["validation_log_likelihood"]
+
+
+def test_no_validation_runs_every_step_and_keeps_the_last_weights():
+    dataset = moons_dataset(400)
+    torch.manual_seed(0)
+    model = build_flow(FLOW_CONFIGS["maf-2d"])
+    metrics = train_flow(model, dataset, TrainConfig(steps=30, batch_size=64, validation_fraction=0.0),
+                         progress=False)
+    assert metrics["steps_run"] == metrics["best_step"] == 30 and metrics["validation_rows"] == 0
+    assert "validation_log_likelihood" not in metrics and metrics["train_rows"] == len(dataset.train)
+    with pytest.raises(ValueError, match="too few to hold back"):
+        validation_split(Dataset(name="tiny", train=dataset.train[:4], test=dataset.test, event_shape=(2,)), 0.1)

@@ -39,7 +39,7 @@ from flowserve.export.flows.nets import MADE
 from flowserve.export.flows.registry import FAMILY_NAMES, build_flow, family_class
 from flowserve.export.flows.splines import spline_with_linear_tails
 from flowserve.export.flows.transforms import fixed_point_inverses
-from flowserve.export.training import load_checkpoint, save_checkpoint
+from flowserve.export.training import TrainConfig, load_checkpoint, save_checkpoint, training_record
 
 all_models = parametrize_configs(lambda config: True)
 exact_flows = parametrize_configs(lambda config: config["family"] != "vae")
@@ -242,19 +242,29 @@ def test_checkpoint_round_trip(config, tmp_path):
     metrics = {"train_log_likelihood": -1.5, "test_log_likelihood": -1.6}
     heldout = data_points(model, 3, seed=10).numpy()
     context = contexts(model, 3, seed=10)
+    training = training_record(TrainConfig(steps=7), {"train_rows": 90, "validation_rows": 10, "best_step": 5,
+                                                      "steps_run": 7})
     save_checkpoint(path, model, data_summary={"n": 3}, metrics=metrics, dataset="unit-test", heldout=heldout,
-                    heldout_context=None if context is None else context.numpy())
+                    heldout_context=None if context is None else context.numpy(), training=training)
 
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert raw["format_version"] == 2 and raw["config"] == model.config() and raw["dataset"] == "unit-test"
+    assert raw["format_version"] == 3 and raw["config"] == model.config() and raw["dataset"] == "unit-test"
     assert raw["heldout_sample"].shape == heldout.shape
     assert (raw["heldout_context"] is None) == (context is None)
+    assert raw["training"]["best_step"] == 5 and raw["training"]["config"]["validation_fraction"] == 0.1
 
     loaded, checkpoint = load_checkpoint(path)
-    assert not loaded.training and checkpoint.metrics == metrics
+    assert not loaded.training and checkpoint.metrics == metrics and checkpoint.training == training
     x, context = data_points(model, 128, seed=11), contexts(model, 128, seed=11)
     with torch.no_grad():
         assert torch.equal(loaded.log_prob(x, context), model.log_prob(x, context))
+
+    del raw["training"]  # as flowserve wrote it before training chose by validation
+    torch.save({**raw, "format_version": 2}, path)
+    older, checkpoint = load_checkpoint(path)
+    assert checkpoint.training == {} and checkpoint.metrics == metrics
+    with torch.no_grad():
+        assert torch.equal(older.log_prob(x, context), model.log_prob(x, context))
 
 
 def test_load_checkpoint_errors(tmp_path):

@@ -107,7 +107,8 @@ def _report(error_family=None):
                 continue
             results.append({
                 "family": family, "dataset": name, "steps": 3, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0,
-                "parameters": 1234, "log_likelihood_kind": "exact", "train_log_likelihood": -1.5, "test_log_likelihood": -1.25,
+                "parameters": 1234, "log_likelihood_kind": "exact", "train_log_likelihood": -1.5,
+                "validation_log_likelihood": -1.375, "best_step": 2, "steps_run": 3, "test_log_likelihood": -1.25,
                 "test_bits_per_dim": 2.0 if name == "digits" else 0.9, "seconds": 1.25, "error": None,
             })
     return {
@@ -141,8 +142,8 @@ def test_table_format():
     assert table[2] == "| realnvp (lower bound) | -1.25 | -1.25 | 2.000 |"
     assert table[3] == "| maf | -1.25 | failed | failed |"
     assert table[4] == f"| {BASELINE_NAME} | -2.12 | -151.00 | 3.404 |"
-    assert "| maf | digits | 3 | | | | failed: FloatingPointError: boom | | |" in lines
-    assert "| realnvp | moons | 3 | 16 | 0.001 | 1234 | -1.50 | -1.25 | 1.2 |" in lines
+    assert "| maf | digits | 3 | | | | | failed: FloatingPointError: boom | | | |" in lines
+    assert "| realnvp | moons | 3 | 2, 3 | 16 | 0.001 | 1234 | -1.50 | -1.38 | -1.25 | 1.2 |" in lines
     assert "| digits | 1×8×8 | 17 | 1438 | 359 |" in lines
     # every table row has as many cells as its header
     for block_header in [line for line in lines if line.startswith("| family") or line.startswith("| data set")]:
