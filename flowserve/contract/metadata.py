@@ -103,7 +103,8 @@ class FlowMetadata:
                              f"{EMBED!r}) to Triton model names, got {self.models!r}")
         if self.embedded_dim is not None and (type(self.embedded_dim) is not int or self.embedded_dim < 1):
             raise ValueError(f"embedded_dim must be a positive integer, got {self.embedded_dim!r}")
-        if (EMBED in self.models) != (self.embedded_dim is not None) or (EMBED in self.models and not self.context_shape):
+        embed = EMBED in self.models
+        if embed != (self.embedded_dim is not None) or (embed and not self.context_shape):
             raise ValueError(f"a flow with an {EMBED!r} model needs a context_shape and an embedded_dim, and "
                              "embedded_dim needs an embed model")
         if self.support is not None:

@@ -97,7 +97,8 @@ def test_an_embedding_served_apart_gives_the_models_numbers(conditional_server):
         assert scaled_gap(served, expected) <= 1e-4, name
         sample = conditional_server.sample(name, 100, seed=3, context=context[0].float().numpy())
         with torch.no_grad():
-            again = model.log_prob(torch.tensor(sample.x, dtype=torch.float64), context[:1].float().double().expand(100, -1))
+            again = model.log_prob(torch.tensor(sample.x, dtype=torch.float64),
+                                   context[:1].float().double().expand(100, -1))
         assert scaled_gap(sample.log_prob, again.numpy()) <= 1e-3, name
     model = perturbed_model(CONDITIONAL["maf-3d-embedded"])
     x, context = data_points(model, 100, seed=7).numpy(), contexts(model, 100, seed=8).numpy()
