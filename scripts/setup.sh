@@ -29,9 +29,9 @@ pip_install --upgrade "pip>=25"
 pip_install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 # The demo trains and exports, so both commands install the export extra (torch, onnx,
 # scikit-learn, matplotlib) beside the serving side; the tests also need the test extra and
-# the libraries whose flows flowserve adapts (zuko, nflows).
+# the libraries whose flows flowserve adapts (zuko, nflows, sbi, normflows).
 if $test_tools; then
-  pip_install -c constraints.txt -e ".[export,zuko,nflows,test]"
+  pip_install -c constraints.txt -e ".[export,zuko,nflows,sbi,normflows,test]"
 else
   pip_install -c constraints.txt -e ".[export]"
 fi

@@ -33,10 +33,18 @@ def load_builder(spec: str):
 
 
 def wrap(flow, features: int, context: int = 0) -> nn.Module:
-    """``flow`` as a servable model: zuko and nflows flows get their adapter (detected by
-    their class's module, so the library is imported only for them); other modules must
-    follow the protocol."""
+    """``flow`` as a servable model: zuko and nflows flows and sbi posteriors get their
+    adapter (detected by their class's module, so the library is imported only for them);
+    other modules must follow the protocol."""
     library = type(flow).__module__.split(".")[0]
+    if library == "sbi":
+        from .sbi import SbiPosterior
+
+        flow = SbiPosterior(flow)
+        if (flow.noise_dim, flow.context_dim) != (features, context):
+            raise ValueError(f"the sbi posterior is over θ of {flow.noise_dim} values given x of {flow.context_dim}; "
+                             f"the rows given have {features} and their contexts {context}")
+        return flow
     if library == "zuko":
         from .zuko import ZukoFlow
 
@@ -50,26 +58,28 @@ def wrap(flow, features: int, context: int = 0) -> nn.Module:
                              "its data rows must have as many values")
         return flow
     if servable_problem(flow):
-        raise ValueError(f"the builder returned a {type(flow).__name__}, which is neither a zuko or nflows flow nor a "
-                         f"torch.nn.Module with {', '.join(SERVABLE_MEMBERS)}")
+        raise ValueError(f"the builder returned a {type(flow).__name__}, which is neither a zuko or nflows flow, an sbi "
+                         f"posterior nor a torch.nn.Module with {', '.join(SERVABLE_MEMBERS)}")
     return flow
 
 
 def build_user_flow(spec: str, weights: Path | None, features: int, context: int = 0) -> nn.Module:
     """Call the builder ``spec`` names, load ``weights`` (a state dict, read with
-    ``weights_only=True``) into what it returns, and wrap that for export."""
+    ``weights_only=True``) into what it returns (into the density estimator of an sbi
+    posterior), and wrap that for export."""
     flow = load_builder(spec)()
     if weights is not None:
+        module = getattr(flow, "posterior_estimator", flow)  # sbi: the posterior's estimator holds the weights
         if not Path(weights).is_file():
             raise FileNotFoundError(f"no weights file at {weights}")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"{weights} does not hold a state dict (found {type(state).__name__})")
-        if not isinstance(flow, nn.Module):
+        if not isinstance(module, nn.Module):
             raise ValueError(f"the builder returned a {type(flow).__name__}, not a torch.nn.Module to load "
                              "weights into")
         try:
-            flow.load_state_dict(state, strict=True)
+            module.load_state_dict(state, strict=True)
         except RuntimeError as error:
             summary = str(error).splitlines()
             raise ValueError(f"{weights} does not fit the flow the builder returns: "

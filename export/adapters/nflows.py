@@ -2,8 +2,10 @@
 
 Supported layers: ``MaskedAffineAutoregressiveTransform`` (MAF),
 ``PiecewiseRationalQuadraticCouplingTransform`` (spline coupling, no tails or linear
-tails, without an unconditional transform), permutations, and ``CompositeTransform``s of
-them, over a ``StandardNormal`` base. Any other layer is refused by name.
+tails, without an unconditional transform), permutations, ``LULinear``,
+``PointwiseAffineTransform`` (sbi's z-scoring), and ``CompositeTransform``s of them, over a
+``StandardNormal`` base: what sbi's ``maf`` and ``nsf`` estimators are made of. Any other
+layer is refused by name.
 
 The layers' own networks and parameters are used; what changes is how two computations
 are written, so that they export:
@@ -12,7 +14,10 @@ are written, so that they export:
   (one ONNX ``Loop``) instead of a Python loop that tracing unrolls;
 - the rational-quadratic spline computes every element and then picks the tails with
   ``torch.where``, where nflows indexes with boolean masks and checks the domain with
-  Python ``if``s, neither of which ``torch.export`` can capture.
+  Python ``if``s, neither of which ``torch.export`` can capture;
+- ``LULinear``'s inverse solves two triangular systems, which ONNX has no operator for: the
+  exported graphs multiply by the inverse matrix, computed once when the export starts
+  (:meth:`NflowsFlow.prepare_for_export`).
 
 Eagerly the results equal nflows' own (a test compares them).
 """
@@ -30,13 +35,16 @@ from nflows.flows.base import Flow
 from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import PiecewiseRationalQuadraticCouplingTransform
+from nflows.transforms.lu import LULinear
 from nflows.transforms.permutations import Permutation
+from nflows.transforms.standard import PointwiseAffineTransform
 from torch import Tensor, nn
 
 from ..flows.splines import rational_quadratic, unit_derivative, with_linear_tails
 from ..flows.transforms import fixed_point_loop
 
-SUPPORTED = (MaskedAffineAutoregressiveTransform, PiecewiseRationalQuadraticCouplingTransform, Permutation)
+SUPPORTED = (MaskedAffineAutoregressiveTransform, PiecewiseRationalQuadraticCouplingTransform, Permutation, LULinear,
+             PointwiseAffineTransform)
 
 
 def layers_of(transform) -> list[nn.Module]:
@@ -75,6 +83,16 @@ class NflowsFlow(nn.Module):
         self.event_shape = (int(features),)
         self.noise_dim = int(features)
         self.context_dim = int(context)
+        self.lu_inverses: list[Tensor] | None = None
+        """The inverse matrix of each ``LULinear`` layer, in layer order, once
+        :meth:`prepare_for_export` has computed them; None: invert with nflows' solves."""
+
+    def prepare_for_export(self) -> NflowsFlow:
+        """This flow, with the inverse matrix of each ``LULinear`` computed (from its current
+        weights) for the exported generation graph."""
+        with torch.no_grad():
+            self.lu_inverses = [layer.weight_inverse() for layer in self.layers if isinstance(layer, LULinear)]
+        return self
 
     @property
     def context_embedding(self) -> nn.Module | None:
@@ -98,8 +116,12 @@ class NflowsFlow(nn.Module):
     def sample_with_log_prob(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         context = self.flow._embedding_net(context)
         x, total = z, z.new_zeros(z.shape[0])
+        lu_inverses = None if self.lu_inverses is None else iter(reversed(self.lu_inverses))
         for layer in reversed(self.layers):
-            x, logabsdet = _inverse(layer, x, context)
+            if isinstance(layer, LULinear) and lu_inverses is not None:
+                x, logabsdet = F.linear(x - layer.bias, next(lu_inverses)), -layer.logabsdet().expand(x.shape[0])
+            else:
+                x, logabsdet = _inverse(layer, x, context)
             total = total + logabsdet
         return x, self.flow._distribution.log_prob(z, context) - total
 

@@ -45,6 +45,7 @@ def export_model(
     dataset: str | None = None,
     data_summary: dict | None = None,
     metrics: dict | None = None,
+    support_box=None,
 ) -> FlowMetadata:
     """Export the directions of ``model`` (any :class:`ServableModel`) into ``repository``;
     returns the flow's metadata.
@@ -58,6 +59,10 @@ def export_model(
     off), ``<name>-embed``, whose output the directions take in place of the context
     (config.pbtxt and the version's model file in ``serving.format``), and
     ``<name>.flowserve.json``. Nothing is written if a check fails.
+
+    ``support_box`` (``(low, high)``, a bound per data value, ``±inf`` for an open side) is
+    the box support-truncated sampling keeps samples in; by default the model's own
+    ``support_box`` (an sbi posterior's prior), if it has one.
     """
     problem = servable_problem(model)
     if problem:
@@ -105,6 +110,7 @@ def export_model(
         embedded_dim=served.embedded_dim if EMBED in graphs else None,
         log_likelihood=getattr(model, "log_likelihood", EXACT),
         support=getattr(model, "support", None),
+        support_box=_box_document(support_box if support_box is not None else getattr(model, "support_box", None)),
         version=version,
         format=serving.format,
         backend=serving.backend,
@@ -129,6 +135,15 @@ def export_model(
     steps.close()
     log.info("exported %s to %s (parity worst %.2e)", name, repository, max(report.values()))
     return metadata
+
+
+def _box_document(box) -> dict | None:
+    """``(low, high)`` as the metadata records it: lists, with None for an infinite side."""
+    if box is None:
+        return None
+    low, high = ([None if math.isinf(v) else float(v) for v in np.asarray(side, np.float64).reshape(-1).tolist()]
+                 for side in box)
+    return {"low": low, "high": high}
 
 
 def _with_cached_inverse(model: ServableModel, min_batch: int) -> ServableModel:

@@ -51,7 +51,10 @@ class FlowMetadata:
       embedded context that the directions take when there is an ``embed`` model (else
       None: they take the context itself); ``log_likelihood`` is one of
       :data:`LOG_LIKELIHOOD_KINDS`; ``support`` is ``(low, high)``, the range every data
-      value must lie in (pixel models), or None for any value.
+      value must lie in (pixel models), or None for any value; ``support_box`` is
+      ``{"low": [...], "high": [...]}``, one bound per data value (None for an open side):
+      the box that support-truncated sampling keeps samples in (an sbi prior's support, or
+      one given at export), or None when the flow has none.
     Provenance fields (free-form, shown by ``ListModels``): the model version, file format
     and Triton backend, the data set and its summary, training metrics, the architecture,
     parity report, graph statistics, checksums and export time; ``extra`` keeps the keys of
@@ -67,6 +70,7 @@ class FlowMetadata:
     embedded_dim: int | None = None
     log_likelihood: str = EXACT
     support: tuple[float, float] | None = None
+    support_box: dict[str, list[float | None]] | None = None
     version: int | None = None
     format: str | None = None
     backend: str | None = None
@@ -114,6 +118,8 @@ class FlowMetadata:
                     and support[0] < support[1]):
                 raise ValueError(f"support must be [low, high] with low < high, got {support!r}")
             self._set("support", (float(support[0]), float(support[1])))
+        if self.support_box is not None:
+            self._set("support_box", _box(self.support_box, self.dim))
         if self.version is not None and (type(self.version) is not int or self.version < 1):
             raise ValueError(f"version must be an integer >= 1, got {self.version!r}")
 
@@ -214,6 +220,27 @@ def read_all(repository: Path) -> dict[str, FlowMetadata]:
             continue
         flows[meta.name] = meta
     return flows
+
+
+def _box(box: Any, dim: int) -> dict[str, list[float | None]]:
+    """``box`` checked: ``low`` and ``high`` lists of ``dim`` numbers or None (an open side),
+    with low < high where both are given."""
+    problem = f"support_box must be {{'low': [...], 'high': [...]}} with {dim} numbers or nulls each and low < high"
+    if not isinstance(box, dict) or set(box) != {"low", "high"}:
+        raise ValueError(f"{problem}, got {box!r}"[:300])
+    sides = []
+    for key in ("low", "high"):
+        side = box[key]
+        if (not isinstance(side, (list, tuple)) or len(side) != dim
+                or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+                           for v in side)):
+            raise ValueError(f"{problem}; {key} is {side!r}"[:300])
+        sides.append([None if v is None else float(v) for v in side])
+    if any(lo is not None and hi is not None and lo >= hi for lo, hi in zip(*sides)):
+        raise ValueError(f"{problem}; low is not below high everywhere")
+    if all(v is None for side in sides for v in side):
+        raise ValueError(f"{problem}; every side is open")
+    return {"low": sides[0], "high": sides[1]}
 
 
 def _shape(value: Any, key: str) -> tuple[int, ...]:

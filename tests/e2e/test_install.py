@@ -1,6 +1,7 @@
 """The release as a stranger installs it: the built wheel holds every file of the source tree;
 installed in a fresh virtual environment, its plain profile serves a repository exported
-elsewhere without torch, and with ``[export,zuko,nflows]`` it exports a zuko flow.
+elsewhere without torch (nor sbi or normflows), and with ``[export,zuko,nflows,sbi,normflows]`` it
+imports every adapter and exports a zuko flow.
 
 Each environment installs the wheel (not an editable checkout), pinned by constraints.txt,
 and is removed afterwards: the one with torch takes about 2 GB.
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "flowserve", "export", "server")
 # --no-compile: compiling every module of torch to bytecode took half of a 55 s install.
 PIP_INSTALL = ["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile"]
+ADAPTERS = ("zuko", "nflows", "sbi")
+"""flowserve.export.adapters modules, each of which imports its library from an extra."""
 ZUKO_BUILDER = '''
 import zuko
 
@@ -97,8 +100,8 @@ def plain_venv(tmp_path_factory, wheel) -> Path:
 
 @pytest.fixture(scope="module")
 def export_venv(tmp_path_factory, wheel) -> Path:
-    """The wheel with the extras that export flows of flowserve, zuko and nflows."""
-    yield from fresh_venv(tmp_path_factory.mktemp("export-install"), f"{wheel}[export,zuko,nflows]")
+    """The wheel with the extras that export flows of flowserve, zuko, nflows, sbi and normflows."""
+    yield from fresh_venv(tmp_path_factory.mktemp("export-install"), f"{wheel}[export,zuko,nflows,sbi,normflows]")
 
 
 def test_the_wheel_holds_every_file_of_the_source_tree(wheel):
@@ -113,7 +116,7 @@ def test_the_wheel_holds_every_file_of_the_source_tree(wheel):
 
 def test_a_plain_install_has_no_torch_side(plain_venv):
     python = plain_venv / "bin" / "python"
-    for module in ("torch", "onnx", "sklearn", "matplotlib"):
+    for module in ("torch", "onnx", "sklearn", "matplotlib", "sbi", "normflows"):
         result = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True,
                                 env=hermetic_env())
         assert result.returncode == 1 and f"No module named '{module}'" in result.stderr
@@ -148,9 +151,11 @@ def test_the_wheel_with_its_extras_exports_a_zuko_flow(export_venv, tmp_path):
     that nothing of it is on sys.path: the adapters are there, and each of the MAF's two
     inverses is exported as a loop."""
     python = export_venv / "bin" / "python"
-    where = run([python, "-c", "import flowserve.export.adapters.zuko as m; print(m.__file__)"], timeout=120,
+    adapters = ", ".join(f"flowserve.export.adapters.{library}" for library in ADAPTERS)
+    where = run([python, "-c", f"import {adapters}; print(*[m.__file__ for m in ({adapters})])"], timeout=120,
                 cwd=tmp_path)
-    assert where.stdout.strip().startswith(str(export_venv / "lib"))
+    assert len(where.stdout.split()) == len(ADAPTERS)
+    assert all(path.startswith(str(export_venv / "lib")) for path in where.stdout.split())
     (tmp_path / "builder.py").write_text(ZUKO_BUILDER)
     builder: dict = {}
     exec(ZUKO_BUILDER, builder)

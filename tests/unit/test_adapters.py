@@ -4,6 +4,8 @@ of their library. Exports and live serving are in tests/e2e/test_adapters_export
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -18,14 +20,18 @@ from helpers.library_adapters import (
     perturbed_nflows,
 )
 from helpers.library_flows import nflows_maf
+from helpers.sbi_posteriors import SBI_MODELS, THETA, X, sbi_generation, sbi_log_prob, sbi_posterior
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow as NflowsBase
 from nflows.nn.nets import ResidualNet
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
+from sbi.neural_nets import posterior_nn
+from sbi.utils import BoxUniform
 
 from flowserve.export.adapters.builder import wrap
 from flowserve.export.adapters.nflows import NflowsFlow
+from flowserve.export.adapters.sbi import SbiPosterior, box_support
 from flowserve.export.adapters.zuko import ZukoFlow
 from flowserve.export.data import two_moons
 from flowserve.export.exporter.graphs import EmbeddingApart
@@ -107,7 +113,8 @@ def user_files(tmp_path):
 
 @pytest.mark.parametrize(("function", "extra", "message"), [
     ("missing", [], "has no function 'missing'"),
-    ("not_a_flow", [], "the builder returned a str, which is neither a zuko or nflows flow nor a torch.nn.Module"),
+    ("not_a_flow", [], "the builder returned a str, which is neither a zuko or nflows flow, an sbi posterior nor "
+                       "a torch.nn.Module"),
     ("build_conditional", ["--weights", "maf.pt"], "maf.pt does not fit the flow the builder returns"),
     ("build", ["--data", "wide.npy"], "the zuko flow is over 2 features, not 3"),
     ("build", ["--data", "nowhere.npy"], "nowhere.npy"),
@@ -163,3 +170,43 @@ def test_flows_without_an_embedding_net_have_no_context_embedding():
     assert perturbed("nsf-conditional").context_embedding is None
     with pytest.raises(ValueError, match="an embedding needs the size of the context"):
         ZukoFlow(zuko.flows.NSF(4, 5), 4, embedding=torch.nn.Linear(3, 5))
+
+
+@pytest.mark.parametrize("model", SBI_MODELS)
+def test_an_sbi_posterior_serves_sbis_numbers(model):
+    posterior = sbi_posterior(model)
+    served = wrap(posterior, THETA, X).double()
+    posterior.posterior_estimator.double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, X, generator=generator, dtype=torch.float64) + 1.0
+    z = torch.randn(16, THETA, generator=generator, dtype=torch.float64)
+    prior_theta = 4 * torch.rand(16, THETA, generator=generator, dtype=torch.float64) - 2
+    with torch.no_grad():
+        theta, log_prob = served.sample_with_log_prob(z, x)
+        assert torch.allclose(theta, sbi_generation(posterior, z, x), rtol=0, atol=1e-10)
+        estimator_log_prob = posterior.posterior_estimator.log_prob(theta.unsqueeze(0), x)[0]
+        assert torch.allclose(log_prob, estimator_log_prob, rtol=1e-6, atol=0)
+        # sbi's posterior gives -inf outside the prior's support, so compare inside it
+        expected = sbi_log_prob(posterior, prior_theta, x).double()
+        assert torch.allclose(served.log_prob(prior_theta, x), expected, rtol=1e-6, atol=0)
+    assert served.support_box == ([-2.0] * THETA, [2.0] * THETA)
+    assert served.config()["library"].startswith("sbi ")
+    embedding = served.context_embedding
+    assert isinstance(embedding, torch.nn.Sequential) and type(embedding[0]).__name__ == "Standardize"
+
+
+def test_sbi_estimators_that_are_not_flows_are_refused_by_name():
+    torch.manual_seed(0)
+    theta, x = torch.randn(64, 2), torch.randn(64, 2)
+    mixture = posterior_nn(model="mdn", num_components=2)(theta, x)
+    with pytest.raises(ValueError, match="sbi estimator MixtureDensityEstimator cannot be served"):
+        SbiPosterior(mixture)
+
+
+def test_a_prior_support_is_recorded_when_it_is_a_box():
+    low = torch.tensor([-1.0, 0.0])
+    assert box_support(BoxUniform(low, torch.tensor([1.0, 3.0])), 2) == ([-1.0, 0.0], [1.0, 3.0])
+    normal = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    assert box_support(normal, 2) is None  # the whole space: nothing to truncate
+    gamma = torch.distributions.Independent(torch.distributions.Gamma(torch.ones(2), torch.ones(2)), 1)
+    assert box_support(gamma, 2) == ([0.0, 0.0], [math.inf, math.inf])

@@ -44,12 +44,25 @@ def test_noise_and_context_shape_the_directions():
     ("models", {DENSITY: "d"}, "models must map"),
     ("support", [1, 0], "support must be [low, high]"),
     ("support", [0, True], "support must be [low, high]"),
+    ("support_box", {"low": [0, 0]}, "support_box must be {'low': [...], 'high': [...]}"),
+    ("support_box", {"low": [0], "high": [1, 1]}, "low is [0]"),
+    ("support_box", {"low": [0, float("nan")], "high": [1, 1]}, "low is [0, nan]"),
+    ("support_box", {"low": [0, 2], "high": [1, 1]}, "low is not below high everywhere"),
+    ("support_box", {"low": [None, None], "high": [None, None]}, "every side is open"),
     ("version", 0, "version must be an integer >= 1"),
 ])
 def test_a_field_that_breaks_the_schema_is_refused_by_name(field, value, message):
     fields = {"name": "f", "family": "maf", "event_shape": [2], "models": MODELS, field: value}
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         FlowMetadata(**fields)
+
+
+def test_a_support_box_has_a_bound_or_null_per_value_and_round_trips(tmp_path):
+    box = {"low": [-1, None], "high": [1.5, 0]}
+    meta = FlowMetadata(name="f", family="sbi", event_shape=[2], models=MODELS, support_box=box)
+    assert meta.support_box == {"low": [-1.0, None], "high": [1.5, 0.0]}
+    assert FlowMetadata.read(meta.write(tmp_path)) == meta
+    assert json.loads(meta.listing()["support_box.low"]) == [-1.0, None]
 
 
 def test_the_file_round_trips_and_leaves_out_unset_fields(tmp_path):
