@@ -185,14 +185,15 @@ def export_flow(
     version: int = 1,
     serving: ServingConfig = ServingConfig(),
     progress: bool = True,
+    support_box=None,
 ) -> FlowMetadata:
     """Export a checkpoint of ``flowserve train`` with :func:`export_model`: named
     ``<family>-<dataset>`` by default, checked on its held-out rows, with its training
-    metrics and data summary in the metadata."""
+    metrics and data summary in the metadata (and ``support_box``, if given)."""
     model, checkpoint = load_checkpoint(checkpoint_path)
     return export_model(
         model, repository, name=name or f"{model.family}-{checkpoint.dataset}".lower(),
         example_data=checkpoint.heldout_sample, example_context=checkpoint.heldout_context, version=version,
         serving=serving, progress=progress, dataset=checkpoint.dataset, data_summary=checkpoint.data,
-        metrics=checkpoint.metrics,
+        metrics=checkpoint.metrics, support_box=support_box,
     )

@@ -82,15 +82,16 @@ def train_command(args) -> None:
 
 
 def export(checkpoint: Path, repository: Path, *, name: str | None = None, version: int = 1, serving=None,
-           progress: bool = False) -> FlowMetadata:
+           progress: bool = False, support_box=None) -> FlowMetadata:
     """Export a checkpoint into ``repository`` (``serving``: a ServingConfig, default python
-    runner on CPU); prints a summary and returns the flow's metadata."""
+    runner on CPU; ``support_box``: ``(low, high)`` for truncated sampling); prints a summary
+    and returns the flow's metadata."""
     require_export_extra("export")
     from flowserve.export.exporter.pipeline import export_flow
     from flowserve.export.exporter.triton_config import ServingConfig
 
     meta = export_flow(checkpoint, repository, name=name, version=version, serving=serving or ServingConfig(),
-                       progress=progress)
+                       progress=progress, support_box=support_box)
     _print_export(meta, repository)
     return meta
 
@@ -116,22 +117,38 @@ def export_command(args) -> None:
     )
     if (args.checkpoint is None) == (args.module is None):
         raise ValueError("give a checkpoint of flowserve train, or --module FILE.py:FUNCTION with --data")
+    support_box = _support_box(args.support_low, args.support_high)
     if args.module is None:
         if args.weights or args.data or args.context:
             raise ValueError("--weights, --data and --context go with --module; a checkpoint carries its own")
         export(args.checkpoint, args.model_repository, name=args.name, version=args.version, serving=serving,
-               progress=show_progress(args))
+               progress=show_progress(args), support_box=support_box)
     else:
         export_user_flow(args.module, args.model_repository, weights=args.weights, data=args.data,
                          context=args.context, name=args.name, version=args.version, serving=serving,
-                         progress=show_progress(args))
+                         progress=show_progress(args), support_box=support_box)
+
+
+def _support_box(low, high):
+    """``(low, high)`` of --support-low and --support-high, an open side where one is not
+    given; None when neither is."""
+    import numpy as np
+
+    if low is None and high is None:
+        return None
+    if low is not None and high is not None and len(low) != len(high):
+        raise ValueError(f"--support-low has {len(low)} values and --support-high {len(high)}; give one per data value")
+    given = low if low is not None else high
+    return (low if low is not None else np.full_like(given, -np.inf),
+            high if high is not None else np.full_like(given, np.inf))
 
 
 def export_user_flow(module: str, repository: Path, *, weights: Path | None, data: Path | None,
                      context: Path | None = None, name: str | None = None, version: int = 1, serving=None,
-                     progress: bool = False) -> FlowMetadata:
+                     progress: bool = False, support_box=None) -> FlowMetadata:
     """Export the flow that ``module`` (``file.py:function``) builds, with ``weights`` loaded,
-    checked on the rows of ``data`` (and their ``context``); prints a summary."""
+    checked on the rows of ``data`` (and their ``context``), with ``support_box`` (or its
+    own, see ``export_model``); prints a summary."""
     require_export_extra("export")
     from flowserve.export.adapters.builder import build_user_flow
     from flowserve.export.data import read_user_array
@@ -145,7 +162,8 @@ def export_user_flow(module: str, repository: Path, *, weights: Path | None, dat
     flow = build_user_flow(module, weights, rows.shape[1], 0 if contexts is None else contexts.shape[1])
     meta = export_model(flow, repository, name=name or Path(module.rsplit(":", 1)[0]).stem.lower().replace("_", "-"),
                         example_data=rows, example_context=contexts, version=version,
-                        serving=serving or ServingConfig(), progress=progress, dataset=Path(data).stem)
+                        serving=serving or ServingConfig(), progress=progress, dataset=Path(data).stem,
+                        support_box=support_box)
     _print_export(meta, repository)
     return meta
 

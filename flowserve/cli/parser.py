@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--encode", action=argparse.BooleanOptionalAction, default=True,
                         help="also export x -> z (the Encode RPC) for flows: one more Triton model per flow, with its "
                              "own stub process (and CUDA context on a GPU)")
+    export.add_argument("--support-low", type=_float_list, default=None, metavar="V1,V2,...",
+                        help="the support box's lower bound per data value (-inf: open), for sampling truncated to "
+                             "it (default: an sbi posterior's box prior, else no box)")
+    export.add_argument("--support-high", type=_float_list, default=None, metavar="V1,V2,...",
+                        help="the support box's upper bound per data value (inf: open)")
     export.add_argument("--separate-embedding", action=argparse.BooleanOptionalAction, default=True,
                         help="export a flow's context embedding as a model apart (<flow>-embed), which the gateway "
                              "runs once for each distinct context of a call instead of once per row")
@@ -226,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--stream", action="store_true",
                         help="SampleStream: any number of samples, in chunks, written to --output as they come "
                              "(raise --timeout for very many)")
+    sample.add_argument("--truncate", action="store_true",
+                        help="only samples inside the flow's support box (e.g. an sbi prior's), drawn again until "
+                             "inside; prints the acceptance rate")
+    sample.add_argument("--max-draws", type=int, default=None, metavar="N",
+                        help="with --truncate: the most draws in all (default: the gateway's bound, 100 per sample)")
     sample.add_argument("-o", "--output", type=Path, help="write samples to this .npy file")
 
     score = commands.add_parser("score", help="log-likelihood of each row of a .npy file")
@@ -235,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--context", type=Path, default=None, metavar="FILE.npy",
                        help="contexts, [N, *context_shape] or one row for all")
     score.add_argument("--bits-per-dim", action="store_true", help="also report bits/dim")
+    score.add_argument("--truncate", action="store_true", help="-inf for rows outside the flow's support box")
     score.add_argument("-o", "--output", type=Path, help="write log-likelihoods to this .npy file")
 
     encode = commands.add_parser("encode", help="the base noise z of each row of a .npy file (x -> z), with "

@@ -51,11 +51,12 @@ def sample_command(args) -> None:
             _sample_stream(client, args, num_samples, context)
             return
         result = client.sample(args.model, num_samples, seed=args.seed, temperature=args.temperature,
-                               context=context, samples_per_context=args.per_context)
+                               context=context, samples_per_context=args.per_context,
+                               truncate_to_support=args.truncate, max_draws=args.max_draws)
     grouped = "" if args.per_context is None else f" ({result.x.shape[0]} contexts x {args.per_context})"
     rows = result.x if args.per_context is None else result.x.reshape(-1, *result.x.shape[2:])
     print(f"{len(rows)} samples{grouped} from {args.model} (seed {result.seed}); "
-          f"mean log p(x) {result.log_prob.mean():.4f}")
+          f"mean log p(x) {result.log_prob.mean():.4f}{_acceptance(result)}")
     print(np.array2string(rows[:5], precision=4))
     if args.output:
         np.save(args.output, result.x)
@@ -67,11 +68,12 @@ def _sample_stream(client, args, num_samples: int, context: np.ndarray | None) -
     samples fits in a few chunks of memory here too; progress on a terminal."""
     per = args.per_context
     rows = num_samples if per is None else per * (1 if context.ndim == 1 else len(context))
-    output, seed, total, log_prob_sum = None, None, 0, 0.0
+    output, seed, total, log_prob_sum, last = None, None, 0, 0.0, None
     show_progress = sys.stderr.isatty()
     try:
         for chunk in client.sample_stream(args.model, num_samples, seed=args.seed, temperature=args.temperature,
-                                          context=context, samples_per_context=per):
+                                          context=context, samples_per_context=per,
+                                          truncate_to_support=args.truncate, max_draws=args.max_draws):
             if args.output and output is None:
                 groups = (rows,) if per is None else (rows // per, per)
                 output = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32,
@@ -81,6 +83,7 @@ def _sample_stream(client, args, num_samples: int, context: np.ndarray | None) -
             if total == 0:
                 print(np.array2string(chunk.x[:5], precision=4))
             seed, total, log_prob_sum = chunk.seed, total + len(chunk.x), log_prob_sum + float(chunk.log_prob.sum())
+            last = chunk
             if show_progress:
                 print(f"\rSampleStream: {total:,} of {rows:,} rows", end="", file=sys.stderr, flush=True)
     finally:
@@ -88,16 +91,25 @@ def _sample_stream(client, args, num_samples: int, context: np.ndarray | None) -
             print(file=sys.stderr)
         if output is not None:
             output.flush()
-    print(f"{total} samples from {args.model} (seed {seed}), streamed; mean log p(x) {log_prob_sum / total:.4f}")
+    print(f"{total} samples from {args.model} (seed {seed}), streamed; mean log p(x) {log_prob_sum / total:.4f}"
+          f"{_acceptance(last)}")
     if output is not None:
         print(f"wrote {args.output}")
+
+
+def _acceptance(samples) -> str:
+    """What a truncated call reports: its acceptance rate and draws."""
+    if not samples.draws:
+        return ""
+    return f"; inside the support box: {samples.acceptance_rate:.2%} of {samples.draws:,} draws"
 
 
 def score_command(args) -> None:
     x = _load_npy(args.data)
     context = None if args.context is None else _load_npy(args.context)
     with connect(args) as client:
-        scores = client.score(args.model, x, context, return_bits_per_dim=args.bits_per_dim)
+        scores = client.score(args.model, x, context, return_bits_per_dim=args.bits_per_dim,
+                              truncate_to_support=args.truncate)
     log_prob = scores.log_prob
     print(f"scored {len(log_prob)} rows with {args.model}: mean log p(x) {log_prob.mean():.4f}, "
           f"min {log_prob.min():.4f}, max {log_prob.max():.4f}")

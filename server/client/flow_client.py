@@ -23,13 +23,17 @@ class Samples:
     """Sample's answer: x [num_samples, *event_shape] (with samples_per_context N:
     [B, N, *event_shape]) and log p of the same leading shape when asked for. A stream's chunk
     is [rows, *event_shape]; ``first_row`` places it among the call's rows and
-    ``context_index`` (with samples_per_context) says which context each row belongs to."""
+    ``context_index`` (with samples_per_context) says which context each row belongs to.
+    Truncated to the support box: the fraction of the call's draws (so far, for a chunk) that
+    fell inside it, and their number."""
 
     x: np.ndarray
     log_prob: np.ndarray | None
     seed: int
     first_row: int = 0
     context_index: np.ndarray | None = None
+    acceptance_rate: float = 0.0
+    draws: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,15 @@ class FlowClient:
     def sample(
         self, model: str, num_samples: int = 0, seed: int | None = None, temperature: float | None = None,
         return_log_prob: bool = True, context: np.ndarray | None = None, samples_per_context: int | None = None,
+        *, truncate_to_support: bool = False, max_draws: int | None = None,
     ) -> Samples:
         """Draw samples; ``context`` is [*context_shape] (one for all) or [num_samples, *context_shape].
         With ``samples_per_context`` N, ``context`` is [B, *context_shape] and the answer holds
-        N samples for each context: x [B, N, *event_shape], log_prob [B, N]."""
-        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context, samples_per_context)
+        N samples for each context: x [B, N, *event_shape], log_prob [B, N].
+        ``truncate_to_support``: only samples inside the flow's support box, in at most
+        ``max_draws`` draws (unset: the gateway's bound)."""
+        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context, samples_per_context,
+                                 truncate_to_support=truncate_to_support, max_draws=max_draws)
         response = self.stub.Sample(request, timeout=self.timeout, metadata=self.metadata)
         samples = _samples(response, return_log_prob)
         if samples_per_context is not None and samples.log_prob is not None:
@@ -106,22 +114,28 @@ class FlowClient:
     def sample_stream(
         self, model: str, num_samples: int = 0, seed: int | None = None, temperature: float | None = None,
         return_log_prob: bool = True, context: np.ndarray | None = None, samples_per_context: int | None = None,
+        *, truncate_to_support: bool = False, max_draws: int | None = None,
     ) -> Iterator[Samples]:
         """Draw any number of samples, in consecutive chunks as the gateway sends them: the same
         seed gives the rows of :meth:`sample`. The client's timeout bounds the whole stream."""
-        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context, samples_per_context)
+        request = sample_request(model, num_samples, seed, temperature, return_log_prob, context, samples_per_context,
+                                 truncate_to_support=truncate_to_support, max_draws=max_draws)
         for response in self.stub.SampleStream(request, timeout=self.timeout, metadata=self.metadata):
             yield _samples(response, return_log_prob, samples_per_context)
 
-    def log_likelihood(self, model: str, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+    def log_likelihood(self, model: str, x: np.ndarray, context: np.ndarray | None = None, *,
+                       truncate_to_support: bool = False) -> np.ndarray:
         """log p(x | context) of each row of ``x``; see :meth:`score` for bits/dim."""
-        return self.score(model, x, context).log_prob
+        return self.score(model, x, context, truncate_to_support=truncate_to_support).log_prob
 
     def score(
-        self, model: str, x: np.ndarray, context: np.ndarray | None = None, return_bits_per_dim: bool = False,
+        self, model: str, x: np.ndarray, context: np.ndarray | None = None, return_bits_per_dim: bool = False, *,
+        truncate_to_support: bool = False,
     ) -> Scores:
-        """LogLikelihood of each row of ``x``; ``context`` is [N, *context_shape] or [*context_shape]."""
-        request = pb.LogLikelihoodRequest(model=model, x=tensors.encode(x), return_bits_per_dim=return_bits_per_dim)
+        """LogLikelihood of each row of ``x``; ``context`` is [N, *context_shape] or [*context_shape].
+        ``truncate_to_support``: -inf for rows outside the flow's support box."""
+        request = pb.LogLikelihoodRequest(model=model, x=tensors.encode(x), return_bits_per_dim=return_bits_per_dim,
+                                          truncate_to_support=truncate_to_support)
         if context is not None:
             request.context.CopyFrom(tensors.encode(context))
         response = self.stub.LogLikelihood(request, timeout=self.timeout, metadata=self.metadata)
@@ -141,10 +155,14 @@ class FlowClient:
 
 def sample_request(model: str, num_samples: int, seed: int | None, temperature: float | None,
                    return_log_prob: bool, context: np.ndarray | pb.Tensor | None,
-                   samples_per_context: int | None = None) -> pb.SampleRequest:
-    """A SampleRequest; ``seed``, ``temperature`` and ``samples_per_context`` stay unset when
-    None, as does ``context`` (an array, or a Tensor message as it is)."""
-    request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob)
+                   samples_per_context: int | None = None, *, truncate_to_support: bool = False,
+                   max_draws: int | None = None) -> pb.SampleRequest:
+    """A SampleRequest; ``seed``, ``temperature``, ``samples_per_context`` and ``max_draws``
+    stay unset when None, as does ``context`` (an array, or a Tensor message as it is)."""
+    request = pb.SampleRequest(model=model, num_samples=num_samples, return_log_prob=return_log_prob,
+                               truncate_to_support=truncate_to_support)
+    if max_draws is not None:
+        request.max_draws = max_draws
     if samples_per_context is not None:
         request.samples_per_context = samples_per_context
     if seed is not None:
@@ -162,4 +180,4 @@ def _samples(response: pb.SampleResponse, return_log_prob: bool, samples_per_con
     x = tensors.decode(response.samples, "samples")
     log_prob = np.asarray(response.log_prob, dtype=np.float32) if return_log_prob else None
     index = None if samples_per_context is None else (response.first_row + np.arange(len(x))) // samples_per_context
-    return Samples(x, log_prob, response.seed, response.first_row, index)
+    return Samples(x, log_prob, response.seed, response.first_row, index, response.acceptance_rate, response.draws)

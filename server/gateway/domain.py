@@ -34,7 +34,8 @@ class ModelInfo:
 class SampleQuery:
     """A Sample request; ``context`` is [*context_shape] or [num_samples, *context_shape], or
     with ``samples_per_context`` N, [B, *context_shape]: N samples for each of B contexts
-    (``num_samples`` is then 0 or B x N)."""
+    (``num_samples`` is then 0 or B x N). ``truncate_to_support`` keeps only samples inside
+    the flow's support box, in at most ``max_draws`` draws (None: the gateway's bound)."""
 
     model: str
     num_samples: int
@@ -43,28 +44,35 @@ class SampleQuery:
     return_log_prob: bool = False
     context: np.ndarray | None = None
     samples_per_context: int | None = None
+    truncate_to_support: bool = False
+    max_draws: int | None = None
 
 
 @dataclass(frozen=True)
 class SampleResult:
     """Samples [rows, *event_shape] (Sample with samples_per_context N: [B, N, *event_shape]),
     their log p in row order, the seed, and the index of the first row among the call's rows
-    (a stream's chunks)."""
+    (a stream's chunks); under truncation, the fraction of the call's draws so far that fell
+    inside the support box, and their number."""
 
     samples: np.ndarray
     log_prob: np.ndarray | None
     seed: int
     first_row: int = 0
+    acceptance_rate: float = 0.0
+    draws: int = 0
 
 
 @dataclass(frozen=True)
 class LogLikelihoodQuery:
-    """A LogLikelihood request; ``context`` is [N, *context_shape] or [*context_shape]."""
+    """A LogLikelihood request; ``context`` is [N, *context_shape] or [*context_shape].
+    ``truncate_to_support``: -inf for rows outside the flow's support box."""
 
     model: str
     x: np.ndarray
     context: np.ndarray | None = None
     return_bits_per_dim: bool = False
+    truncate_to_support: bool = False
 
 
 @dataclass(frozen=True)

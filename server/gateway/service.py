@@ -56,6 +56,12 @@ log = logging.getLogger(__name__)
 
 # Room left in a message for everything but the tensor.
 _MESSAGE_HEADROOM_BYTES = 1024 * 1024
+TRUNCATION_BLOCK = 4096
+"""Rows that truncated sampling completes together, each drawn again until it falls inside
+the support box. A constant, not Triton's batch size, so that Sample and SampleStream draw
+the same noise for the same seed."""
+_ROUND_ROWS = 4 * TRUNCATION_BLOCK
+"""The most candidates one round of truncated sampling draws (and holds in the gateway)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,9 @@ class GatewayLimits:
     """Merged calls a model may have on Triton at once (``batching.BatchingBackend``)."""
     max_rows_per_stream: int = 10**9
     """SampleStream's limit: its memory in the gateway is a few chunks whatever the rows."""
+    max_draws_per_row: int = 100
+    """Truncated sampling's bound: at most this many draws per row asked for (and by default
+    exactly that many), so acceptance rates down to about 1% are served."""
 
     def __post_init__(self):
         if self.max_rows_per_request < 1 or self.max_rows_in_flight < self.max_rows_per_request:
@@ -80,6 +89,8 @@ class GatewayLimits:
             raise ValueError("need max_rows_per_stream >= 1")
         if self.max_chunks_in_flight_per_request < 1 or self.max_batches_in_flight_per_model < 1:
             raise ValueError("need at least one chunk per request and one batch per model in flight")
+        if self.max_draws_per_row < 1:
+            raise ValueError("need max_draws_per_row >= 1")
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -131,23 +142,26 @@ class FlowService:
         temperature, drawn chunk by chunk as the chunks go to Triton; the results are written
         into the response's arrays as they come back. With ``samples_per_context`` N, each of
         the B contexts is repeated N times, one per row: the rows are those of that call.
+        ``truncate_to_support``: see :meth:`_truncated`.
         """
         deadline = _deadline(timeout)
         flow = self.catalog.get(query.model)
         n, context = self._sample_rows(flow, query, stream=False)
         seed = self._seed(query)
+        truncation = self._truncation(flow, query, n)
         with self._reserve(n):
             context = await self._embedded(flow, context, deadline)
-            chunk = await self.backend.max_batch_size(flow.models[GENERATION])
+            batch = await self.backend.max_batch_size(flow.models[GENERATION])
             samples = np.empty((n, flow.dim), np.float32)
             log_prob = np.empty(n, np.float32)
-            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, deadline):
+            async for start, outputs in self._draw(flow, query, seed, n, context, batch, deadline, truncation):
                 rows = len(outputs["log_prob"])
                 samples[start:start + rows] = outputs["x"]
                 log_prob[start:start + rows] = outputs["log_prob"]
         per = query.samples_per_context
         shape = (n, *flow.event_shape) if per is None else (n // per, per, *flow.event_shape)
-        return SampleResult(samples.reshape(shape), log_prob if query.return_log_prob else None, seed)
+        return SampleResult(samples.reshape(shape), log_prob if query.return_log_prob else None, seed,
+                            **_tally(truncation))
 
     async def sample_stream(self, query: SampleQuery, timeout: float | None = None) -> AsyncIterator[SampleResult]:
         """The samples of :meth:`sample` for the same query and seed, as consecutive chunks of
@@ -160,12 +174,16 @@ class FlowService:
         flow = self.catalog.get(query.model)
         n, context = self._sample_rows(flow, query, stream=True)
         seed = self._seed(query)
-        chunk = min(await self.backend.max_batch_size(flow.models[GENERATION]), _message_rows(flow))
+        truncation = self._truncation(flow, query, n)
+        batch = await self.backend.max_batch_size(flow.models[GENERATION])
+        chunk = min(batch, _message_rows(flow))
         with self._reserve(min(n, chunk * self.limits.max_chunks_in_flight_per_request)):
             context = await self._embedded(flow, context, deadline)
-            async for start, outputs in self._generate(flow, query, seed, n, context, chunk, deadline):
-                samples = outputs["x"].reshape(-1, *flow.event_shape)
-                yield SampleResult(samples, outputs["log_prob"] if query.return_log_prob else None, seed, start)
+            async for start, outputs in self._draw(flow, query, seed, n, context, chunk, deadline, truncation):
+                for first in range(0, len(outputs["log_prob"]), chunk):  # a truncated block spans several chunks
+                    samples = outputs["x"][first:first + chunk].reshape(-1, *flow.event_shape)
+                    log_prob = outputs["log_prob"][first:first + chunk] if query.return_log_prob else None
+                    yield SampleResult(samples, log_prob, seed, start + first, **_tally(truncation))
 
     def _sample_rows(self, flow: FlowMetadata, query: SampleQuery, stream: bool) -> tuple[int, ContextRows | None]:
         """The query's rows and their context rows, checked against the call's row limits."""
@@ -201,6 +219,68 @@ class FlowService:
             raise InvalidArgument(f"temperature must be a finite number > 0, got {query.temperature}")
         return secrets.randbits(64) if query.seed is None else query.seed
 
+    def _truncation(self, flow: FlowMetadata, query: SampleQuery, rows: int) -> Truncation | None:
+        """The bookkeeping of a truncated query (None when it does not truncate), its draws
+        bounded; raises for a flow without a support box or a bound out of range."""
+        if not query.truncate_to_support:
+            if query.max_draws is not None:
+                raise InvalidArgument("max_draws bounds truncated sampling: it goes with truncate_to_support")
+            return None
+        if flow.support_box is None:
+            raise FailedPrecondition(
+                f"model {flow.name!r} has no support box to truncate to: export it from an sbi posterior whose prior "
+                "is a box, or give one at export (flowserve export --support-low ... --support-high ...)")
+        limit = rows * self.limits.max_draws_per_row
+        max_draws = limit if query.max_draws is None else query.max_draws
+        if not rows <= max_draws <= limit:
+            raise InvalidArgument(f"max_draws must be in {rows}..{limit} for {rows} samples (at least one draw per "
+                                  f"sample, at most {self.limits.max_draws_per_row}), got {max_draws}")
+        return Truncation(flow.name, rows, max_draws, *_box(flow))
+
+    def _draw(self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: ContextRows | None,
+              batch: int, deadline: float | None, truncation: Truncation | None,
+              ) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
+        """(first row, outputs) of consecutive parts of the call's rows, in order: chunks of
+        ``batch`` rows, or under truncation, blocks of :data:`TRUNCATION_BLOCK` rows."""
+        if truncation is None:
+            return self._generate(flow, query, seed, rows, context, batch, deadline)
+        return self._truncated(flow, query, seed, rows, context, batch, deadline, truncation)
+
+    async def _truncated(
+        self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: ContextRows | None, batch: int,
+        deadline: float | None, truncation: Truncation,
+    ) -> AsyncIterator[tuple[int, dict[str, np.ndarray]]]:
+        """Samples inside the support box, block by block of :data:`TRUNCATION_BLOCK` rows.
+
+        Each round draws candidates for the rows of the block that still lack a sample
+        (several per row once the acceptance rate is known; noise from PCG64(seed) in row
+        order, each candidate with its row's context) and gives each row its first candidate
+        inside the box: every row is a draw of the model's distribution truncated to the box.
+        ``truncation`` counts the draws and raises ResourceExhausted at its bound.
+        """
+        spec = flow.spec(GENERATION)
+        rng = np.random.Generator(np.random.PCG64(seed))
+        temperature = np.float32(query.temperature)
+        for start in range(0, rows, TRUNCATION_BLOCK):
+            size = min(TRUNCATION_BLOCK, rows - start)
+            x, log_prob = np.empty((size, flow.dim), np.float32), np.empty(size, np.float32)
+            pending = np.arange(size)
+            while pending.size:
+                owners = truncation.next_round(pending)
+                noise = rng.standard_normal((len(owners), flow.noise_dim), dtype=np.float32)
+                noise *= temperature
+                contexts = None if context is None else context.take(start + owners)
+                chunks = iter([_inputs(spec, noise[i:i + batch], None if contexts is None else contexts[i:i + batch])
+                               for i in range(0, len(owners), batch)])
+                outputs = _joined([part async for part in self._run(flow, GENERATION, chunks, deadline)], spec)
+                inside = truncation.count(outputs["x"])
+                kept, first = np.unique(owners[inside], return_index=True)
+                chosen = np.flatnonzero(inside)[first]
+                x[kept], log_prob[kept] = outputs["x"][chosen], outputs["log_prob"][chosen]
+                pending = np.setdiff1d(pending, kept, assume_unique=True)
+                truncation.kept += len(kept)
+            yield start, {"x": x, "log_prob": log_prob}
+
     async def _generate(
         self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: ContextRows | None, chunk: int,
         deadline: float | None,
@@ -226,8 +306,13 @@ class FlowService:
         """log p(x | context) of each row of ``query.x`` (a lower bound where the flow says so),
         and its bits per dimension if asked for."""
         flow = self.catalog.get(query.model)
+        if query.truncate_to_support and flow.support_box is None:
+            raise FailedPrecondition(f"model {flow.name!r} has no support box to truncate to")
         outputs = await self._map_rows(flow, DENSITY, query.x, query.context, _deadline(timeout))
         log_prob = outputs["log_prob"]
+        if query.truncate_to_support:
+            log_prob = np.where(_inside(query.x.reshape(len(query.x), flow.dim), *_box(flow)), log_prob,
+                                np.float32(-np.inf))
         bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
         return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
 
@@ -358,6 +443,67 @@ class FlowService:
             await asyncio.gather(*running, return_exceptions=True)
 
 
+@dataclass
+class Truncation:
+    """The draws of one truncated call: its bound, what it has drawn, kept and found inside
+    the support box ``[low, high]`` (float32 per value, ±inf for an open side)."""
+
+    model: str
+    rows: int
+    max_draws: int
+    low: np.ndarray
+    high: np.ndarray
+    draws: int = 0
+    inside: int = 0
+    kept: int = 0
+
+    MAX_CANDIDATES_PER_ROW = 64
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.inside / self.draws if self.draws else 0.0
+
+    def next_round(self, pending: np.ndarray) -> np.ndarray:
+        """The row (of ``pending``, the rows still without a sample) of each candidate of the
+        next round: one per row at first, then 1 / acceptance rate (up to 64), so that a row
+        expects one hit per round; within :data:`_ROUND_ROWS` and the draws left.
+        ResourceExhausted when none are left."""
+        left = self.max_draws - self.draws
+        if left <= 0:
+            raise ResourceExhausted(
+                f"truncated sampling of model {self.model!r} kept {self.kept} of {self.rows} samples inside the "
+                f"support box in {self.draws} draws (acceptance rate {self.acceptance_rate:.3g}), the most this call "
+                "may make: allow more with max_draws, or ask for fewer samples")
+        rate = self.acceptance_rate if self.draws else 1.0
+        per = math.ceil(1 / max(rate, 1 / self.MAX_CANDIDATES_PER_ROW))
+        per = max(1, min(per, _ROUND_ROWS // len(pending), left // len(pending)))
+        return np.repeat(pending, per)[:left]
+
+    def count(self, x: np.ndarray) -> np.ndarray:
+        """Which rows of the candidates ``x`` [rows, dim] lie inside the box; counts them."""
+        inside = _inside(x, self.low, self.high)
+        self.draws += len(x)
+        self.inside += int(inside.sum())
+        return inside
+
+
+def _box(flow: FlowMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """The flow's support box as float32 bounds per value, ±inf for an open side."""
+    box = flow.support_box
+    return (np.array([-np.inf if v is None else v for v in box["low"]], np.float32),
+            np.array([np.inf if v is None else v for v in box["high"]], np.float32))
+
+
+def _inside(rows: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Whether each row [rows, dim] lies inside ``[low, high]`` (NaN does not)."""
+    return ((rows >= low) & (rows <= high)).all(axis=1)
+
+
+def _tally(truncation: Truncation | None) -> dict:
+    """What a response reports of a truncated call so far."""
+    return {} if truncation is None else {"acceptance_rate": truncation.acceptance_rate, "draws": truncation.draws}
+
+
 def _deadline(timeout: float | None) -> float | None:
     """When a call with ``timeout`` seconds must end, on the running event loop's clock."""
     return None if timeout is None else asyncio.get_running_loop().time() + timeout
@@ -421,6 +567,10 @@ class ContextRows:
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(len(self.table) * self.per)
         return self.table[start:stop] if self.per == 1 else self.table[np.arange(start, stop) // self.per]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The contexts of the rows ``rows`` (indices), as [len(rows), context_dim]."""
+        return self.table[rows // self.per]
 
 
 def _context_batch(flow: FlowMetadata, context: np.ndarray | None) -> np.ndarray:

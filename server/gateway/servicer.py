@@ -41,6 +41,8 @@ def _sample_query(request: pb.SampleRequest) -> SampleQuery:
         return_log_prob=request.return_log_prob,
         context=_context(request),
         samples_per_context=request.samples_per_context if request.HasField("samples_per_context") else None,
+        truncate_to_support=request.truncate_to_support,
+        max_draws=request.max_draws if request.HasField("max_draws") else None,
     )
 
 
@@ -71,11 +73,13 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         query = _sample_query(request)
         result = await self.service.sample(query, timeout=context.time_remaining())
         rows = len(result.samples) * (query.samples_per_context or 1)
-        return tensors.sample_response(result.samples, result.log_prob, result.seed, rows=rows)
+        return tensors.sample_response(result.samples, result.log_prob, result.seed, rows=rows,
+                                       acceptance_rate=result.acceptance_rate, draws=result.draws)
 
     async def SampleStream(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext):
         async for chunk in self.service.sample_stream(_sample_query(request), timeout=context.time_remaining()):
-            yield tensors.sample_response(chunk.samples, chunk.log_prob, chunk.seed, chunk.first_row)
+            yield tensors.sample_response(chunk.samples, chunk.log_prob, chunk.seed, chunk.first_row,
+                                          acceptance_rate=chunk.acceptance_rate, draws=chunk.draws)
 
     async def LogLikelihood(self, request: pb.LogLikelihoodRequest, context: grpc.aio.ServicerContext):
         query = LogLikelihoodQuery(
@@ -83,6 +87,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             x=tensors.decode(request.x, "x"),
             context=_context(request),
             return_bits_per_dim=request.return_bits_per_dim,
+            truncate_to_support=request.truncate_to_support,
         )
         result = await self.service.log_likelihood(query, timeout=context.time_remaining())
         return tensors.log_likelihood_response(result.log_prob, result.bits_per_dim)

@@ -4,6 +4,7 @@ responses (Sample, LogLikelihood) written in protobuf's wire format straight fro
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def _key(message, field: str, wire_type: int) -> bytes:
     return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type)
 
 
-_LENGTH_DELIMITED, _VARINT = 2, 0
+_LENGTH_DELIMITED, _VARINT, _FIXED64 = 2, 0, 1
 
 
 def _length_delimited(message, field: str, parts: list) -> list:
@@ -101,7 +102,7 @@ def _floats(array: np.ndarray | None) -> list:
 
 
 def sample_response(samples: np.ndarray, log_prob: np.ndarray | None, seed: int, first_row: int = 0,
-                    rows: int | None = None) -> Serialized:
+                    rows: int | None = None, acceptance_rate: float = 0.0, draws: int = 0) -> Serialized:
     """A ``SampleResponse`` on the wire, the samples' bytes copied once; ``rows`` (the samples
     it carries, for the metrics) defaults to ``len(samples)``."""
     parts = _length_delimited(pb.SampleResponse, "samples", _tensor(samples))
@@ -109,6 +110,10 @@ def sample_response(samples: np.ndarray, log_prob: np.ndarray | None, seed: int,
     for field, value in (("seed", seed), ("first_row", first_row)):
         if value:
             parts += [_key(pb.SampleResponse, field, _VARINT), _varint(value)]
+    if acceptance_rate:
+        parts += [_key(pb.SampleResponse, "acceptance_rate", _FIXED64), struct.pack("<d", acceptance_rate)]
+    if draws:
+        parts += [_key(pb.SampleResponse, "draws", _VARINT), _varint(draws)]
     return Serialized(b"".join(parts), len(samples) if rows is None else rows)
 
 

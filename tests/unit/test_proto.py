@@ -40,6 +40,10 @@ def test_responses_built_on_the_wire_are_what_protobuf_writes(shape, seed):
                                      first_row=first_row)
         built = tensors.sample_response(samples, optional, seed, first_row)
         assert built.data == expected.SerializeToString() and built.rows == shape[0]
+        expected.acceptance_rate, expected.draws = 0.3125 + seed % 7, 5 * shape[0] + first_row
+        built = tensors.sample_response(samples, optional, seed, first_row, acceptance_rate=expected.acceptance_rate,
+                                        draws=expected.draws)
+        assert built.data == expected.SerializeToString()
         expected = pb.LogLikelihoodResponse(log_prob=log_prob.tolist(),
                                             bits_per_dim=[] if optional is None else (2 * optional).tolist())
         built = tensors.log_likelihood_response(log_prob, None if optional is None else 2 * optional)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66lowserve.proto\x12\x0c\x66lowserve.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xcb\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_shape\x18\x03 \x03(\x03\x12\x10\n\x08versions\x18\x04 \x03(\t\x12+\n\ndirections\x18\x05 \x03(\x0e\x32\x17.flowserve.v1.Direction\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x37\n\x08metadata\x18\x07 \x03(\x0b\x32%.flowserve.v1.ModelInfo.MetadataEntry\x12\x15\n\rcontext_shape\x18\x08 \x03(\x03\x12<\n\x13log_likelihood_kind\x18\t \x01(\x0e\x32\x1f.flowserve.v1.LogLikelihoodKind\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.flowserve.v1.ModelInfo\"\xf3\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\x0freturn_log_prob\x18\x05 \x01(\x08\x12%\n\x07\x63ontext\x18\x06 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12 \n\x13samples_per_context\x18\x07 \x01(\x03H\x02\x88\x01\x01\x42\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x16\n\x14_samples_per_context\"j\n\x0eSampleResponse\x12%\n\x07samples\x18\x01 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12\x10\n\x08log_prob\x18\x02 \x03(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x11\n\tfirst_row\x18\x04 \x01(\x03\"\x8a\x01\n\x14LogLikelihoodRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12\x1b\n\x13return_bits_per_dim\x18\x04 \x01(\x08\"?\n\x15LogLikelihoodResponse\x12\x10\n\x08log_prob\x18\x01 \x03(\x02\x12\x14\n\x0c\x62its_per_dim\x18\x02 \x03(\x02\"f\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.flowserve.v1.Tensor\"T\n\x0e\x45ncodeResponse\x12\x1f\n\x01z\x18\x01 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12\x0f\n\x07log_det\x18\x02 \x03(\x02\x12\x10\n\x08log_prob\x18\x03 \x03(\x02*m\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_DENSITY\x10\x01\x12\x18\n\x14\x44IRECTION_GENERATION\x10\x02\x12\x14\n\x10\x44IRECTION_ENCODE\x10\x03*|\n\x11LogLikelihoodKind\x12#\n\x1fLOG_LIKELIHOOD_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19LOG_LIKELIHOOD_KIND_EXACT\x10\x01\x12#\n\x1fLOG_LIKELIHOOD_KIND_LOWER_BOUND\x10\x02\x32\x8f\x03\n\x0b\x46lowService\x12O\n\nListModels\x12\x1f.flowserve.v1.ListModelsRequest\x1a .flowserve.v1.ListModelsResponse\x12\x43\n\x06Sample\x12\x1b.flowserve.v1.SampleRequest\x1a\x1c.flowserve.v1.SampleResponse\x12K\n\x0cSampleStream\x12\x1b.flowserve.v1.SampleRequest\x1a\x1c.flowserve.v1.SampleResponse0\x01\x12X\n\rLogLikelihood\x12\".flowserve.v1.LogLikelihoodRequest\x1a#.flowserve.v1.LogLikelihoodResponse\x12\x43\n\x06\x45ncode\x12\x1b.flowserve.v1.EncodeRequest\x1a\x1c.flowserve.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66lowserve.proto\x12\x0c\x66lowserve.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xcb\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_shape\x18\x03 \x03(\x03\x12\x10\n\x08versions\x18\x04 \x03(\t\x12+\n\ndirections\x18\x05 \x03(\x0e\x32\x17.flowserve.v1.Direction\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x37\n\x08metadata\x18\x07 \x03(\x0b\x32%.flowserve.v1.ModelInfo.MetadataEntry\x12\x15\n\rcontext_shape\x18\x08 \x03(\x03\x12<\n\x13log_likelihood_kind\x18\t \x01(\x0e\x32\x1f.flowserve.v1.LogLikelihoodKind\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.flowserve.v1.ModelInfo\"\xb6\x02\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\x0freturn_log_prob\x18\x05 \x01(\x08\x12%\n\x07\x63ontext\x18\x06 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12 \n\x13samples_per_context\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x1b\n\x13truncate_to_support\x18\x08 \x01(\x08\x12\x16\n\tmax_draws\x18\t \x01(\x03H\x03\x88\x01\x01\x42\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x16\n\x14_samples_per_contextB\x0c\n\n_max_draws\"\x92\x01\n\x0eSampleResponse\x12%\n\x07samples\x18\x01 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12\x10\n\x08log_prob\x18\x02 \x03(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x11\n\tfirst_row\x18\x04 \x01(\x03\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\x12\r\n\x05\x64raws\x18\x06 \x01(\x03\"\xa7\x01\n\x14LogLikelihoodRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12\x1b\n\x13return_bits_per_dim\x18\x04 \x01(\x08\x12\x1b\n\x13truncate_to_support\x18\x05 \x01(\x08\"?\n\x15LogLikelihoodResponse\x12\x10\n\x08log_prob\x18\x01 \x03(\x02\x12\x14\n\x0c\x62its_per_dim\x18\x02 \x03(\x02\"f\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x01x\x18\x02 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.flowserve.v1.Tensor\"T\n\x0e\x45ncodeResponse\x12\x1f\n\x01z\x18\x01 \x01(\x0b\x32\x14.flowserve.v1.Tensor\x12\x0f\n\x07log_det\x18\x02 \x03(\x02\x12\x10\n\x08log_prob\x18\x03 \x03(\x02*m\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_DENSITY\x10\x01\x12\x18\n\x14\x44IRECTION_GENERATION\x10\x02\x12\x14\n\x10\x44IRECTION_ENCODE\x10\x03*|\n\x11LogLikelihoodKind\x12#\n\x1fLOG_LIKELIHOOD_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19LOG_LIKELIHOOD_KIND_EXACT\x10\x01\x12#\n\x1fLOG_LIKELIHOOD_KIND_LOWER_BOUND\x10\x02\x32\x8f\x03\n\x0b\x46lowService\x12O\n\nListModels\x12\x1f.flowserve.v1.ListModelsRequest\x1a .flowserve.v1.ListModelsResponse\x12\x43\n\x06Sample\x12\x1b.flowserve.v1.SampleRequest\x1a\x1c.flowserve.v1.SampleResponse\x12K\n\x0cSampleStream\x12\x1b.flowserve.v1.SampleRequest\x1a\x1c.flowserve.v1.SampleResponse0\x01\x12X\n\rLogLikelihood\x12\".flowserve.v1.LogLikelihoodRequest\x1a#.flowserve.v1.LogLikelihoodResponse\x12\x43\n\x06\x45ncode\x12\x1b.flowserve.v1.EncodeRequest\x1a\x1c.flowserve.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_METADATAENTRY']._loaded_options = None
   _globals['_MODELINFO_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DIRECTION']._serialized_start=1240
-  _globals['_DIRECTION']._serialized_end=1349
-  _globals['_LOGLIKELIHOODKIND']._serialized_start=1351
-  _globals['_LOGLIKELIHOODKIND']._serialized_end=1475
+  _globals['_DIRECTION']._serialized_start=1377
+  _globals['_DIRECTION']._serialized_end=1486
+  _globals['_LOGLIKELIHOODKIND']._serialized_start=1488
+  _globals['_LOGLIKELIHOODKIND']._serialized_end=1612
   _globals['_TENSOR']._serialized_start=33
   _globals['_TENSOR']._serialized_end=70
   _globals['_LISTMODELSREQUEST']._serialized_start=72
@@ -48,17 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=427
   _globals['_LISTMODELSRESPONSE']._serialized_end=488
   _globals['_SAMPLEREQUEST']._serialized_start=491
-  _globals['_SAMPLEREQUEST']._serialized_end=734
-  _globals['_SAMPLERESPONSE']._serialized_start=736
-  _globals['_SAMPLERESPONSE']._serialized_end=842
-  _globals['_LOGLIKELIHOODREQUEST']._serialized_start=845
-  _globals['_LOGLIKELIHOODREQUEST']._serialized_end=983
-  _globals['_LOGLIKELIHOODRESPONSE']._serialized_start=985
-  _globals['_LOGLIKELIHOODRESPONSE']._serialized_end=1048
-  _globals['_ENCODEREQUEST']._serialized_start=1050
-  _globals['_ENCODEREQUEST']._serialized_end=1152
-  _globals['_ENCODERESPONSE']._serialized_start=1154
-  _globals['_ENCODERESPONSE']._serialized_end=1238
-  _globals['_FLOWSERVICE']._serialized_start=1478
-  _globals['_FLOWSERVICE']._serialized_end=1877
+  _globals['_SAMPLEREQUEST']._serialized_end=801
+  _globals['_SAMPLERESPONSE']._serialized_start=804
+  _globals['_SAMPLERESPONSE']._serialized_end=950
+  _globals['_LOGLIKELIHOODREQUEST']._serialized_start=953
+  _globals['_LOGLIKELIHOODREQUEST']._serialized_end=1120
+  _globals['_LOGLIKELIHOODRESPONSE']._serialized_start=1122
+  _globals['_LOGLIKELIHOODRESPONSE']._serialized_end=1185
+  _globals['_ENCODEREQUEST']._serialized_start=1187
+  _globals['_ENCODEREQUEST']._serialized_end=1289
+  _globals['_ENCODERESPONSE']._serialized_start=1291
+  _globals['_ENCODERESPONSE']._serialized_end=1375
+  _globals['_FLOWSERVICE']._serialized_start=1615
+  _globals['_FLOWSERVICE']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)

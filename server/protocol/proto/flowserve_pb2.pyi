@@ -75,7 +75,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "num_samples", "seed", "temperature", "return_log_prob", "context", "samples_per_context")
+    __slots__ = ("model", "num_samples", "seed", "temperature", "return_log_prob", "context", "samples_per_context", "truncate_to_support", "max_draws")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,8 @@ class SampleRequest(_message.Message):
     RETURN_LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_TO_SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_samples: int
     seed: int
@@ -90,31 +92,39 @@ class SampleRequest(_message.Message):
     return_log_prob: bool
     context: Tensor
     samples_per_context: int
-    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_log_prob: _Optional[bool] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., samples_per_context: _Optional[int] = ...) -> None: ...
+    truncate_to_support: bool
+    max_draws: int
+    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_log_prob: _Optional[bool] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., samples_per_context: _Optional[int] = ..., truncate_to_support: _Optional[bool] = ..., max_draws: _Optional[int] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("samples", "log_prob", "seed", "first_row")
+    __slots__ = ("samples", "log_prob", "seed", "first_row", "acceptance_rate", "draws")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROW_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    DRAWS_FIELD_NUMBER: _ClassVar[int]
     samples: Tensor
     log_prob: _containers.RepeatedScalarFieldContainer[float]
     seed: int
     first_row: int
-    def __init__(self, samples: _Optional[_Union[Tensor, _Mapping]] = ..., log_prob: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., first_row: _Optional[int] = ...) -> None: ...
+    acceptance_rate: float
+    draws: int
+    def __init__(self, samples: _Optional[_Union[Tensor, _Mapping]] = ..., log_prob: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., first_row: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., draws: _Optional[int] = ...) -> None: ...
 
 class LogLikelihoodRequest(_message.Message):
-    __slots__ = ("model", "x", "context", "return_bits_per_dim")
+    __slots__ = ("model", "x", "context", "return_bits_per_dim", "truncate_to_support")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     RETURN_BITS_PER_DIM_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_TO_SUPPORT_FIELD_NUMBER: _ClassVar[int]
     model: str
     x: Tensor
     context: Tensor
     return_bits_per_dim: bool
-    def __init__(self, model: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., return_bits_per_dim: _Optional[bool] = ...) -> None: ...
+    truncate_to_support: bool
+    def __init__(self, model: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., context: _Optional[_Union[Tensor, _Mapping]] = ..., return_bits_per_dim: _Optional[bool] = ..., truncate_to_support: _Optional[bool] = ...) -> None: ...
 
 class LogLikelihoodResponse(_message.Message):
     __slots__ = ("log_prob", "bits_per_dim")
