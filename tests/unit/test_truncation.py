@@ -101,7 +101,8 @@ def test_the_draws_stay_within_their_bound_and_then_the_call_is_refused(tmp_path
     with pytest.raises(ResourceExhausted, match=r"kept \d+ of 1000 samples inside the support box in 1000 draws "
                                                 r"\(acceptance rate 0\.3\d*\)"):
         sample(svc, model=BOXED, num_samples=1000, seed=1, max_draws=1000)
-    drawn = sum(len(inputs["z"]) for model, _, inputs in svc.backend.calls if model == triton_model_name(BOXED, GENERATION))
+    generation = triton_model_name(BOXED, GENERATION)
+    drawn = sum(len(inputs["z"]) for model, _, inputs in svc.backend.calls if model == generation)
     assert drawn == 1000
     result = sample(svc, model=BOXED, num_samples=1000, seed=1, max_draws=20_000)
     assert result.draws <= 20_000 and inside(result.samples).all()
