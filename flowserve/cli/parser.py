@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "own stub process (and CUDA context on a GPU)")
     export.add_argument("--support-low", type=_float_list, default=None, metavar="V1,V2,...",
                         help="the support box's lower bound per data value (-inf: open), for sampling truncated to "
-                             "it (default: an sbi posterior's box prior, else no box)")
+                             "it (default: an sbi posterior's box prior, else no box); write --support-low=-1,... "
+                             "when the first value is negative")
     export.add_argument("--support-high", type=_float_list, default=None, metavar="V1,V2,...",
                         help="the support box's upper bound per data value (inf: open)")
     export.add_argument("--separate-embedding", action=argparse.BooleanOptionalAction, default=True,
