@@ -465,9 +465,10 @@ class Truncation:
 
     def next_round(self, pending: np.ndarray) -> np.ndarray:
         """The row (of ``pending``, the rows still without a sample) of each candidate of the
-        next round: one per row at first, then 1 / acceptance rate (up to 64), so that a row
-        expects one hit per round; within :data:`_ROUND_ROWS` and the draws left.
-        ResourceExhausted when none are left."""
+        next round: one per row at first, then the whole part of 1 / acceptance rate (up to
+        64), so that a row expects between half a hit and one per round and few draws are
+        wasted; within :data:`_ROUND_ROWS` and the draws left. ResourceExhausted when none
+        are left."""
         left = self.max_draws - self.draws
         if left <= 0:
             raise ResourceExhausted(
@@ -475,7 +476,7 @@ class Truncation:
                 f"support box in {self.draws} draws (acceptance rate {self.acceptance_rate:.3g}), the most this call "
                 "may make: allow more with max_draws, or ask for fewer samples")
         rate = self.acceptance_rate if self.draws else 1.0
-        per = math.ceil(1 / max(rate, 1 / self.MAX_CANDIDATES_PER_ROW))
+        per = math.floor(1 / max(rate, 1 / self.MAX_CANDIDATES_PER_ROW))
         per = max(1, min(per, _ROUND_ROWS // len(pending), left // len(pending)))
         return np.repeat(pending, per)[:left]
 
