@@ -18,6 +18,7 @@ from sbi.inference import NPE
 from sbi.samplers.rejection.rejection import accept_reject_sample
 from sbi.utils import BoxUniform, within_support
 from scipy import stats
+from torch.utils.tensorboard import SummaryWriter
 
 from flowserve import cli
 from flowserve.contract.metadata import FlowMetadata, metadata_path
@@ -44,7 +45,7 @@ def build():
     return DirectPosterior(estimator()(batch, batch), PRIOR)
 '''
 DIM, OBSERVATIONS, PER = 3, 16, 500
-BOX = 0.25  # the box given at export: [-0.25, 0.25]^3, about a third of the posterior's mass near 0
+BOX = 0.25  # the box given at export: [-0.25, 0.25]^3, 7% of the first observation's posterior
 NAME = "gaussian-npe"
 
 
@@ -75,7 +76,8 @@ def trained(tmp_path_factory):
     generator = torch.Generator().manual_seed(1)  # not the global seed: the noise must not be θ's draws
     theta = builder["PRIOR"].sample((10_000,))
     x = simulate(theta, generator)
-    inference = NPE(prior=builder["PRIOR"], density_estimator=builder["estimator"](), show_progress_bars=False)
+    inference = NPE(prior=builder["PRIOR"], density_estimator=builder["estimator"](), show_progress_bars=False,
+                    summary_writer=SummaryWriter(folder / "sbi-logs"))  # sbi's default writes into the cwd
     estimator = inference.append_simulations(theta, x).train(training_batch_size=256, learning_rate=1e-3,
                                                              stop_after_epochs=30, max_num_epochs=100,
                                                              show_train_summary=False)
