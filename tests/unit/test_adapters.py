@@ -173,6 +173,7 @@ def test_flows_without_an_embedding_net_have_no_context_embedding():
 
 
 @pytest.mark.parametrize("model", SBI_MODELS)
+@pytest.mark.filterwarnings("ignore:torch.triangular_solve is deprecated")  # nflows' LULinear, in sbi's nsf
 def test_an_sbi_posterior_serves_sbis_numbers(model):
     posterior = sbi_posterior(model)
     served = wrap(posterior, THETA, X).double()
