@@ -29,11 +29,6 @@ from .nflows import NflowsFlow
 from .zuko import ZukoFlow
 
 
-def is_sbi(obj: Any) -> bool:
-    """Whether ``obj`` is something :class:`SbiPosterior` takes."""
-    return isinstance(obj, (DirectPosterior, NFlowsFlow, SbiZukoFlow))
-
-
 class SbiPosterior(nn.Module):
     """``posterior`` (an sbi ``DirectPosterior``, or an ``NFlowsFlow`` or ``ZukoFlow``
     estimator) in flowserve's model protocol: θ given x. ``support_box`` is ``(low, high)``,
@@ -92,8 +87,9 @@ class SbiPosterior(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """sbi's version, its estimator class, the prior and the flow's layers."""
-        return {**self.flow.config(), "library": f"sbi {metadata.version('sbi')}", "estimator": self.backend,
-                "flow_library": self.flow.config()["library"], **({"prior": self.prior} if self.prior else {})}
+        flow = self.flow.config()
+        return {**flow, "library": f"sbi {metadata.version('sbi')}", "estimator": self.backend,
+                "flow_library": flow["library"], **({"prior": self.prior} if self.prior else {})}
 
 
 def box_support(prior: Distribution, features: int) -> tuple[list[float], list[float]] | None:
