@@ -226,16 +226,13 @@ class FlowService:
             if query.max_draws is not None:
                 raise InvalidArgument("max_draws bounds truncated sampling: it goes with truncate_to_support")
             return None
-        if flow.support_box is None:
-            raise FailedPrecondition(
-                f"model {flow.name!r} has no support box to truncate to: export it from an sbi posterior whose prior "
-                "is a box, or give one at export (flowserve export --support-low ... --support-high ...)")
+        low, high = _support_box(flow)
         limit = rows * self.limits.max_draws_per_row
         max_draws = limit if query.max_draws is None else query.max_draws
         if not rows <= max_draws <= limit:
             raise InvalidArgument(f"max_draws must be in {rows}..{limit} for {rows} samples (at least one draw per "
                                   f"sample, at most {self.limits.max_draws_per_row}), got {max_draws}")
-        return Truncation(flow.name, rows, max_draws, *_box(flow))
+        return Truncation(flow.name, rows, max_draws, low, high)
 
     def _draw(self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: ContextRows | None,
               batch: int, deadline: float | None, truncation: Truncation | None,
@@ -306,13 +303,11 @@ class FlowService:
         """log p(x | context) of each row of ``query.x`` (a lower bound where the flow says so),
         and its bits per dimension if asked for."""
         flow = self.catalog.get(query.model)
-        if query.truncate_to_support and flow.support_box is None:
-            raise FailedPrecondition(f"model {flow.name!r} has no support box to truncate to")
+        box = _support_box(flow) if query.truncate_to_support else None
         outputs = await self._map_rows(flow, DENSITY, query.x, query.context, _deadline(timeout))
         log_prob = outputs["log_prob"]
-        if query.truncate_to_support:
-            log_prob = np.where(_inside(query.x.reshape(len(query.x), flow.dim), *_box(flow)), log_prob,
-                                np.float32(-np.inf))
+        if box is not None:
+            log_prob = np.where(_inside(query.x.reshape(len(query.x), flow.dim), *box), log_prob, np.float32(-np.inf))
         bits = bits_per_dim(log_prob.astype(np.float64), flow.dim).astype(np.float32) if query.return_bits_per_dim else None
         return LogLikelihoodResult(log_prob=log_prob, bits_per_dim=bits)
 
@@ -342,7 +337,7 @@ class FlowService:
         _check_finite_rows(x, "x")
         if flow.support is not None:
             low, high = flow.support
-            inside = ((x >= low) & (x <= high)).reshape(rows, -1).all(axis=1)
+            inside = _inside(x.reshape(rows, -1), low, high)
             if not inside.all():
                 raise InvalidArgument(
                     f"x has values outside [{low:g}, {high:g}], the support of model {flow.name!r} "
@@ -488,15 +483,21 @@ class Truncation:
         return inside
 
 
-def _box(flow: FlowMetadata) -> tuple[np.ndarray, np.ndarray]:
-    """The flow's support box as float32 bounds per value, ±inf for an open side."""
+def _support_box(flow: FlowMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """The flow's support box as float32 bounds per value, ±inf for an open side;
+    FailedPrecondition for a flow without one."""
     box = flow.support_box
+    if box is None:
+        raise FailedPrecondition(
+            f"model {flow.name!r} has no support box to truncate to: export it from an sbi posterior whose prior "
+            "is a box, or give one at export (flowserve export --support-low ... --support-high ...)")
     return (np.array([-np.inf if v is None else v for v in box["low"]], np.float32),
             np.array([np.inf if v is None else v for v in box["high"]], np.float32))
 
 
-def _inside(rows: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Whether each row [rows, dim] lies inside ``[low, high]`` (NaN does not)."""
+def _inside(rows: np.ndarray, low, high) -> np.ndarray:
+    """Whether each row [rows, dim] lies inside ``[low, high]`` (per value, or one bound for
+    all; NaN does not)."""
     return ((rows >= low) & (rows <= high)).all(axis=1)
 
 
