@@ -33,9 +33,10 @@ def load_builder(spec: str):
 
 
 def wrap(flow, features: int, context: int = 0) -> nn.Module:
-    """``flow`` as a servable model: zuko and nflows flows and sbi posteriors get their
-    adapter (detected by their class's module, so the library is imported only for them);
-    other modules must follow the protocol."""
+    """``flow`` as a servable model: zuko, nflows and normflows flows and sbi posteriors get
+    their adapter (detected by their class's module, so the library is imported only for
+    them); other modules must follow the protocol. ``features``: values per data row
+    (flattened, for images)."""
     library = type(flow).__module__.split(".")[0]
     if library == "sbi":
         from .sbi import SbiPosterior
@@ -57,9 +58,18 @@ def wrap(flow, features: int, context: int = 0) -> nn.Module:
             raise ValueError(f"the nflows flow is over {flow.event_shape[0]} features, not {features}; "
                              "its data rows must have as many values")
         return flow
+    if library == "normflows":
+        from .normflows import NormflowsFlow
+
+        flow = NormflowsFlow(flow, context)
+        if flow.noise_dim != features:
+            raise ValueError(f"the normflows flow is over rows of {flow.noise_dim} values "
+                             f"({' x '.join(map(str, flow.event_shape))}), not {features}; its data rows must have "
+                             "as many")
+        return flow
     if servable_problem(flow):
-        raise ValueError(f"the builder returned a {type(flow).__name__}, which is neither a zuko or nflows flow, an sbi "
-                         f"posterior nor a torch.nn.Module with {', '.join(SERVABLE_MEMBERS)}")
+        raise ValueError(f"the builder returned a {type(flow).__name__}, which is neither a zuko, nflows or normflows "
+                         f"flow, an sbi posterior nor a torch.nn.Module with {', '.join(SERVABLE_MEMBERS)}")
     return flow
 
 

@@ -10,11 +10,8 @@ layer is refused by name.
 The layers' own networks and parameters are used; what changes is how two computations
 are written, so that they export:
 
-- MAF's inverse is nflows' loop of ``D`` passes from zeros, written as flowserve's loop
-  (one ONNX ``Loop``) instead of a Python loop that tracing unrolls;
-- the rational-quadratic spline computes every element and then picks the tails with
-  ``torch.where``, where nflows indexes with boolean masks and checks the domain with
-  Python ``if``s, neither of which ``torch.export`` can capture;
+- MAF's inverse is a loop and the spline picks its tails with ``torch.where``
+  (:mod:`.nflows_layers`, shared with the normflows adapter);
 - ``LULinear``'s inverse solves two triangular systems, which ONNX has no operator for: the
   exported graphs multiply by the inverse matrix, computed once when the export starts
   (:meth:`NflowsFlow.prepare_for_export`).
@@ -24,7 +21,6 @@ Eagerly the results equal nflows' own (a test compares them).
 
 from __future__ import annotations
 
-import math
 from importlib import metadata
 from typing import Any
 
@@ -40,8 +36,7 @@ from nflows.transforms.permutations import Permutation
 from nflows.transforms.standard import PointwiseAffineTransform
 from torch import Tensor, nn
 
-from ..flows.splines import rational_quadratic, unit_derivative, with_linear_tails
-from ..flows.transforms import fixed_point_loop
+from .nflows_layers import autoregressive_inverse, coupling, refuse_unsupported_tails
 
 SUPPORTED = (MaskedAffineAutoregressiveTransform, PiecewiseRationalQuadraticCouplingTransform, Permutation, LULinear,
              PointwiseAffineTransform)
@@ -56,9 +51,10 @@ def layers_of(transform) -> list[nn.Module]:
         raise ValueError(f"nflows transform {type(transform).__name__} cannot be exported; supported: "
                          f"{', '.join(t.__name__ for t in SUPPORTED)} (and CompositeTransform of them)")
     if isinstance(transform, PiecewiseRationalQuadraticCouplingTransform):
-        if transform.unconditional_transform is not None or transform.tails not in (None, "linear"):
+        if transform.unconditional_transform is not None:
             raise ValueError("nflows PiecewiseRationalQuadraticCouplingTransform can be exported without an "
-                             f"unconditional transform and with tails None or 'linear' (got {transform.tails!r})")
+                             "unconditional transform")
+        refuse_unsupported_tails(transform, "nflows")
     return [transform]
 
 
@@ -135,47 +131,13 @@ class NflowsFlow(nn.Module):
 
 def _forward(layer: nn.Module, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
     if isinstance(layer, PiecewiseRationalQuadraticCouplingTransform):
-        return _coupling(layer, x, context, inverse=False)
+        return coupling(layer, x, context, inverse=False)
     return layer(x, context)
 
 
 def _inverse(layer: nn.Module, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
     if isinstance(layer, PiecewiseRationalQuadraticCouplingTransform):
-        return _coupling(layer, y, context, inverse=True)
+        return coupling(layer, y, context, inverse=True)
     if isinstance(layer, MaskedAffineAutoregressiveTransform):
-        return _autoregressive_inverse(layer, y, context)
+        return autoregressive_inverse(layer.autoregressive_net, layer._elementwise_inverse, y, context)
     return layer.inverse(y, context)
-
-
-def _autoregressive_inverse(layer: MaskedAffineAutoregressiveTransform, y: Tensor,
-                            context: Tensor | None) -> tuple[Tensor, Tensor]:
-    """nflows' D passes from zeros, as one loop; the log-det comes from a last pass, whose
-    parameters equal those of nflows' last pass (a feature's depend only on earlier ones)."""
-    net = layer.autoregressive_net
-    x = fixed_point_loop(lambda x, target: layer._elementwise_inverse(target, net(x, context))[0], y, y.shape[1])
-    return layer._elementwise_inverse(y, net(x, context))
-
-
-def _coupling(layer: PiecewiseRationalQuadraticCouplingTransform, inputs: Tensor, context: Tensor | None,
-              inverse: bool) -> tuple[Tensor, Tensor]:
-    """nflows' coupling: the identity features parameterise a spline of the others."""
-    identity = inputs[:, layer.identity_features]
-    params = layer.transform_net(identity, context).reshape(inputs.shape[0], layer.num_transform_features, -1)
-    transformed, logabsdet = _spline(layer, inputs[:, layer.transform_features], params, inverse)
-    order = torch.argsort(torch.cat([layer.identity_features, layer.transform_features]))
-    return torch.cat([identity, transformed], dim=1)[:, order], logabsdet.sum(dim=1)
-
-
-def _spline(layer: PiecewiseRationalQuadraticCouplingTransform, inputs: Tensor, params: Tensor,
-            inverse: bool) -> tuple[Tensor, Tensor]:
-    bins = layer.num_bins
-    widths, heights, derivatives = params[..., :bins], params[..., bins:2 * bins], params[..., 2 * bins:]
-    scale = getattr(layer.transform_net, "hidden_features", None) or getattr(layer.transform_net,
-                                                                             "hidden_channels", None)
-    if scale:
-        widths, heights = widths / math.sqrt(scale), heights / math.sqrt(scale)
-    limits = dict(min_width=layer.min_bin_width, min_height=layer.min_bin_height, min_derivative=layer.min_derivative)
-    if layer.tails is None:
-        return rational_quadratic(inputs, widths, heights, derivatives, inverse, 0.0, 1.0, **limits)
-    derivatives = F.pad(derivatives, (1, 1), value=unit_derivative(layer.min_derivative))
-    return with_linear_tails(inputs, widths, heights, derivatives, inverse, layer.tail_bound, **limits)

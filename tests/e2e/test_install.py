@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "flowserve", "export", "server")
 # --no-compile: compiling every module of torch to bytecode took half of a 55 s install.
 PIP_INSTALL = ["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile"]
-ADAPTERS = ("zuko", "nflows", "sbi")
+ADAPTERS = ("zuko", "nflows", "sbi", "normflows")
 """flowserve.export.adapters modules, each of which imports its library from an extra."""
 ZUKO_BUILDER = '''
 import zuko

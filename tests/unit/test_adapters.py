@@ -113,8 +113,8 @@ def user_files(tmp_path):
 
 @pytest.mark.parametrize(("function", "extra", "message"), [
     ("missing", [], "has no function 'missing'"),
-    ("not_a_flow", [], "the builder returned a str, which is neither a zuko or nflows flow, an sbi posterior nor "
-                       "a torch.nn.Module"),
+    ("not_a_flow", [], "the builder returned a str, which is neither a zuko, nflows or normflows flow, an sbi "
+                       "posterior nor a torch.nn.Module"),
     ("build_conditional", ["--weights", "maf.pt"], "maf.pt does not fit the flow the builder returns"),
     ("build", ["--data", "wide.npy"], "the zuko flow is over 2 features, not 3"),
     ("build", ["--data", "nowhere.npy"], "nowhere.npy"),
