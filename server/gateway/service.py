@@ -149,7 +149,7 @@ class FlowService:
         n, context = self._sample_rows(flow, query, stream=False)
         seed = self._seed(query)
         truncation = self._truncation(flow, query, n)
-        with self._reserve(n):
+        with self._reserve(self._held_rows(n, truncation)):
             context = await self._embedded(flow, context, deadline)
             batch = await self.backend.max_batch_size(flow.models[GENERATION])
             samples = np.empty((n, flow.dim), np.float32)
@@ -177,7 +177,8 @@ class FlowService:
         truncation = self._truncation(flow, query, n)
         batch = await self.backend.max_batch_size(flow.models[GENERATION])
         chunk = min(batch, _message_rows(flow))
-        with self._reserve(min(n, chunk * self.limits.max_chunks_in_flight_per_request)):
+        held = TRUNCATION_BLOCK if truncation else chunk * self.limits.max_chunks_in_flight_per_request
+        with self._reserve(self._held_rows(min(n, held), truncation)):
             context = await self._embedded(flow, context, deadline)
             async for start, outputs in self._draw(flow, query, seed, n, context, chunk, deadline, truncation):
                 for first in range(0, len(outputs["log_prob"]), chunk):  # a truncated block spans several chunks
@@ -233,6 +234,14 @@ class FlowService:
             raise InvalidArgument(f"max_draws must be in {rows}..{limit} for {rows} samples (at least one draw per "
                                   f"sample, at most {self.limits.max_draws_per_row}), got {max_draws}")
         return Truncation(flow.name, rows, max_draws, low, high)
+
+    def _held_rows(self, rows: int, truncation: Truncation | None) -> int:
+        """The rows a sampling call holds at once, for the in-flight budget: ``rows`` of
+        results and, when it truncates, a round's candidates (within the budget itself, so
+        that a call the limits admit is never refused as busy on an idle gateway)."""
+        if truncation is None:
+            return rows
+        return min(self.limits.max_rows_in_flight, rows + min(_ROUND_ROWS, truncation.max_draws))
 
     def _draw(self, flow: FlowMetadata, query: SampleQuery, seed: int, rows: int, context: ContextRows | None,
               batch: int, deadline: float | None, truncation: Truncation | None,

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 from helpers import fakes
+from helpers.clock import run_on_virtual_clock
 from helpers.fakes import InMemoryBackend, fake_answer, write_metadata
 
 from flowserve.contract.spec import GENERATION, triton_model_name
@@ -106,6 +107,30 @@ def test_the_draws_stay_within_their_bound_and_then_the_call_is_refused(tmp_path
     assert drawn == 1000
     result = sample(svc, model=BOXED, num_samples=1000, seed=1, max_draws=20_000)
     assert result.draws <= 20_000 and inside(result.samples).all()
+
+
+def test_a_truncated_call_holds_its_rounds_candidates_in_the_in_flight_budget(tmp_path):
+    svc = service(tmp_path)
+
+    async def scenario() -> tuple[int, int]:
+        svc.backend.gate = asyncio.Event()
+        query = SampleQuery(model=BOXED, num_samples=100, seed=1, truncate_to_support=True, max_draws=1000)
+        call = asyncio.create_task(svc.sample(query))
+        await asyncio.sleep(0.01)  # waiting on the backend, its rows reserved
+        held = svc._rows_in_flight
+        streamed = svc.sample_stream(SampleQuery(model=BOXED, num_samples=10_000, seed=1, truncate_to_support=True))
+        first = asyncio.create_task(anext(streamed))
+        await asyncio.sleep(0.01)
+        both = svc._rows_in_flight
+        svc.backend.gate.set()
+        await call, await first
+        await streamed.aclose()
+        return held, both
+
+    held, both = run_on_virtual_clock(scenario())
+    assert held == 100 + 1000  # its results, and candidates up to its draw bound
+    assert both - held == TRUNCATION_BLOCK + 4 * TRUNCATION_BLOCK  # a block of results, a round of candidates
+    assert svc._rows_in_flight == 0
 
 
 @pytest.mark.parametrize(("fields", "error", "message"), [
