@@ -63,6 +63,7 @@ from normflows.flows import (
 )
 from torch import Tensor, nn
 
+from ..flows.base import standard_normal_log_prob
 from .nflows_layers import (
     autoregressive_inverse,
     autoregressive_spline,
@@ -186,7 +187,7 @@ class NormflowsFlow(nn.Module):
         return self.eval()
 
     def _base(self, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The base Gaussian's location and log-scale, ``[1 or B, *event_shape]``."""
+        """The base Gaussian's location and log-scale, ``[1 or B, *base_shape]``."""
         if isinstance(self.flow.q0, ConditionalDiagGaussian):
             encoded = self.flow.q0.context_encoder(context)
             half = encoded.shape[-1] // 2
@@ -222,7 +223,7 @@ class NormflowsFlow(nn.Module):
         loc, log_scale = self._base(context)
         z = ((x - loc) / torch.exp(log_scale)).reshape(x.shape[0], -1)
         log_det = total - log_scale.reshape(log_scale.shape[0], -1).sum(dim=1)
-        return z, log_det, _standard_normal_log_prob(z) + log_det
+        return z, log_det, standard_normal_log_prob(z) + log_det
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.encode(x, context)[2]
@@ -232,7 +233,7 @@ class NormflowsFlow(nn.Module):
         loc, log_scale = self._base(context)
         noise = z.reshape(z.shape[0], *self.base_shape)
         x = loc + torch.exp(log_scale) * noise
-        log_prob = _standard_normal_log_prob(z) - log_scale.reshape(log_scale.shape[0], -1).sum(dim=1)
+        log_prob = standard_normal_log_prob(z) - log_scale.reshape(log_scale.shape[0], -1).sum(dim=1)
         for index, layer in enumerate(self.layers):
             x, log_det = self._layer(index, layer, x, context, to_noise=False)
             log_prob = log_prob - log_det
@@ -253,10 +254,6 @@ def _data_shape(base_shape: tuple[int, ...], layers: list[nn.Module]) -> tuple[i
             channels, height, width = shape
             shape = (channels // 4, 2 * height, 2 * width)
     return shape
-
-
-def _standard_normal_log_prob(z: Tensor) -> Tensor:
-    return -0.5 * z.shape[1] * math.log(2 * math.pi) - 0.5 * (z**2).sum(dim=1)
 
 
 def _unconditional_spline(layer):
