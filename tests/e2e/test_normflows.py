@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from grpc_health.v1 import health_pb2
 from helpers import normflows_flows
@@ -16,6 +17,8 @@ from flowserve.contract.metadata import FlowMetadata, metadata_path
 from flowserve.export.adapters.builder import wrap
 from flowserve.export.data import digits, two_moons
 from flowserve.server.client import FlowClient
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.lu is deprecated:UserWarning")  # normflows' Invertible1x1Conv
 
 # name: (function in normflows_flows.py, context values, loops in the density and generation graphs)
 LIVE_FLOWS = {
