@@ -180,6 +180,9 @@ def _comma_list(text: str | None, known, what: str, default) -> list[str]:
 
 def quality_command(args) -> dict:
     require_export_extra("quality")
+    if importlib.util.find_spec("zuko") is None:
+        raise MissingExtra("'flowserve quality' compares every family with zuko's NSF: install the zuko extra too, "
+                           "pip install 'flowserve[export,zuko]'")
     from flowserve.export.data import DATASETS
     from flowserve.export.flows.registry import FAMILY_NAMES
     from flowserve.export.quality import QUALITY_DATASETS, run_quality, write_report

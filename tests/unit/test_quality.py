@@ -13,12 +13,13 @@ from flowserve import cli
 from flowserve.export import quality
 from flowserve.export.data import Dataset, load_dataset, train_test_split, two_moons
 from flowserve.export.quality import (
+    ANCHORS,
     BASELINE_NAME,
     DiagonalGaussian,
     bits_per_dim,
-    data_kind,
     format_report,
     gaussian_baseline,
+    goal_met,
     recipe_for,
     scaled_steps,
     write_report,
@@ -86,33 +87,31 @@ def test_baseline_on_digits_is_finite_and_plausible():
     assert result["test_bits_per_dim"] == pytest.approx(bits_per_dim(result["test_log_likelihood"], 64))
 
 
-def test_recipes():
-    assert data_kind(load_dataset("moons", 100)) == "2d"
-    assert data_kind(load_dataset("breast-cancer")) == "tabular"
-    assert data_kind(load_dataset("digits")) == "image"
-    assert data_kind(load_dataset("digits-conditional")) == "image"
-    for family in ("nice", "realnvp", "glow", "maf", "iaf", "vae"):
-        for name in ("moons", "breast-cancer", "digits"):
-            assert recipe_for(family, load_dataset(name, 100 if name == "moons" else None)).steps > 0
-    assert recipe_for("not-a-family", load_dataset("moons", 100)) is quality.DEFAULT_RECIPE
+def test_one_recipe_for_every_family_and_data_set():
+    assert recipe_for(load_dataset("moons")) == quality.Recipe(steps=quality.MAX_STEPS, batch_size=256)
+    assert recipe_for(load_dataset("breast-cancer")) == quality.Recipe(steps=quality.MAX_STEPS, batch_size=128)
     assert scaled_steps(2000, 0.01) == 20 and scaled_steps(300, 0.001) == 1 and scaled_steps(100, 1.5) == 150
+
+
+def _row(family, name, kind="family", test=-1.25, error=None):
+    if error:
+        return {"family": family, "dataset": name, "kind": kind, "error": error}
+    return {"family": family, "dataset": name, "kind": kind, "steps": 3, "batch_size": 16, "lr": 1e-3,
+            "parameters": 1234, "log_likelihood_kind": "exact", "train_log_likelihood": -1.5,
+            "validation_log_likelihood": -1.375, "best_step": 2, "steps_run": 3, "test_log_likelihood": test,
+            "test_se": 0.125, "test_bits_per_dim": 2.0 if name == "digits" else 0.9, "seconds": 1.25, "error": None,
+            "test_log_probs": np.full(4, test)}
 
 
 def _report(error_family=None):
     results = []
     for name in ("moons", "digits"):
         for family in ("realnvp", "maf"):
-            if family == error_family and name == "digits":
-                results.append({"family": family, "dataset": name, "steps": 3, "error": "FloatingPointError: boom"})
-                continue
-            results.append({
-                "family": family, "dataset": name, "steps": 3, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0,
-                "parameters": 1234, "log_likelihood_kind": "exact", "train_log_likelihood": -1.5,
-                "validation_log_likelihood": -1.375, "best_step": 2, "steps_run": 3, "test_log_likelihood": -1.25,
-                "test_bits_per_dim": 2.0 if name == "digits" else 0.9, "seconds": 1.25, "error": None,
-            })
+            error = "FloatingPointError: boom" if family == error_family and name == "digits" else None
+            results.append(_row(family, name, error=error))
+        results.append({**_row("GaussianMixture", name, "anchor", test=-2.0), "chosen": {"components": 4}})
     return {
-        "schema": 1,
+        "schema": 2,
         "settings": {"families": ["realnvp", "maf"], "datasets": ["moons", "digits"], "steps_scale": 1.0, "seed": 0},
         "environment": {"python": "3.11", "torch": "2.13", "torch_threads": 2, "machine": "x86_64"},
         "total_seconds": 90.0,
@@ -125,6 +124,8 @@ def _report(error_family=None):
                                                       "test_bits_per_dim": 3.4039}},
         },
         "results": results,
+        "goals": {name: quality._compare([row for row in results if row["dataset"] == name])
+                  for name in ("moons", "digits")},
     }
 
 
@@ -135,18 +136,23 @@ def test_table_format():
                           "date": "2030-01-02 03:04 UTC"})
     lines = text.splitlines()
     assert "flowserve quality --seed 0" in lines and "Generated on 2030-01-02 03:04 UTC by:" in lines
-    header = "| family | moons (nats) | digits (nats) | digits (bits/dim) |"
+    header = "| model | moons (nats) | digits (nats) | digits (bits/dim) |"
     assert header in lines
     table = lines[lines.index(header):]
     assert table[1] == "|---|---:|---:|---:|"
-    assert table[2] == "| realnvp (lower bound) | -1.25 | -1.25 | 2.000 |"
-    assert table[3] == "| maf | -1.25 | failed | failed |"
-    assert table[4] == f"| {BASELINE_NAME} | -2.12 | -151.00 | 3.404 |"
-    assert "| maf | digits | 3 | | | | | failed: FloatingPointError: boom | | | |" in lines
-    assert "| realnvp | moons | 3 | 2, 3 | 16 | 0.001 | 1234 | -1.50 | -1.38 | -1.25 | 1.2 |" in lines
+    assert table[2] == "| realnvp (lower bound) | -1.25 ± 0.12 | -1.25 ± 0.12 | 2.000 |"
+    assert table[3] == "| maf | -1.25 ± 0.12 | failed | failed |"
+    assert table[4] == "| GaussianMixture (anchor) | -2.00 ± 0.12 | -2.00 ± 0.12 | 2.000 |"
+    assert table[5] == f"| {BASELINE_NAME} | -2.12 | -151.00 | 3.404 |"
+    assert "| moons | realnvp | +0.750 ± 0.000 | – | – | – |" in lines  # two anchors missing: no verdict
+    assert "| maf | digits | | | | | | failed: FloatingPointError: boom | | | | |" in lines
+    assert ("| realnvp | moons | 3 | 2, 3 | 16 | 1234 | – | -1.50 | -1.38 | -1.25 ± 0.12 | +0.750 ± 0.000 | 1.2 |"
+            in lines)
+    assert ("| GaussianMixture | moons | 3 | 2, 3 | 16 | 1234 | components 4 | -1.50 | -1.38 | -2.00 ± 0.12 | – "
+            "| 1.2 |" in lines)
     assert "| digits | 1×8×8 | 17 | 1438 | 359 |" in lines
     # every table row has as many cells as its header
-    for block_header in [line for line in lines if line.startswith("| family") or line.startswith("| data set")]:
+    for block_header in [line for line in lines if line.startswith(("| model", "| data set"))]:
         start = lines.index(block_header)
         width = block_header.count("|")
         for line in lines[start:]:
@@ -155,15 +161,32 @@ def test_table_format():
             assert line.count("|") == width, line
 
 
+def test_paired_differences_and_the_goal():
+    flow, mixture = _row("maf", "moons"), _row("GaussianMixture", "moons", "anchor")
+    flow["test_log_probs"] = np.array([1.0, 2.0, 3.0, 6.0])
+    mixture["test_log_probs"] = np.array([0.0, 1.0, 1.0, 2.0])
+    comparison = quality.paired(flow, mixture)
+    assert comparison["to"] == "GaussianMixture" and comparison["difference"] == 2.0
+    assert comparison["paired_se"] == pytest.approx(np.std([1, 1, 2, 4], ddof=1) / 2)
+    assert quality.standard_error(np.array([1.0, 3.0])) == pytest.approx(1.0)
+
+    def goal(*differences):
+        return {"against": {name: {"difference": d, "paired_se": 1.0} for name, d in zip(ANCHORS, differences)}}
+
+    assert goal_met(goal(2.5, 2.5, -1.0)) and goal_met(goal(3, 3, 5))
+    assert not goal_met(goal(2.0, 2.5, 0)) and not goal_met(goal(2.5, 2.5, -1.5))
+    assert goal_met({"against": {"KDE": {"difference": 9, "paired_se": 1}}}) is None
+
+
 def test_write_report(tmp_path):
     report = _report()
     report["results"][0]["test_log_likelihood"] = float("-inf")
     markdown, json_path = write_report(report, tmp_path / "sub" / "quality.md", "flowserve quality", "today")
     assert markdown == tmp_path / "sub" / "quality.md" and json_path == tmp_path / "sub" / "quality.json"
     text = markdown.read_text()
-    assert "| realnvp | -inf |" in text and "`quality.json`" in text
-    saved = json.loads(json_path.read_text())  # strict JSON: -inf became null
-    assert saved["results"][0]["test_log_likelihood"] is None
+    assert "| realnvp | -inf ± 0.12 |" in text and "`quality.json`" in text
+    saved = json.loads(json_path.read_text())  # strict JSON: -inf became null; no per-row arrays
+    assert saved["results"][0]["test_log_likelihood"] is None and "test_log_probs" not in saved["results"][0]
     assert saved["command"] == "flowserve quality" and saved["date"] == "today"
     assert saved["datasets"]["digits"]["baseline"]["test_bits_per_dim"] == 3.4039
     with pytest.raises(ValueError, match="suffix other than .json"):
@@ -173,15 +196,15 @@ def test_write_report(tmp_path):
 def test_run_quality_records_a_failure_and_goes_on(monkeypatch):
     calls = []
 
-    def fake_train_and_score(family, dataset, recipe, steps_scale, seed, progress=False):
-        calls.append((family, dataset.name, scaled_steps(recipe.steps, steps_scale), seed))
-        if family == "bad":
+    def fake_run(model, dataset, rows, steps_scale, seed, train_progress):
+        calls.append((model, dataset.name, steps_scale, seed))
+        if model == "bad":
             raise FloatingPointError("training loss became non-finite by step 3")
-        return {"family": family, "dataset": dataset.name, "steps": 1, "test_log_likelihood": 0.0, "error": None}
+        return {"family": model, "dataset": dataset.name, "kind": "family", "test_log_likelihood": 0.0, "error": None}
 
-    monkeypatch.setattr(quality, "train_and_score", fake_train_and_score)
+    monkeypatch.setattr(quality, "_run_one", fake_run)
     report = quality.run_quality(["bad", "good"], ["moons"], steps_scale=0.5, seed=7, progress=False)
-    assert calls == [("bad", "moons", 500, 7), ("good", "moons", 500, 7)]
+    assert calls == [(model, "moons", 0.5, 7) for model in ("bad", "good", *ANCHORS)]
     assert report["results"][0]["error"] == "FloatingPointError: training loss became non-finite by step 3"
     assert report["results"][1]["error"] is None
     assert report["datasets"]["moons"]["train_rows"] == 3200
@@ -198,10 +221,21 @@ def test_quality_command_rejects_unknown_names(tmp_path, capsys):
     assert not (tmp_path / "q.md").exists()
 
 
+def test_quality_names_the_zuko_extra_it_compares_with(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "zuko" else find_spec(name, *rest))
+    assert cli.main(["quality", "--output", str(tmp_path / "q.md")]) == 1
+    assert "pip install 'flowserve[export,zuko]'" in capsys.readouterr().err
+    assert not (tmp_path / "q.md").exists()
+
+
 def test_the_published_quality_report_is_the_readmes_run_rendered_from_its_json():
-    """docs/quality.md is a full ``flowserve quality`` run over every family and data set,
-    rendered from docs/quality.json. That every family beats the baseline is shown by
-    training, in ``test_every_family_beats_the_baseline_when_trained_briefly``."""
+    """docs/quality.md is a full ``flowserve quality`` run over every family, anchor and data
+    set, rendered from docs/quality.json; a scaled-down run is trained in
+    tests/e2e/test_quality_training.py."""
     from pathlib import Path
 
     from flowserve.export.flows.registry import FAMILY_NAMES
@@ -213,5 +247,5 @@ def test_the_published_quality_report_is_the_readmes_run_rendered_from_its_json(
     assert set(report["settings"]["families"]) == set(FAMILY_NAMES)
     assert report["settings"]["datasets"] == list(quality.QUALITY_DATASETS)
     runs = {(row["family"], row["dataset"]) for row in report["results"]}
-    assert runs == {(f, d) for f in FAMILY_NAMES for d in quality.QUALITY_DATASETS}
+    assert runs == {(f, d) for f in (*FAMILY_NAMES, *ANCHORS) for d in quality.QUALITY_DATASETS}
     assert (docs / "quality.md").read_text() == format_report({**report, "json_name": "quality.json"})
