@@ -17,6 +17,10 @@ from flowserve.export.anchors import (
 from flowserve.export.data import Dataset, load_dataset, train_test_split
 from flowserve.export.quality import dequantize
 
+# The unit lane refuses subprocesses, so scikit-learn's k-means (the mixture's start) cannot
+# ask lscpu for the physical cores and says it counts the logical ones.
+pytestmark = pytest.mark.filterwarnings("ignore:Could not find the number of physical cores")
+
 
 def _dataset(rows: np.ndarray, levels: int | None = None) -> Dataset:
     train, test = train_test_split(rows.astype(np.float32), seed=0)
