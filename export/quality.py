@@ -424,7 +424,7 @@ def format_report(report: dict[str, Any]) -> str:
         "```",
         "",
         "Test mean log-likelihood per example in nats (higher is better), ± its standard error. Every "
-        "model trains on the same rows, chooses on the same validation rows (a tenth of the training "
+        "family and anchor trains on the same rows, chooses on the same validation rows (a tenth of the training "
         "split, seeded) and is scored on the same test rows, which take no part in training or "
         "choosing. One recipe for every family and for zuko's NSF (`flowserve.export.quality."
         f"recipe_for`): at most {MAX_STEPS} steps of Adam at 1e-3 annealed to zero, batches of 256 rows "
@@ -434,7 +434,8 @@ def format_report(report: dict[str, Any]) -> str:
         "(full or diagonal) chosen "
         "on validation; a Gaussian KDE on standardized features with its bandwidth chosen on "
         "validation; and zuko's NSF (autoregressive, 4 transforms, 8 bins) with the hidden width that "
-        "gives it flowserve's NSF's parameter count. The diagonal Gaussian is the old baseline. Pixel "
+        "gives it flowserve's NSF's parameter count. The diagonal Gaussian, the old baseline, fits the "
+        "whole training split. Pixel "
         "data (digits, values 0..16) are dequantized with uniform noise in pixel units; bits/dim = "
         "-log-lik / (D ln 2), lower is better. A family marked *lower bound* reports the VAE's "
         "importance-weighted bound, not the exact value.",
