@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from flowserve import __version__
-from flowserve.contract.metadata import EXACT, FlowMetadata
+from flowserve.contract.metadata import EXACT, FlowMetadata, box_document
 from flowserve.contract.spec import EMBED, triton_model_name, validate_flow_name
 
 from ..data import summarize
@@ -100,6 +100,7 @@ def export_model(
     steps.set_postfix_str("write")
     models = {direction: triton_model_name(name, direction) for direction in graphs}
     checksums = {direction: "sha256:" + hashlib.sha256(graph).hexdigest() for direction, graph in graphs.items()}
+    box = support_box if support_box is not None else getattr(model, "support_box", None)
     metadata = FlowMetadata(
         name=name,
         family=getattr(model, "family", "") or "custom",
@@ -110,7 +111,7 @@ def export_model(
         embedded_dim=served.embedded_dim if EMBED in graphs else None,
         log_likelihood=getattr(model, "log_likelihood", EXACT),
         support=getattr(model, "support", None),
-        support_box=_box_document(support_box if support_box is not None else getattr(model, "support_box", None)),
+        support_box=None if box is None else box_document(*(np.asarray(side, np.float64).reshape(-1) for side in box)),
         version=version,
         format=serving.format,
         backend=serving.backend,
@@ -135,15 +136,6 @@ def export_model(
     steps.close()
     log.info("exported %s to %s (parity worst %.2e)", name, repository, max(report.values()))
     return metadata
-
-
-def _box_document(box) -> dict | None:
-    """``(low, high)`` as the metadata records it: lists, with None for an infinite side."""
-    if box is None:
-        return None
-    low, high = ([None if math.isinf(v) else float(v) for v in np.asarray(side, np.float64).reshape(-1).tolist()]
-                 for side in box)
-    return {"low": low, "high": high}
 
 
 def _with_cached_inverse(model: ServableModel, min_batch: int) -> ServableModel:

@@ -136,6 +136,14 @@ class FlowMetadata:
         """Values per context row as Triton sees it; 0 when the flow takes no context."""
         return math.prod(self.context_shape) if self.context_shape else 0
 
+    def support_bounds(self) -> tuple[list[float], list[float]] | None:
+        """``support_box`` as ``(low, high)`` bounds per data value, ``±inf`` for an open side;
+        None for a flow without one."""
+        if self.support_box is None:
+            return None
+        return ([-math.inf if v is None else v for v in self.support_box["low"]],
+                [math.inf if v is None else v for v in self.support_box["high"]])
+
     def spec(self, direction: str) -> DirectionSpec:
         """Triton tensors of ``direction`` (or of the ``embed`` model) of this flow."""
         return direction_spec(direction, self.dim, noise_dim=self.noise_dim, context_dim=self.context_dim,
@@ -220,6 +228,12 @@ def read_all(repository: Path) -> dict[str, FlowMetadata]:
             continue
         flows[meta.name] = meta
     return flows
+
+
+def box_document(low, high) -> dict[str, list[float | None]]:
+    """Bounds per data value (``±inf`` for an open side) as ``support_box`` records them:
+    lists, with None for an open side."""
+    return {key: [None if math.isinf(v) else float(v) for v in side] for key, side in (("low", low), ("high", high))}
 
 
 def _box(box: Any, dim: int) -> dict[str, list[float | None]]:
