@@ -276,8 +276,8 @@ class FlowService:
                 noise = rng.standard_normal((len(owners), flow.noise_dim), dtype=np.float32)
                 noise *= temperature
                 contexts = None if context is None else context.take(start + owners)
-                chunks = iter([_inputs(spec, noise[i:i + batch], None if contexts is None else contexts[i:i + batch])
-                               for i in range(0, len(owners), batch)])
+                chunks = (_inputs(spec, noise[i:i + batch], None if contexts is None else contexts[i:i + batch])
+                          for i in range(0, len(owners), batch))
                 outputs = _joined([part async for part in self._run(flow, GENERATION, chunks, deadline)], spec)
                 inside = truncation.count(outputs["x"])
                 kept, first = np.unique(owners[inside], return_index=True)
@@ -495,13 +495,13 @@ class Truncation:
 def _support_box(flow: FlowMetadata) -> tuple[np.ndarray, np.ndarray]:
     """The flow's support box as float32 bounds per value, ±inf for an open side;
     FailedPrecondition for a flow without one."""
-    box = flow.support_box
-    if box is None:
+    bounds = flow.support_bounds()
+    if bounds is None:
         raise FailedPrecondition(
             f"model {flow.name!r} has no support box to truncate to: export it from an sbi posterior whose prior "
             "is a box, or give one at export (flowserve export --support-low ... --support-high ...)")
-    return (np.array([-np.inf if v is None else v for v in box["low"]], np.float32),
-            np.array([np.inf if v is None else v for v in box["high"]], np.float32))
+    low, high = (np.array(side, np.float32) for side in bounds)
+    return low, high
 
 
 def _inside(rows: np.ndarray, low, high) -> np.ndarray:
