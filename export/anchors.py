@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from flowserve.contract.metadata import EXACT
 
-from .data import Dataset, validation_split
+from .data import Dataset, dequantize, validation_split
 
 GMM_COMPONENTS = (1, 2, 4, 8, 16, 32, 64, 128)
 GMM_COVARIANCES = ("full", "diag")
@@ -48,11 +48,9 @@ class EvaluationRows:
     def of(cls, dataset: Dataset, seed: int = 0) -> EvaluationRows:
         split = validation_split(dataset, VALIDATION_FRACTION, seed)
         parts = [split.train, split.validation, dataset.test]
-        flat = [np.asarray(part, dtype=np.float64).reshape(len(part), -1) for part in parts]
-        if dataset.levels is not None:
-            flat = [rows + np.random.default_rng(seed + offset).random(rows.shape) for offset, rows in
-                    zip((0, 2, 1), flat)]  # the test rows' noise is the Gaussian baseline's (seed + 1)
-        return cls(*flat)
+        if dataset.levels is not None:  # the test rows' noise is the Gaussian baseline's (seed + 1)
+            parts = [dequantize(part, seed + offset) for offset, part in zip((0, 2, 1), parts)]
+        return cls(*(np.asarray(part, dtype=np.float64).reshape(len(part), -1) for part in parts))
 
 
 def _chosen(candidates, fit_and_score) -> tuple[Any, Any, float]:

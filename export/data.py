@@ -152,6 +152,12 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.float32)[:, None, :, :], bunch.target.astype(np.int64)
 
 
+def dequantize(rows: np.ndarray, seed: int) -> np.ndarray:
+    """Pixel ``rows`` plus ``u ~ U[0, 1)`` drawn with ``seed``: float64, same shape."""
+    rng = np.random.default_rng(seed)
+    return np.asarray(rows, dtype=np.float64) + rng.random(np.shape(rows))
+
+
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """float32 ``[N, num_classes]`` one-hot rows of integer ``labels``."""
     return np.eye(num_classes, dtype=np.float32)[labels]

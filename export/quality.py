@@ -37,7 +37,7 @@ from .anchors import (
     kernel_density,
     zuko_nsf_width,
 )
-from .data import Dataset, load_dataset
+from .data import Dataset, dequantize, load_dataset
 
 QUALITY_DATASETS = ("moons", "8gaussians", "checkerboard", "breast-cancer", "digits")
 """Data sets ``flowserve quality`` uses by default: 2-D toys, tabular, pixels."""
@@ -52,12 +52,6 @@ _MIN_VARIANCE = 1e-12
 
 # ---------------------------------------------------------------------------------------
 # The baseline.
-
-
-def dequantize(rows: np.ndarray, seed: int) -> np.ndarray:
-    """``rows + u`` with ``u ~ U[0, 1)`` drawn with ``seed``, float64, same shape."""
-    rng = np.random.default_rng(seed)
-    return np.asarray(rows, dtype=np.float64) + rng.random(np.shape(rows))
 
 
 @dataclass(frozen=True)
