@@ -18,9 +18,10 @@ from flowserve.server.protocol.names import SERVICE_NAME, flow_health_service
 from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
 from flowserve.server.protocol.tensors import MAX_MESSAGE_BYTES
 
-from .auth import TokenAuthInterceptor
+from .auth import TokenAuthInterceptor, TokenCheck
 from .backend import Backend
 from .batching import BatchingBackend
+from .calls import CallLedger
 from .catalog import ModelCatalog
 from .health import FlowHealth
 from .interceptor import ErrorAndMetricsInterceptor
@@ -93,9 +94,12 @@ class Gateway:
                                       load_changes=config.load_changes)
         self.service = FlowService(batching, self.catalog, config.limits, self.flow_health)
         self.health = health.aio.HealthServicer()
-        counting = ErrorAndMetricsInterceptor(self.metrics, self.catalog.__contains__, config.max_concurrent_rpcs)
+        self.calls = CallLedger(self.metrics, self.catalog.__contains__, config.max_concurrent_rpcs)
+        self.token_check = TokenCheck(config.tokens) if config.tokens else None
+        counting = ErrorAndMetricsInterceptor(self.calls)
         # Authentication comes first: a refused RPC never reaches a handler, and is counted by count_refused.
-        authenticating = [TokenAuthInterceptor(config.tokens, counting.count_refused)] if config.tokens else []
+        authenticating = [] if self.token_check is None else [TokenAuthInterceptor(self.token_check,
+                                                                                    counting.count_refused)]
         self.server = grpc.aio.server(
             interceptors=[*authenticating, counting],
             options=[

@@ -1,8 +1,9 @@
-"""Bearer-token authentication of the gateway's RPCs.
+"""Bearer-token authentication of the gateway's calls, over gRPC and HTTP.
 
-A client sends ``authorization: Bearer <token>`` metadata. Without it, or with metadata of
-another form, an RPC ends UNAUTHENTICATED; with a token the gateway does not know, it ends
-PERMISSION_DENIED. Health stays open, so probes need no token. Tokens are kept only as
+A client sends ``authorization: Bearer <token>`` (gRPC metadata, or the HTTP header).
+Without it, or with a value of another form, a call ends UNAUTHENTICATED (HTTP 401); with a
+token the gateway does not know, PERMISSION_DENIED (403). Health stays open, so probes need
+no token. Tokens are kept only as
 SHA-256 digests, compared in constant time, and never logged or echoed.
 """
 
@@ -17,11 +18,12 @@ from typing import Callable, Iterable
 import grpc
 
 from flowserve.server.protocol.auth import AUTHORIZATION, NOT_A_TOKEN, is_bearer_token, read_tokens, token_of
+from flowserve.server.protocol.errors import PermissionDenied, Unauthenticated, status_of
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 """Methods callable without a token: health, for the probes of load balancers and Kubernetes."""
 _TOKEN_SEPARATORS = re.compile(r"[\s,]+")
-NO_TOKEN = "this gateway needs a token: send metadata 'authorization: Bearer <token>'"
+NO_TOKEN = "this gateway needs a token: send 'authorization: Bearer <token>' (gRPC metadata or HTTP header)"
 
 
 def _split_tokens(text: str, source: str) -> list[str]:
@@ -53,46 +55,55 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Lets an RPC through only with one of ``tokens``; health is open.
+class TokenCheck:
+    """Whether a call's ``authorization`` values carry one of ``tokens``, for any transport."""
 
-    Refused RPCs never reach their handler (nor is their request parsed): they end with
-    UNAUTHENTICATED or PERMISSION_DENIED, and ``on_refused(method, code)`` is called for each,
-    so the metrics count them. Place it before the interceptors it guards.
-    """
-
-    def __init__(self, tokens: Iterable[str], on_refused: Callable[[str, grpc.StatusCode], None]):
+    def __init__(self, tokens: Iterable[str]):
         self._digests = [_digest(token) for token in tokens]
         if not self._digests:
             raise ValueError("token authentication needs at least one token")
-        self.on_refused = on_refused
 
-    def refusal(self, metadata) -> tuple[grpc.StatusCode, str] | None:
-        """Why an RPC with ``metadata`` is refused, as (code, message); None if it may pass."""
-        values = [value for key, value in metadata or () if key == AUTHORIZATION]
+    def refusal(self, values: list[str]) -> Unauthenticated | PermissionDenied | None:
+        """Why a call whose ``authorization`` values are ``values`` is refused; None if it may pass."""
         if not values:
-            return grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN
+            return Unauthenticated(NO_TOKEN)
         token = token_of(values[0]) if len(values) == 1 else None
         if token is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata is not one 'Bearer <token>'"
+            return Unauthenticated("the authorization is not one 'Bearer <token>'")
         digest = _digest(token)
         known = False
         for candidate in self._digests:  # every digest, so the time does not tell which one matched
             known |= hmac.compare_digest(digest, candidate)
         if not known:
-            return grpc.StatusCode.PERMISSION_DENIED, "the token is not accepted by this gateway"
+            return PermissionDenied("the token is not accepted by this gateway")
         return None
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Lets an RPC through only with an accepted token (``check``); health is open.
+
+    Refused RPCs never reach their handler (nor is their request parsed): they end with
+    UNAUTHENTICATED or PERMISSION_DENIED, and ``on_refused(method, code)`` is called for each
+    (the full method path and the status name), so the metrics count them. Place it before
+    the interceptors it guards.
+    """
+
+    def __init__(self, check: TokenCheck, on_refused: Callable[[str, str], None]):
+        self.check = check
+        self.on_refused = on_refused
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES):
             return await continuation(handler_call_details)
-        refusal = self.refusal(handler_call_details.invocation_metadata)
+        metadata = handler_call_details.invocation_metadata or ()
+        refusal = self.check.refusal([value for key, value in metadata if key == AUTHORIZATION])
         handler = await continuation(handler_call_details)
         if refusal is None or handler is None:  # an unknown method stays UNIMPLEMENTED
             return handler
-        self.on_refused(method, refusal[0])
-        return _refusing(handler, *refusal)
+        code = status_of(refusal).name
+        self.on_refused(method, code)
+        return _refusing(handler, grpc.StatusCode[code], str(refusal))
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

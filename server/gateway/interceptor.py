@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
-from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from flowserve.server.protocol.errors import FlowServeError, InvalidArgument, ResourceExhausted, status_of
+from flowserve.server.protocol.errors import FlowServeError, InvalidArgument, status_of
 from flowserve.server.protocol.names import METHOD_PREFIX, RETRY_AFTER_KEY
 from flowserve.server.protocol.tensors import Serialized, serializer
 
-from .metrics import UNKNOWN_MODEL, GatewayMetrics
+from .calls import CANCELLED, DEADLINE_EXCEEDED, GRPC, INTERNAL, OK, Call, CallLedger
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +28,14 @@ def _rows_of(response) -> int:
 
 
 class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes and records every flowserve RPC's outcome.
-
-    ``is_known_model`` bounds the ``model`` label: names that match no flow are recorded
-    as ``"unknown"``. The wrapped handler of each method, and the labelled collectors of
-    each (method, model), are built once and reused: this runs on every RPC.
-
-    Beyond ``max_running`` flowserve RPCs at once, a new one is refused with
-    RESOURCE_EXHAUSTED as soon as its request is parsed (and counted).
+    """Maps domain errors to status codes and records every flowserve RPC's outcome in the
+    gateway's :class:`~.calls.CallLedger` (shared with the HTTP API, which holds the same
+    limit of running calls). The wrapped handler of each method is built once and reused.
     """
 
-    def __init__(self, metrics: GatewayMetrics, is_known_model: Callable[[str], bool],
-                 max_running: int | None = None):
-        self.metrics = metrics
-        self.is_known_model = is_known_model
-        self.max_running = max_running
-        self.running = 0
+    def __init__(self, ledger: CallLedger):
+        self.ledger = ledger
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self._children: dict[tuple, object] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -74,60 +62,39 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._handlers[method] = wrapped
         return wrapped
 
-    def _labelled(self, collector, *labels: str):
-        """``collector.labels(*labels)``, looked up once per label set."""
-        key = (collector, labels)
-        if key not in self._children:
-            self._children[key] = collector.labels(*labels)
-        return self._children[key]
-
-    def in_flight_of(self, method: str):
-        return self._labelled(self.metrics.in_flight, method)
-
-    def latency_of(self, method: str, model: str):
-        return self._labelled(self.metrics.latency, method, model)
-
-    def rows_of(self, method: str, model: str):
-        return self._labelled(self.metrics.rows, method, model)
-
-    def count(self, method: str, model: str, code: grpc.StatusCode) -> None:
-        self._labelled(self.metrics.requests, method, model, code.name).inc()
-
-    def count_refused(self, method: str, code: grpc.StatusCode) -> None:
+    def count_refused(self, method: str, code: str) -> None:
         """Count an RPC that was refused before its handler ran: ``method`` is the full path of
-        a method the server has, counted if it is a flowserve RPC; its request was never
-        parsed, so its model is "unknown"."""
+        a method the server has, counted if it is a flowserve RPC."""
         if method.startswith(METHOD_PREFIX):
-            self.count(method.removeprefix(METHOD_PREFIX), UNKNOWN_MODEL, code)
+            self.ledger.count_refused(GRPC, method.removeprefix(METHOD_PREFIX), code)
 
     def _wrap_unary(self, method: str, behaviour, deserialize):
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext):
-            async with _Recorded(self, method, context) as record:
+            async with _Recorded(self.ledger.open(GRPC, method), context) as record:
                 response = await behaviour(record.parse(raw, deserialize), context)
-                record.rows = _rows_of(response)
+                record.call.rows = _rows_of(response)
                 return response
 
         return wrapped
 
     def _wrap_stream(self, method: str, behaviour, deserialize):
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext):
-            async with _Recorded(self, method, context) as record:
+            async with _Recorded(self.ledger.open(GRPC, method), context) as record:
                 async for response in behaviour(record.parse(raw, deserialize), context):
-                    record.rows += _rows_of(response)
+                    record.call.rows += _rows_of(response)
                     yield response
 
         return wrapped
 
 
 class _Recorded:
-    """One RPC's outcome: its status code (domain errors become aborts), latency, rows and
-    the in-flight gauge. ListModels has no model; every other RPC is labelled with a served
+    """One RPC's outcome: its status code (domain errors become aborts), counted by its
+    :class:`~.calls.Call`. ListModels has no model; every other RPC is labelled with a served
     flow or "unknown"."""
 
-    def __init__(self, interceptor: ErrorAndMetricsInterceptor, method: str, context):
-        self.interceptor, self.method, self.context = interceptor, method, context
-        self.model = UNKNOWN_MODEL  # until the request is parsed
-        self.rows = 0
+    def __init__(self, call: Call, context: grpc.aio.ServicerContext):
+        self.call, self.context = call, context
+        self.budget = context.time_remaining()
 
     def parse(self, raw: bytes, deserialize):
         """The request message of ``raw``; InvalidArgument if it does not parse."""
@@ -135,47 +102,30 @@ class _Recorded:
             request = deserialize(raw)
         except DecodeError:
             raise InvalidArgument(
-                f"the {self.method} request does not parse as a flowserve.v1 message ({len(raw)} bytes): "
+                f"the {self.call.method} request does not parse as a flowserve.v1 message ({len(raw)} bytes): "
                 "malformed protobuf, or a string field that is not UTF-8"
             ) from None
-        name = getattr(request, "model", None)
-        self.model = "" if name is None else (name if self.interceptor.is_known_model(name) else UNKNOWN_MODEL)
-        limit = self.interceptor.max_running
-        if limit is not None and self.interceptor.running > limit:
-            raise ResourceExhausted(f"the gateway is running {limit} RPCs, its limit (--max-concurrent-rpcs); "
-                                    "retry later")
+        self.call.admit(getattr(request, "model", None))
         return request
 
     async def __aenter__(self) -> "_Recorded":
-        self.started = time.perf_counter()
-        self.budget = self.context.time_remaining()
-        self.in_flight = self.interceptor.in_flight_of(self.method)
-        self.in_flight.inc()
-        self.interceptor.running += 1
         return self
 
     async def __aexit__(self, error_type, error, traceback) -> bool:
-        code = grpc.StatusCode.OK
+        code = OK
         try:
-            if error is None:
-                if self.rows:
-                    self.interceptor.rows_of(self.method, self.model).observe(self.rows)
-            elif isinstance(error, FlowServeError):
-                code = grpc.StatusCode[status_of(error).name]
+            if isinstance(error, FlowServeError):
+                code = status_of(error).name
                 retry_after_s = getattr(error, "retry_after_s", None)
                 hint = () if retry_after_s is None else ((RETRY_AFTER_KEY, str(math.ceil(1000 * retry_after_s))),)
-                await self.context.abort(code, str(error), trailing_metadata=hint)
+                await self.context.abort(grpc.StatusCode[code], str(error), trailing_metadata=hint)
             elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # a stream the reader left
-                elapsed = time.perf_counter() - self.started
-                expired = self.budget is not None and elapsed >= self.budget - DEADLINE_SLACK_S
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                expired = self.budget is not None and self.call.elapsed_s >= self.budget - DEADLINE_SLACK_S
+                code = DEADLINE_EXCEEDED if expired else CANCELLED
             elif isinstance(error, Exception):
-                code = grpc.StatusCode.INTERNAL
-                log.error("%s failed", self.method, exc_info=(error_type, error, traceback))
-                await self.context.abort(code, f"internal error: {error_type.__name__}")
+                code = INTERNAL
+                log.error("%s failed", self.call.method, exc_info=(error_type, error, traceback))
+                await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error_type.__name__}")
         finally:
-            self.in_flight.dec()
-            self.interceptor.running -= 1
-            self.interceptor.count(self.method, self.model, code)
-            self.interceptor.latency_of(self.method, self.model).observe(time.perf_counter() - self.started)
+            self.call.close(code)
         return False

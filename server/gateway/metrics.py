@@ -1,8 +1,8 @@
 """Every Prometheus collector of the gateway, in one registry.
 
-Labels are bounded: ``method`` is one of the RPCs, ``code`` a gRPC status name, and
-``model`` a served flow's name or ``"unknown"`` (names from requests that match no flow
-never become label values).
+Labels are bounded: ``method`` is one of the RPCs, ``code`` a gRPC status name, ``protocol``
+``grpc`` or ``http`` (the transport the call came by), and ``model`` a served flow's name or
+``"unknown"`` (names from requests that match no flow never become label values).
 
 With several gateway workers (``serve --workers N``) each worker writes its collectors to
 prometheus_client's multiprocess files, and the parent process exposes their sums
@@ -126,19 +126,19 @@ class GatewayMetrics(MetricsEndpoint):
     def __init__(self, registry: CollectorRegistry | None = None, nvml=None, worker: bool = False):
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "flowserve_requests", "RPCs handled, by method, model and gRPC status code",
-            ["method", "model", "code"], registry=self.registry,
+            "flowserve_requests", "Calls handled, by method, model, gRPC status code and protocol",
+            ["method", "model", "code", "protocol"], registry=self.registry,
         )
         self.latency = Histogram(
-            "flowserve_request_latency_seconds", "RPC latency in the gateway",
-            ["method", "model"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "flowserve_request_latency_seconds", "Call latency in the gateway",
+            ["method", "model", "protocol"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.rows = Histogram(
             "flowserve_request_rows", "Rows (samples or scored points) per successful request",
-            ["method", "model"], buckets=ROW_BUCKETS, registry=self.registry,
+            ["method", "model", "protocol"], buckets=ROW_BUCKETS, registry=self.registry,
         )
         self.in_flight = Gauge(
-            "flowserve_requests_in_flight", "RPCs being handled now", ["method"], registry=self.registry,
+            "flowserve_requests_in_flight", "Calls being handled now", ["method", "protocol"], registry=self.registry,
             multiprocess_mode="livesum",
         )
         self.triton_ready = Gauge(

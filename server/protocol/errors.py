@@ -56,12 +56,22 @@ class BackendError(FlowServeError):
     """Triton answered with an error that is not the client's fault."""
 
 
+class Unauthenticated(FlowServeError):
+    """The call carries no bearer token, or not in the form ``Bearer <token>``."""
+
+
+class PermissionDenied(FlowServeError):
+    """The call's token is not one the gateway accepts."""
+
+
 class Status(enum.Enum):
     """A transport-neutral status: its name is the gRPC status code's, ``http`` the HTTP one's
     (the value pairs it with the gRPC code's number, since two statuses share HTTP 400)."""
 
     INVALID_ARGUMENT = (400, 3)
     FAILED_PRECONDITION = (400, 9)
+    UNAUTHENTICATED = (401, 16)
+    PERMISSION_DENIED = (403, 7)
     NOT_FOUND = (404, 5)
     RESOURCE_EXHAUSTED = (429, 8)
     UNAVAILABLE = (503, 14)
@@ -81,6 +91,8 @@ STATUS_OF_ERROR: dict[type[FlowServeError], Status] = {
     BackendUnavailable: Status.UNAVAILABLE,
     DeadlineExceeded: Status.DEADLINE_EXCEEDED,
     BackendError: Status.INTERNAL,
+    Unauthenticated: Status.UNAUTHENTICATED,
+    PermissionDenied: Status.PERMISSION_DENIED,
 }
 
 

@@ -169,15 +169,15 @@ def test_without_a_token_rpcs_are_unauthenticated_and_with_a_wrong_one_denied_an
                 "wrong": grpc.StatusCode.PERMISSION_DENIED, "right": grpc.StatusCode.OK}
     assert {key: code for key, (code, _) in answers.items()} == {
         (label, method): code for label, code in expected.items() for method in methods}
-    assert answers["none", "Sample"][1] == "this gateway needs a token: send metadata 'authorization: Bearer <token>'"
-    assert answers["basic", "Sample"][1] == "the authorization metadata is not one 'Bearer <token>'"
+    assert answers["none", "Sample"][1] == "this gateway needs a token: send 'authorization: Bearer <token>' (gRPC metadata or HTTP header)"
+    assert answers["basic", "Sample"][1] == "the authorization is not one 'Bearer <token>'"
     assert answers["wrong", "Sample"][1] == DENIED
     for method in methods:
         counted = {code: registry.get_sample_value(
-            "flowserve_requests_total", {"method": method, "model": "unknown", "code": code})
+            "flowserve_requests_total", {"method": method, "model": "unknown", "code": code, "protocol": "grpc"})
             for code in ("UNAUTHENTICATED", "PERMISSION_DENIED")}
         assert counted == {"UNAUTHENTICATED": 3, "PERMISSION_DENIED": 1}
-    ok = {"method": "LogLikelihood", "model": UNCONDITIONAL, "code": "OK"}
+    ok = {"method": "LogLikelihood", "model": UNCONDITIONAL, "code": "OK", "protocol": "grpc"}
     assert registry.get_sample_value("flowserve_requests_total", ok) == 1
     for token in (TOKEN, OTHER_TOKEN, WRONG_TOKEN):
         assert token not in caplog.text

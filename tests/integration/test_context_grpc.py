@@ -74,7 +74,7 @@ def test_context_travels_through_grpc_servicer_and_client(conditional_repository
     registry = asyncio.run(scenario())
     # Sample, SampleStream and the two scorings (2 chunks each) reached the backend; the bad requests did not.
     assert len(backend.calls) == 8
-    stream = {"method": "SampleStream", "model": fakes.CONDITIONAL}
+    stream = {"method": "SampleStream", "model": fakes.CONDITIONAL, "protocol": "grpc"}
     assert registry.get_sample_value("flowserve_requests_total", {**stream, "code": "OK"}) == 1
     assert registry.get_sample_value("flowserve_request_rows_sum", stream) == 6
 
@@ -118,7 +118,7 @@ def test_messages_that_do_not_parse_and_oversized_input_get_precise_bounded_erro
     assert "'mmmm" in long_model[1] and "... (100000 characters) is not served" in long_model[1]
     assert dims == (grpc.StatusCode.INVALID_ARGUMENT,
                     "x.shape has 100 dimensions; at most 16: send [N, *event_shape]")
-    invalid = {"method": "Sample", "model": "unknown", "code": "INVALID_ARGUMENT"}
+    invalid = {"method": "Sample", "model": "unknown", "code": "INVALID_ARGUMENT", "protocol": "grpc"}
     assert registry.get_sample_value("flowserve_requests_total", invalid) == 2
     assert "Traceback" not in caplog.text
 
@@ -187,7 +187,7 @@ def test_encode_travels_through_grpc_and_a_flow_that_cannot_encode_gets_failed_p
     assert refused.details() == (f"model {fakes.CONDITIONAL!r} cannot encode: its log-likelihood is a lower bound "
                                  "(vae): it has no exact data -> noise map")
     count = registry.get_sample_value
-    assert count("flowserve_requests_total", {"method": "Encode", "model": fakes.UNCONDITIONAL, "code": "OK"}) == 1
+    assert count("flowserve_requests_total", {"method": "Encode", "model": fakes.UNCONDITIONAL, "code": "OK", "protocol": "grpc"}) == 1
     assert count("flowserve_requests_total", {"method": "Encode", "model": fakes.CONDITIONAL,
-                                              "code": "FAILED_PRECONDITION"}) == 1
-    assert count("flowserve_request_rows_sum", {"method": "Encode", "model": fakes.UNCONDITIONAL}) == 6
+                                              "code": "FAILED_PRECONDITION", "protocol": "grpc"}) == 1
+    assert count("flowserve_request_rows_sum", {"method": "Encode", "model": fakes.UNCONDITIONAL, "protocol": "grpc"}) == 6

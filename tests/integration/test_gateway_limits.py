@@ -42,6 +42,6 @@ def test_rpcs_beyond_the_gateways_limit_are_refused_and_counted(tmp_path):
 
     refused, requests = asyncio.run(scenario())
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "running 1 RPCs, its limit (--max-concurrent-rpcs)" in refused.details()
-    assert requests.labels("Sample", "flow", "RESOURCE_EXHAUSTED")._value.get() == 1
-    assert requests.labels("Sample", "flow", "OK")._value.get() == 2
+    assert "running 1 calls, its limit (--max-concurrent-rpcs)" in refused.details()
+    assert requests.labels("Sample", "flow", "RESOURCE_EXHAUSTED", "grpc")._value.get() == 1
+    assert requests.labels("Sample", "flow", "OK", "grpc")._value.get() == 2

@@ -58,9 +58,9 @@ def write_as_worker(monkeypatch, directory, pid: int, calls: int, flow_ready: fl
         patched.setattr(values, "ValueClass", values.MultiProcessValue(lambda: pid))
         worker = GatewayMetrics(worker=True)
         for _ in range(calls):
-            worker.requests.labels("Sample", "moons", "OK").inc()
-        worker.rows.labels("Sample", "moons").observe(calls)
-        worker.in_flight.labels("Sample").set(calls)
+            worker.requests.labels("Sample", "moons", "OK", "grpc").inc()
+        worker.rows.labels("Sample", "moons", "grpc").observe(calls)
+        worker.in_flight.labels("Sample", "grpc").set(calls)
         worker.triton_ready.set(1.0)
         worker.flow_ready.labels("moons").set(flow_ready)
     return worker
@@ -73,16 +73,17 @@ def test_a_worker_pool_reports_the_sums_of_its_workers_and_its_own_collectors_on
     pool = PoolMetrics(str(tmp_path), nvml=FakeNvml())
     pool.triton_restarts.inc()
     values_ = scrape(pool)
-    labels = (("code", "OK"), ("method", "Sample"), ("model", "moons"))
+    labels = (("code", "OK"), ("method", "Sample"), ("model", "moons"), ("protocol", "grpc"))
+    in_flight = ("flowserve_requests_in_flight", (("method", "Sample"), ("protocol", "grpc")))
     assert values_[("flowserve_requests_total", labels)] == 7
-    assert values_[("flowserve_request_rows_sum", (("method", "Sample"), ("model", "moons")))] == 7
-    assert values_[("flowserve_requests_in_flight", (("method", "Sample"),))] == 7
+    assert values_[("flowserve_request_rows_sum", (("method", "Sample"), ("model", "moons"), ("protocol", "grpc")))] == 7
+    assert values_[in_flight] == 7
     assert values_[("flowserve_flow_ready", (("model", "moons"),))] == 0  # ready only where every worker says so
     assert values_[("flowserve_triton_ready", ())] == 1
     assert values_[("flowserve_triton_restarts_total", ())] == 1
     assert values_[("flowserve_gpus", ())] == 2
     pool.forget_worker(102)  # it died: its gauges go, its counts stay
     values_ = scrape(pool)
-    assert values_[("flowserve_requests_in_flight", (("method", "Sample"),))] == 3
+    assert values_[in_flight] == 3
     assert values_[("flowserve_flow_ready", (("model", "moons"),))] == 1
     assert values_[("flowserve_requests_total", labels)] == 7

@@ -16,8 +16,10 @@ from flowserve.server.protocol.errors import (
     FlowServeError,
     InvalidArgument,
     ModelNotFound,
+    PermissionDenied,
     ResourceExhausted,
     Status,
+    Unauthenticated,
     status_of,
 )
 
@@ -30,7 +32,10 @@ from flowserve.server.protocol.errors import (
     (BackendUnavailable("x"), grpc.StatusCode.UNAVAILABLE, 503),
     (DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     (BackendError("x"), grpc.StatusCode.INTERNAL, 500),
-], ids=["invalid-argument", "failed-precondition", "not-found", "resource-exhausted", "unavailable", "deadline-exceeded", "internal"])
+    (Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED, 401),
+    (PermissionDenied("x"), grpc.StatusCode.PERMISSION_DENIED, 403),
+], ids=["invalid-argument", "failed-precondition", "not-found", "resource-exhausted", "unavailable", "deadline-exceeded",
+        "internal", "unauthenticated", "permission-denied"])
 def test_each_error_has_one_status_for_grpc_and_for_http(error, code, http):
     assert grpc.StatusCode[status_of(error).name] == code
     assert status_of(error).http == http
