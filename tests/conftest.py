@@ -111,11 +111,11 @@ def repository(tmp_path_factory, checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory, repository) -> LiveServer:
     workdir = tmp_path_factory.mktemp("triton")
-    triton_grpc, triton_metrics = free_port(), free_port()
+    triton_grpc, triton_metrics, http_port = free_port(), free_port(), free_port()
     process, port, metrics_port = start_serve(
         repository, workdir,
         "--triton-grpc-port", str(triton_grpc), "--triton-metrics-port", str(triton_metrics),
-        "--max-rows-per-request", str(MAX_ROWS_PER_REQUEST),
+        "--max-rows-per-request", str(MAX_ROWS_PER_REQUEST), http_port=http_port,
     )
     target = f"127.0.0.1:{port}"
     try:
@@ -130,6 +130,7 @@ def live_server(tmp_path_factory, repository) -> LiveServer:
         triton_grpc_url=f"127.0.0.1:{triton_grpc}",
         triton_metrics_url=f"http://127.0.0.1:{triton_metrics}/metrics",
         workdir=workdir,
+        http_url=f"http://127.0.0.1:{http_port}",
     )
     stop_serve(process)
 

@@ -15,6 +15,7 @@ import numpy as np
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_PORT = 8500
 DEFAULT_METRICS_PORT = 8502
+DEFAULT_HTTP_PORT = 8501
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 TRITON_URL_ENV = "FLOWSERVE_TRITON_URL"
 TOKENS_FILE_ENV = "FLOWSERVE_TOKENS_FILE"
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-metrics-port", type=int, default=0, help="embedded Triton's metrics port")
     serve.add_argument("--workdir", type=Path, default=None,
                        help="embedded Triton's backend directory and log (default: a temporary directory)")
+    serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                       help="the HTTP/JSON API's port (and its OpenAPI description at /openapi.json, a page at /), "
+                            "beside gRPC on the same event loop")
+    serve.add_argument("--no-http", action="store_true", help="serve gRPC only, without the HTTP API")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let browser pages of ORIGIN (e.g. https://app.example.com, or *) call the HTTP API; "
+                            "repeatable; none by default")
     serve.add_argument("--workers", type=int, default=1,
                        help="gateway processes sharing the gRPC port (SO_REUSEPORT), each with its own event loop; "
                             "the kernel spreads client connections over them, and the limits below hold per worker. "
@@ -204,14 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-max-restarts", type=int, default=5,
                        help="restarts of a dying embedded Triton (backoff 0.5 s doubling to 8 s) before serve "
                             "exits with code 1; the count starts again after 60 s up")
-    security = serve.add_argument_group("TLS and tokens of the gRPC port (the metrics port stays plaintext)")
+    security = serve.add_argument_group("TLS and tokens of the gRPC and HTTP ports (the metrics port stays plaintext)")
     security.add_argument("--tls-cert", type=Path, metavar="PEM",
-                          help="serve gRPC over TLS with this certificate chain (with --tls-key)")
+                          help="serve gRPC and HTTP over TLS with this certificate chain (with --tls-key)")
     security.add_argument("--tls-key", type=Path, metavar="PEM", help="the unencrypted private key of --tls-cert")
     security.add_argument("--tls-client-ca", type=Path, metavar="PEM",
                           help="mutual TLS: accept only clients with a certificate that these CAs signed")
     security.add_argument("--tokens-file", type=Path, default=_path_from_env(TOKENS_FILE_ENV), metavar="FILE",
-                          help=f"require a bearer token on every RPC but health: the accepted tokens, one a line, "
+                          help=f"require a bearer token on every call but health: the accepted tokens, one a line, "
                                f"'#' comments (env {TOKENS_FILE_ENV}); env {TOKENS_ENV} adds tokens separated by "
                                f"commas or spaces")
 

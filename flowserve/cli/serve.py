@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from .parser import TOKENS_ENV
@@ -16,7 +17,7 @@ def serve_command(args) -> None:
     from flowserve.server.gateway.metrics import GatewayMetrics
     from flowserve.server.gateway.service import GatewayLimits
     from flowserve.server.gateway.tls import ServerTLS
-    from flowserve.server.gateway.workers import check_port_free, run_pool
+    from flowserve.server.gateway.workers import check_ports_free, run_pool
     from flowserve.server.triton.launcher import TritonServer, TritonSupervisor
 
     if not args.model_repository.is_dir():
@@ -27,8 +28,13 @@ def serve_command(args) -> None:
                            max_rows_per_stream=args.max_rows_per_stream)
     if args.workers < 1:
         raise ValueError(f"--workers must be 1 or more, not {args.workers}")
+    config = GatewayConfig(
+        model_repository=args.model_repository, triton_url="", host=args.host, port=args.port,
+        metrics_port=args.metrics_port, limits=limits, max_concurrent_rpcs=args.max_concurrent_rpcs or None, tls=tls,
+        tokens=tokens, http_port=None if args.no_http else args.http_port, cors_origins=frozenset(args.cors_origin),
+    )
     if args.workers > 1:  # before Triton starts: a taken port is the commonest mistake
-        check_port_free(args.host, args.port)
+        check_ports_free(config)
     triton = None
     triton_url = args.triton_url
     if not triton_url:
@@ -41,11 +47,7 @@ def serve_command(args) -> None:
         for model, reason in sorted(triton.failed_models.items()):
             print(f"flowserve serve: model {model!r} failed to load and is not served: {reason}",
                   file=sys.stderr, flush=True)
-    config = GatewayConfig(
-        model_repository=args.model_repository, triton_url=triton_url, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, limits=limits, load_changes=triton is not None,
-        max_concurrent_rpcs=args.max_concurrent_rpcs or None, tls=tls, tokens=tokens,
-    )
+    config = replace(config, triton_url=triton_url, load_changes=triton is not None)
     try:
         supervisor = None if triton is None else TritonSupervisor(
             triton, max_restarts=args.triton_max_restarts, ready_timeout=args.ready_timeout)

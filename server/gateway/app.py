@@ -1,4 +1,4 @@
-"""Assemble and run the gateway: gRPC server, health, reflection and metrics."""
+"""Assemble and run the gateway: the gRPC server, the HTTP/JSON API, health, reflection and metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,6 +27,7 @@ from .catalog import ModelCatalog
 from .health import FlowHealth
 from .interceptor import ErrorAndMetricsInterceptor
 from .metrics import GatewayMetrics
+from .rest.api import HttpApi
 from .service import FlowService, GatewayLimits
 from .servicer import FlowServicer
 from .tls import ServerTLS
@@ -75,6 +77,10 @@ class GatewayConfig:
     workers); without it a port already taken is an error."""
     tls: ServerTLS | None = None
     tokens: frozenset[str] = field(default=frozenset(), repr=False)
+    http_port: int | None = None
+    """The HTTP/JSON API's port (0: a free one; None: no HTTP API), with the same TLS and tokens."""
+    cors_origins: frozenset[str] = frozenset()
+    """Origins a browser may call the HTTP API from (``*``: any); none by default."""
 
 
 class Gateway:
@@ -108,9 +114,17 @@ class Gateway:
                 ("grpc.so_reuseport", int(config.reuse_port)),  # gRPC's default on Linux is 1
             ],
         )
+        self.serving = False
+        """Triton is ready and the gateway is not shutting down (HTTP's /readyz)."""
+        self._http: web.AppRunner | None = None
+        if config.http_port is not None:
+            api = HttpApi(self.service, self.calls, lambda: self.serving, self.token_check, config.cors_origins)
+            self._http = web.AppRunner(api.application(), handler_cancellation=True, access_log=None,
+                                       shutdown_timeout=config.shutdown_grace_s)
         self._metrics_http = None
         self._health_task: asyncio.Task | None = None
         self.port = 0
+        self.http_port: int | None = None
 
     async def __aenter__(self) -> "Gateway":
         try:
@@ -141,14 +155,22 @@ class Gateway:
         await self._update_health()
         self._health_task = asyncio.create_task(self._watch_health())
         await self.server.start()
+        if self._http is not None:
+            await self._http.setup()
+            tls = self.config.tls
+            site = web.TCPSite(self._http, self.config.host, self.config.http_port, reuse_port=self.config.reuse_port,
+                               ssl_context=None if tls is None else tls.ssl_context())
+            await site.start()
+            self.http_port = self._http.addresses[0][1]
         log.info(
-            "gateway on %s:%d (metrics :%s), Triton at %s, models %s",
-            self.config.host, self.port, self.config.metrics_port, self.config.triton_url, self.catalog.names(),
+            "gateway on %s:%d (HTTP :%s, metrics :%s), Triton at %s, models %s", self.config.host, self.port,
+            self.http_port, self.config.metrics_port, self.config.triton_url, self.catalog.names(),
         )
 
     async def _update_health(self) -> None:
         """The server's health (Triton ready) and each flow's (its models answer)."""
         ready = await self.backend.is_ready()
+        self.serving = ready
         self.metrics.triton_ready.set(1.0 if ready else 0.0)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _status(ready))
@@ -166,11 +188,14 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting RPCs, let in-flight ones finish within the grace period, and close."""
         await self.health.enter_graceful_shutdown()
+        self.serving = False
         if self._health_task:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        await self.server.stop(self.config.shutdown_grace_s)
+        # Both transports stop taking calls and let theirs finish within the grace period.
+        await asyncio.gather(self.server.stop(self.config.shutdown_grace_s),
+                             *([] if self._http is None else [self._http.cleanup()]))
         await self.flow_health.close()
         await self.backend.close()
         if self._metrics_http is not None:
@@ -182,7 +207,9 @@ class Gateway:
 def print_ready(gateway: "Gateway") -> None:
     """The line a single gateway prints once it serves (what scripts wait for)."""
     config = gateway.config
-    print(f"gateway ready: gRPC {config.host}:{gateway.port}, "
+    scheme = "https" if config.tls else "http"
+    http = "" if gateway.http_port is None else f"HTTP {scheme}://{config.host}:{gateway.http_port}, "
+    print(f"gateway ready: gRPC {config.host}:{gateway.port}, {http}"
           f"metrics http://{config.host}:{config.metrics_port}/metrics", flush=True)
 
 

@@ -35,7 +35,9 @@ from flowserve.server.protocol.errors import (
     FailedPrecondition,
     FlowServeError,
     InvalidArgument,
+    ModelNotFound,
     ResourceExhausted,
+    quoted,
 )
 from flowserve.server.protocol.tensors import MAX_MESSAGE_BYTES, WIRE_DTYPE
 
@@ -133,6 +135,14 @@ class FlowService:
                 metadata=flow.listing(),
             ))
         return infos
+
+    async def model_info(self, name: str) -> ModelInfo:
+        """The flow ``name`` as :meth:`list_models` lists it; ModelNotFound if it is not served."""
+        infos = {info.name: info for info in await self.list_models()}
+        if name not in infos:
+            self.catalog.get(name)  # InvalidArgument for no name, ModelNotFound quoting it within bounds
+            raise ModelNotFound(f"model {quoted(name)} is not served")
+        return infos[name]
 
     async def sample(self, query: SampleQuery, timeout: float | None = None) -> SampleResult:
         """Draw ``num_samples`` samples (or ``samples_per_context`` for each context); the base

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,3 +39,19 @@ class ServerTLS:
             [(self.key, self.cert_chain)], root_certificates=self.client_ca,
             require_client_auth=self.client_ca is not None,
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate, key and client CAs for the HTTP API (TLS 1.2 or newer)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # ssl loads a key pair only from files: a private directory that is gone once loaded.
+        with tempfile.TemporaryDirectory() as directory:
+            chain, key = Path(directory, "chain.pem"), Path(directory, "key.pem")
+            chain.write_bytes(self.cert_chain)
+            key.touch(mode=0o600)
+            key.write_bytes(self.key)
+            context.load_cert_chain(chain, key)
+        if self.client_ca is not None:
+            context.load_verify_locations(cadata=self.client_ca.decode())
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context

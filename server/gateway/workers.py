@@ -64,15 +64,23 @@ def worker_main(config: GatewayConfig, index: int, ready, log_level: int, parent
     raise SystemExit(code)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise OSError if ``host:port`` is taken: workers share it with each other only."""
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
+    """Raise OSError if ``host:port`` (the port of ``option``) is taken: workers share it with
+    each other only."""
     if port == 0:
-        raise ValueError("--workers needs a fixed --port: each worker would get a port of its own")
+        raise ValueError(f"--workers needs a fixed {option}: each worker would get a port of its own")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
         except OSError as exc:
             raise OSError(f"port {host}:{port} is taken ({exc.strerror})") from None
+
+
+def check_ports_free(config: GatewayConfig) -> None:
+    """:func:`check_port_free` for the gRPC port and, if there is one, the HTTP API's."""
+    check_port_free(config.host, config.port)
+    if config.http_port is not None:
+        check_port_free(config.host, config.http_port, "--http-port")
 
 
 @dataclass
@@ -183,7 +191,7 @@ async def run_pool(config: GatewayConfig, workers: int,
     """Serve ``config`` with ``workers`` gateway processes until SIGINT or SIGTERM (exit code
     0). ``supervise(on_restart)`` runs beside them as in a single gateway: if it raises, the
     workers stop and the exit code is 1."""
-    check_port_free(config.host, config.port)
+    check_ports_free(config)
     directory = tempfile.mkdtemp(prefix="flowserve-metrics-")
     os.environ[MULTIPROCESS_ENV] = directory  # for the workers: this process's prometheus_client is loaded already
     metrics = PoolMetrics(directory)
@@ -196,7 +204,8 @@ async def run_pool(config: GatewayConfig, workers: int,
     exit_code = 0
     try:
         await pool.start()
-        print(f"gateway ready: gRPC {config.host}:{config.port} ({workers} workers), "
+        http = "" if config.http_port is None else f"HTTP :{config.http_port}, "
+        print(f"gateway ready: gRPC {config.host}:{config.port} ({workers} workers), {http}"
               f"metrics http://{config.host}:{config.metrics_port}/metrics", flush=True)
         stopped = asyncio.ensure_future(stop.wait())
         kept = asyncio.ensure_future(pool.keep_alive(metrics))

@@ -186,13 +186,15 @@ class InMemoryBackend:
         return [inputs[name] for _, _, inputs in self.calls]
 
 
-def serve_and_call(config: GatewayConfig, calls: Callable[[str], object], backend: InMemoryBackend | None = None):
+def serve_and_call(config: GatewayConfig, calls: Callable[..., object], backend: InMemoryBackend | None = None):
     """Run the gateway of ``config`` on ``backend`` (default: a new in-memory one) and
-    ``calls(target)`` in a thread beside it; returns what ``calls`` returned and the gateway's
-    metrics registry."""
+    ``calls(target)`` in a thread beside it, or ``calls(target, http_url)`` when ``config``
+    has an HTTP port; returns what ``calls`` returned and the gateway's metrics registry."""
     async def scenario():
         async with Gateway(config, backend or InMemoryBackend(fake_answer, max_batch_size=4)) as gateway:
-            return await asyncio.to_thread(calls, f"127.0.0.1:{gateway.port}"), gateway.metrics.registry
+            http = [] if gateway.http_port is None else [f"{'https' if config.tls else 'http'}://127.0.0.1:"
+                                                         f"{gateway.http_port}"]
+            return await asyncio.to_thread(calls, f"127.0.0.1:{gateway.port}", *http), gateway.metrics.registry
 
     return asyncio.run(scenario())
 

@@ -40,6 +40,8 @@ class LiveServer:
     triton_grpc_url: str
     triton_metrics_url: str
     workdir: Path
+    http_url: str
+    """The HTTP API's base URL, ``http://127.0.0.1:<port>``."""
 
     def scrape(self, url: str | None = None) -> str:
         with urllib.request.urlopen(url or self.metrics_url, timeout=10) as response:
@@ -76,9 +78,10 @@ def wait_for_health(target: str, process: subprocess.Popen, want, timeout: float
 
 
 def start_serve(repository: Path, workdir: Path, *extra: str, env: dict[str, str] | None = None,
-                python: Path = Path(sys.executable)) -> tuple[subprocess.Popen, int, int]:
+                python: Path = Path(sys.executable), http_port: int | None = None) -> tuple[subprocess.Popen, int, int]:
     """Start ``flowserve serve`` with ``python`` on free ports, in :func:`hermetic_env` with
-    ``env`` added; returns the process, gateway and metrics ports.
+    ``env`` added; returns the process, gateway and metrics ports. The HTTP API listens on
+    ``http_port`` if given (else it is off).
 
     Its output goes to ``workdir/serve.log`` (a pipe nobody drains would block it).
     """
@@ -86,7 +89,8 @@ def start_serve(repository: Path, workdir: Path, *extra: str, env: dict[str, str
     workdir.mkdir(parents=True, exist_ok=True)
     command = [
         str(python), "-m", "flowserve.cli", "serve", "--model-repository", str(repository),
-        "--port", str(port), "--metrics-port", str(metrics_port), "--workdir", str(workdir), *extra,
+        "--port", str(port), "--metrics-port", str(metrics_port), "--workdir", str(workdir),
+        *(["--no-http"] if http_port is None else ["--http-port", str(http_port)]), *extra,
     ]
     with open(workdir / "serve.log", "w") as log:
         # Run in ``workdir``: ``python -m`` puts the working directory first on sys.path, and

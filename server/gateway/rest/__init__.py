@@ -1,0 +1,1 @@
+"""The HTTP/JSON API beside gRPC: its routes, its fields, its OpenAPI description and its page."""
