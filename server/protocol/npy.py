@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, quoted
 from .tensors import MAX_DIMS, WIRE_DTYPE
 
 MEDIA_TYPE = "application/x-npy"
@@ -62,7 +62,8 @@ def _check_dtype(dtype: np.dtype, fields: tuple[str, ...]) -> None:
         return
     for name in dtype.names:
         if name not in fields:
-            raise InvalidArgument(f"the .npy array has a field {_cut(name)}; its fields may be {', '.join(fields)}")
+            raise InvalidArgument(f"the .npy array has a field {quoted(name, 32)}; its fields may be "
+                                  f"{', '.join(fields)}")
         base = dtype.fields[name][0].base
         if base not in _FLOAT_KINDS:
             raise InvalidArgument(f"the .npy field {name!r} has dtype {_cut(base.str)}; send float32 or float64")
