@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install flowserve with everything its demo needs; with --test, also what
 # the tests need: the test extras, the deployment linters (checkov, tally) in their own
-# environment, and Prometheus with promtool (the Debian package; installed as root).
+# environment, Prometheus with promtool, and Chromium (Debian packages; installed as root).
 # Idempotent: a second run only checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,15 +50,19 @@ if $test_tools; then
     ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   .venv/tools/numpy2/bin/python -m pip install -qq --disable-pip-version-check \
     -r tests/helpers/numpy2_stub_requirements.txt
-  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  # Debian packages: Prometheus and promtool, and Chromium for the page of the HTTP API.
+  packages=()
+  { command -v prometheus && command -v promtool; } >/dev/null || packages+=(prometheus)
+  command -v chromium >/dev/null || packages+=(chromium)
+  if [ ${#packages[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
-      echo "setup: the tests need Prometheus and promtool: run as root, or apt-get install prometheus" >&2
+      echo "setup: the tests need ${packages[*]}: run as root, or apt-get install ${packages[*]}" >&2
       exit 1
     fi
-    echo "setup: installing Prometheus and promtool (Debian package prometheus)"
+    echo "setup: installing ${packages[*]} (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null; }
   fi
 fi
 # Triton's Python stub links against libpython3.X, which some Python installs lack.
