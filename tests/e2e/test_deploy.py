@@ -16,7 +16,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.deploy import DEPLOY, TLS_FILES, build, build_with_components, find, gateway_container
+from helpers.deploy import (
+    COMBINATIONS,
+    DEPLOY,
+    PROBES,
+    TLS_FILES,
+    build,
+    build_with_components,
+    container_ports,
+    find,
+    flag,
+    gateway_container,
+    probe_port,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["gpu", "cpu"]
@@ -48,6 +60,15 @@ def secured(request, tmp_path_factory) -> tuple[str, list[dict], Path]:
     path = folder / "built.yaml"
     path.write_text(result.stdout)
     return request.param, [doc for doc in yaml.safe_load_all(result.stdout) if doc], path
+
+
+@pytest.fixture(scope="module", params=COMBINATIONS, ids=lambda components: "+".join(components) or "none")
+def combined(request, tmp_path_factory) -> tuple[list[str], list[dict]]:
+    """The cpu overlay with each list of security components a user's overlay can add."""
+    folder = tmp_path_factory.mktemp("combined")
+    result = build_with_components("cpu", request.param, folder)
+    assert result.returncode == 0, result.stderr
+    return request.param, [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def test_overlays_pass_strict_schema_validation(built):
@@ -127,7 +148,7 @@ def test_gateway_balances_over_a_headless_triton_service_and_drains(built):
     assert config["FLOWSERVE_TRITON_URL"] == "dns:///triton:8001"
     pod = find(docs, "Deployment", "flowserve-gateway")["spec"]["template"]["spec"]
     (gateway,) = pod["containers"]
-    assert gateway["readinessProbe"]["grpc"]["port"] == 8500
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert gateway["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
     assert pod["terminationGracePeriodSeconds"] > 5 + 10  # preStop + the gateway's own drain
 
@@ -137,6 +158,7 @@ def test_the_security_components_pass_strict_validation_and_keep_the_hardening(s
     result = validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_hardened_and_resourced(docs)
+    assert_http_port_is_wired(docs)
 
 
 def test_the_security_components_serve_tls_mtls_and_tokens_from_secrets(secured):
@@ -151,7 +173,7 @@ def test_the_security_components_serve_tls_mtls_and_tokens_from_secrets(secured)
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "flowserve-gateway-tls"
     assert volumes["tokens"]["secret"]["secretName"] == "flowserve-gateway-tokens"
-    # Kubernetes' gRPC probe speaks no TLS: flowserve health does, with the gateway's own certificate.
+    # kubelet has no client certificate: flowserve health does mutual TLS with the gateway's own.
     for probe in (gateway["startupProbe"], gateway["readinessProbe"]):
         assert set(probe) == {"exec", "timeoutSeconds", "periodSeconds", "failureThreshold"}
         command = probe["exec"]["command"]
@@ -161,10 +183,67 @@ def test_the_security_components_serve_tls_mtls_and_tokens_from_secrets(secured)
     assert gateway["livenessProbe"]["tcpSocket"]["port"] == "grpc"
 
 
-def test_mutual_tls_without_tls_does_not_build(tmp_path):
-    result = build_with_components("cpu", ["mtls"], tmp_path)
+@pytest.mark.parametrize("components", [["mtls"], ["mtls", "tls"]])
+def test_mutual_tls_without_tls_before_it_does_not_build(components, tmp_path):
+    """mtls tests that tls has made the probes HTTPS: without it the gateway would refuse to start."""
+    result = build_with_components("cpu", components, tmp_path)
     assert result.returncode != 0
-    assert "startupProbe/exec/command" in result.stderr or "readinessProbe/exec/command" in result.stderr
+    assert "readinessProbe/httpGet/scheme failed: test failed" in result.stderr
+
+
+def assert_http_port_is_wired(docs: list[dict]) -> None:
+    """The HTTP API's port: passed as --http-port, declared as the container port "http",
+    exposed by the Service, and admitted by the NetworkPolicy from wherever gRPC is."""
+    gateway = gateway_container(docs)
+    args, ports = gateway["args"], container_ports(gateway)
+    assert "--no-http" not in args
+    assert ports["http"] == int(flag(args, "--http-port")) == 8501
+    assert ports["grpc"] == int(flag(args, "--port")) == 8500
+    service = {p["name"]: p for p in find(docs, "Service", "flowserve-gateway")["spec"]["ports"]}
+    assert (service["http"]["port"], service["http"]["targetPort"]) == (8501, "http")
+    assert {p["targetPort"] for p in service.values()} <= set(ports)
+    ingress = find(docs, "NetworkPolicy", "flowserve-gateway")["spec"]["ingress"]
+
+    def sources(port: str) -> list:
+        return [rule.get("from") for rule in ingress if {"port": port} in rule["ports"]]
+
+    assert sources("http") == sources("grpc") == [None]  # from any client
+    assert sources("metrics") != [None]
+
+
+def test_the_gateway_serves_http_where_the_service_and_network_policy_say(built):
+    assert_http_port_is_wired(built[1])
+
+
+def test_every_probe_is_one_kubelet_can_pass(combined):
+    """kubelet's HTTP probes speak HTTPS without checking the certificate, but present no client
+    certificate: plaintext and TLS probe /readyz and /livez on the HTTP port, in the port's
+    scheme; mutual TLS probes with flowserve health (gRPC, the gateway's own certificate) and a
+    TCP check. Tokens change nothing: health needs none."""
+    components, docs = combined
+    assert_http_port_is_wired(docs)
+    gateway = gateway_container(docs)
+    args, ports = gateway["args"], container_ports(gateway)
+    assert (flag(args, "--tls-cert") is not None, flag(args, "--tls-client-ca") is not None,
+            flag(args, "--tokens-file") is not None) == ("tls" in components, "mtls" in components,
+                                                          "tokens" in components)
+    startup, readiness, liveness = probes = [gateway[name] for name in PROBES]
+    for probe in probes:
+        assert len(set(probe) & {"httpGet", "exec", "tcpSocket", "grpc"}) == 1, probe
+    if "mtls" not in components:
+        scheme = "HTTPS" if "tls" in components else "HTTP"
+        assert [(p["httpGet"]["path"], probe_port(gateway, p["httpGet"]["port"]), p["httpGet"].get("scheme", "HTTP"))
+                for p in probes] == [("/readyz", 8501, scheme), ("/readyz", 8501, scheme), ("/livez", 8501, scheme)]
+        assert readiness["periodSeconds"] == 5
+        assert liveness["timeoutSeconds"] >= 5  # a busy event loop is not a stuck one
+    else:
+        for probe in (startup, readiness):
+            command = probe["exec"]["command"]
+            assert command[:3] == ["flowserve", "health", f"--target=127.0.0.1:{ports['grpc']}"]
+            assert {f"--tls-ca={TLS_FILES}/ca.crt", f"--tls-cert={TLS_FILES}/tls.crt", f"--tls-key={TLS_FILES}/tls.key",
+                    "--tls-server-name=flowserve-gateway"} <= set(command)
+            assert probe["timeoutSeconds"] > 3  # flowserve health's own --timeout
+        assert probe_port(gateway, liveness["tcpSocket"]["port"]) == 8500
 
 
 def test_scaling_and_availability_objects(built):
