@@ -94,13 +94,14 @@ class Served:
     and a checkout's flowserve/ folder must not shadow the installed package."""
 
     def __init__(self, repository: Path, log: Path, *options: str):
-        self.port, metrics_port = free_port(), free_port()
+        self.port, metrics_port, http_port = free_port(), free_port(), free_port()
         started = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flowserve.cli", "serve", "--model-repository", str(Path(repository).resolve()),
-             "--port", str(self.port), "--metrics-port", str(metrics_port), *options],
+             "--port", str(self.port), "--metrics-port", str(metrics_port), "--http-port", str(http_port), *options],
             stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True, cwd=Path(log).resolve().parent)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.http_url = f"http://127.0.0.1:{http_port}"
         self.triton_url = None
         for line in self.process.stdout:
             if match := re.match(r"Triton ready: gRPC (\S+),", line):

@@ -246,13 +246,17 @@ def test_cors_is_off_by_default_and_answers_the_origins_given(config):
         preflight = {**origin, "Access-Control-Request-Method": "POST",
                      "Access-Control-Request-Headers": "content-type"}
         return [requests.get(f"{http}/v1/models", headers=origin, timeout=10),
-                requests.options(f"{http}/v1/models/{UNCONDITIONAL}/sample", headers=preflight, timeout=10)]
+                requests.options(f"{http}/v1/models/{UNCONDITIONAL}/sample", headers=preflight, timeout=10),
+                requests.post(f"{http}/v1/models/{UNCONDITIONAL}/sample", json={"num_samples": 2}, headers=origin,
+                              timeout=10)]
 
-    (plain, refused), _ = serve_and_call(config, calls)
+    (plain, refused, _), _ = serve_and_call(config, calls)
     assert "Access-Control-Allow-Origin" not in plain.headers and refused.status_code == 405
     config.cors_origins = frozenset({"https://app.example"})
-    (allowed, preflight), _ = serve_and_call(config, calls)
-    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    (allowed, preflight, sampled), _ = serve_and_call(config, calls)
+    for answer in (allowed, preflight, sampled):  # a streamed JSON answer too
+        assert answer.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert sampled.headers["Access-Control-Expose-Headers"] == "Retry-After, Flowserve-Seed"
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Methods"] == "GET, POST"
     assert "Content-Type" in preflight.headers["Access-Control-Allow-Headers"]

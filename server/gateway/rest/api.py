@@ -59,6 +59,8 @@ _CORS_HEADERS = {
     "Access-Control-Max-Age": "600",
 }
 _CORS_EXPOSED = f"Retry-After, {SEED_HEADER}"
+JSON_ROWS = 2048
+"""Rows of a JSON answer's arrays written at a time."""
 PAGE_FILES = {"/": ("page.html", "text/html"), "/page.js": ("page.js", "text/javascript")}
 _PAGE_POLICY = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
 
@@ -82,6 +84,7 @@ class HttpApi:
     def application(self) -> web.Application:
         """The routes, under a body limit equal to the gRPC message limit."""
         app = web.Application(client_max_size=MAX_MESSAGE_BYTES, middlewares=[self._middleware])
+        app.on_response_prepare.append(self._cors_headers)
         app.router.add_get("/openapi.json", self._openapi_document)
         for path in PAGE_FILES:
             app.router.add_get(path, self._page_file)
@@ -152,7 +155,7 @@ class HttpApi:
         if as_npy:
             return web.Response(body=npy.write(arrays, lead), content_type=npy.MEDIA_TYPE,
                                 headers={SEED_HEADER: str(result.seed)})
-        return _json({**{name: json_floats(array) for name, array in arrays.items()}, **_sample_tally(result)})
+        return await _json_arrays(request, exchange, arrays, _sample_tally(result))
 
     async def _sample_stream(self, request: web.Request, exchange: _Exchange) -> web.StreamResponse:
         _negotiated(request, (NDJSON,))
@@ -180,7 +183,7 @@ class HttpApi:
         if result.bits_per_dim is not None:
             arrays["bits_per_dim"] = result.bits_per_dim
         exchange.call.rows = len(result.log_prob)
-        return _arrays_response(arrays, as_npy)
+        return await _arrays_response(request, exchange, arrays, as_npy)
 
     async def _encode(self, request: web.Request, exchange: _Exchange) -> web.Response:
         as_npy = _accepts_npy(request)
@@ -188,7 +191,8 @@ class HttpApi:
         query = EncodeQuery(request.match_info["model"], _required(values, "x"), values.get("context"))
         result = await self.service.encode(query, exchange.timeout)
         exchange.call.rows = len(result.z)
-        return _arrays_response({"z": result.z, "log_det": result.log_det, "log_prob": result.log_prob}, as_npy)
+        return await _arrays_response(request, exchange, {"z": result.z, "log_det": result.log_det,
+                                                          "log_prob": result.log_prob}, as_npy)
 
     # --- what is open: health, the description, the page -------------------------------
 
@@ -210,24 +214,27 @@ class HttpApi:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        origin = request.headers.get(hdrs.ORIGIN)
-        allowed = origin is not None and ("*" in self.cors_origins or origin in self.cors_origins)
-        if allowed and request.method == "OPTIONS" and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
-            return web.Response(status=204, headers={**_CORS_HEADERS, **_cors(origin)})
+        if (request.method == "OPTIONS" and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+                and self._allowed_origin(request)):
+            return web.Response(status=204, headers=_CORS_HEADERS)  # a preflight: _cors_headers adds the origin
         try:
-            response = await handler(request)
+            return await handler(request)
         except web.HTTPException as error:
             if error.status < 400:
                 raise
-            response = http_error_response(error)
-        if allowed and not response.prepared:
-            response.headers.update(_cors(origin))
+            return http_error_response(error)
+
+    def _allowed_origin(self, request: web.Request) -> str | None:
+        origin = request.headers.get(hdrs.ORIGIN)
+        return origin if origin is not None and ("*" in self.cors_origins or origin in self.cors_origins) else None
+
+    async def _cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Before any answer's headers leave (streamed ones too): CORS's, for an allowed origin."""
+        origin = self._allowed_origin(request)
+        if origin is not None:
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+            response.headers[hdrs.VARY] = "Origin"
             response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _CORS_EXPOSED
-        return response
-
-
-def _cors(origin: str) -> dict[str, str]:
-    return {hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: origin, hdrs.VARY: "Origin"}
 
 
 def model_json(model: ModelInfo) -> dict:
@@ -352,11 +359,32 @@ def _sample_tally(result: SampleResult) -> dict:
     return {"seed": result.seed, "acceptance_rate": result.acceptance_rate, "draws": result.draws}
 
 
-def _arrays_response(arrays: dict[str, np.ndarray], as_npy: bool) -> web.Response:
+async def _arrays_response(request: web.Request, exchange: _Exchange, arrays: dict[str, np.ndarray],
+                           as_npy: bool) -> web.StreamResponse:
     if as_npy:
         rows = (len(next(iter(arrays.values()))),)
         return web.Response(body=npy.write(arrays, rows), content_type=npy.MEDIA_TYPE)
-    return _json({name: json_floats(array) for name, array in arrays.items()})
+    return await _json_arrays(request, exchange, arrays)
+
+
+async def _json_arrays(request: web.Request, exchange: _Exchange, arrays: dict[str, np.ndarray],
+                       scalars: dict | None = None) -> web.StreamResponse:
+    """A JSON object of ``arrays`` (then ``scalars``), written :data:`JSON_ROWS` rows at a time:
+    writing numbers as text is the slow part of a large answer, and the event loop (gRPC's
+    calls too) runs between the parts, whose text alone the gateway holds."""
+    response = exchange.stream = web.StreamResponse(headers={hdrs.CONTENT_TYPE: JSON})
+    await response.prepare(request)
+    opening = "{"
+    for name, array in arrays.items():
+        await response.write(f'{opening}"{name}": ['.encode())
+        for start in range(0, len(array), JSON_ROWS):
+            part = json.dumps(json_floats(array[start:start + JSON_ROWS]), allow_nan=False)[1:-1]
+            await response.write(f"{',' if start else ''}{part}".encode())
+        await response.write(b"]")
+        opening = ", "
+    tail = json.dumps(scalars or {})[1:]
+    await response.write_eof(f"{', ' if scalars else ''}{tail}".encode())
+    return response
 
 
 def _json(document: dict, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
