@@ -107,9 +107,10 @@ async function draw() {
 
 async function drawPlane(plot, samples, context) {
   const xs = samples.map(s => s[0]), ys = samples.map(s => s[1]);
-  const pad = 0.1;
+  // A square window around the samples, 10% wider: both axes on one scale.
   const [x0, x1] = [Math.min(...xs), Math.max(...xs)], [y0, y1] = [Math.min(...ys), Math.max(...ys)];
-  const low = [x0 - pad * (x1 - x0), y0 - pad * (y1 - y0)], high = [x1 + pad * (x1 - x0), y1 + pad * (y1 - y0)];
+  const half = 0.55 * Math.max(x1 - x0, y1 - y0) || 1, center = [(x0 + x1) / 2, (y0 + y1) / 2];
+  const low = [center[0] - half, center[1] - half], high = [center[0] + half, center[1] + half];
   const px = x => (x - low[0]) / (high[0] - low[0]) * SIZE;
   const py = y => SIZE - (y - low[1]) / (high[1] - low[1]) * SIZE;
   if (chosen.directions.includes("density")) {
