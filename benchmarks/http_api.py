@@ -18,7 +18,6 @@ Usage (about 3 minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
@@ -140,7 +139,8 @@ async def measure(served: Served, http: str, args) -> list[str]:
                               ".npy": clients.http_score(DIGITS, wide, True)},
         }
         small = {
-            "LogLikelihood": {"gRPC": clients.grpc_score(MOONS, points), ".npy": clients.http_score(MOONS, points, True),
+            "LogLikelihood": {"gRPC": clients.grpc_score(MOONS, points),
+                              ".npy": clients.http_score(MOONS, points, True),
                               "JSON": clients.http_score(MOONS, points, False)},
             "Sample": {"gRPC": clients.grpc_sample(MOONS, 64), ".npy": clients.http_sample(MOONS, 64, True),
                        "JSON": clients.http_sample(MOONS, 64, False)},

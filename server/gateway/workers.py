@@ -204,8 +204,8 @@ async def run_pool(config: GatewayConfig, workers: int,
     exit_code = 0
     try:
         await pool.start()
-        http = "" if config.http_port is None else f"HTTP :{config.http_port}, "
-        print(f"gateway ready: gRPC {config.host}:{config.port} ({workers} workers), {http}"
+        api = "" if config.http_port is None else f"HTTP :{config.http_port}, "
+        print(f"gateway ready: gRPC {config.host}:{config.port} ({workers} workers), {api}"
               f"metrics http://{config.host}:{config.metrics_port}/metrics", flush=True)
         stopped = asyncio.ensure_future(stop.wait())
         kept = asyncio.ensure_future(pool.keep_alive(metrics))

@@ -12,6 +12,7 @@ import time
 
 import grpc
 import numpy as np
+import requests
 from grpc_health.v1 import health_pb2
 from helpers.flows import SMALL_CHUNKS
 from helpers.processes import (
@@ -28,6 +29,7 @@ from helpers.processes import (
 from flowserve.server.client import sample_request
 from flowserve.server.protocol.proto import flowserve_pb2_grpc as pb_grpc
 from flowserve.server.protocol.tensors import decode
+from flowserve.server.triton.launcher import free_port
 
 CHANNELS = 16  # the kernel spreads connections at random: all 16 on one of 2 workers has odds 2**-15
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -51,8 +53,9 @@ def sample_on_channels(target: str, calls_per_channel: int, workers: list[int], 
 
 def test_workers_share_the_port_the_metrics_port_sums_them_and_a_killed_worker_comes_back(live_server, repository,
                                                                                           tmp_path):
+    http_port = free_port()
     process, port, metrics_port = start_serve(repository, tmp_path, "--workers", "2",
-                                              "--triton-url", live_server.triton_grpc_url)
+                                              "--triton-url", live_server.triton_grpc_url, http_port=http_port)
     target, metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         wait_for_health(target, process, SERVING, timeout=60)
@@ -63,9 +66,23 @@ def test_workers_share_the_port_the_metrics_port_sums_them_and_a_killed_worker_c
         assert sum(connections.values()) >= CHANNELS and all(connections.values()), connections
         assert all(np.array_equal(s, samples[0]) for s in samples)  # and give the same numbers
         text = live_server.scrape(metrics_url)
-        assert metric_value(text, "flowserve_requests_total", method="Sample", code="OK") == 3 * CHANNELS
+        grpc_ok = metric_value(text, "flowserve_requests_total", method="Sample", code="OK", protocol="grpc")
+        assert grpc_ok == 3 * CHANNELS
         assert metric_value(text, "flowserve_flow_ready", model=SMALL_CHUNKS) == 1
         assert metric_value(text, "flowserve_gateway_worker_restarts_total") == 0
+        # The HTTP API too: every worker serves it, on the one HTTP port, with the same numbers.
+        sessions = [requests.Session() for _ in range(CHANNELS)]  # each keeps its connection open
+        try:
+            answers = [session.post(f"http://127.0.0.1:{http_port}/v1/models/{SMALL_CHUNKS}/sample", timeout=30,
+                                    json={"num_samples": 5, "seed": 0}).json() for session in sessions]
+            held = {pid: connections_accepted(pid, http_port) for pid in workers}
+        finally:
+            for session in sessions:
+                session.close()
+        assert sum(held.values()) >= CHANNELS and all(held.values()), held
+        assert all(np.array_equal(np.float32(answer["samples"]), samples[0]) for answer in answers)
+        text = live_server.scrape(metrics_url)
+        assert metric_value(text, "flowserve_requests_total", method="Sample", code="OK", protocol="http") == CHANNELS
 
         os.kill(workers[1], signal.SIGKILL)
         poll_until(lambda: len(set(worker_processes(process.pid)) - {workers[1]}) == 2, 30, "a new worker")
@@ -76,14 +93,15 @@ def test_workers_share_the_port_the_metrics_port_sums_them_and_a_killed_worker_c
         text = live_server.scrape(metrics_url)
         assert metric_value(text, "flowserve_gateway_worker_restarts_total") == 1
         # The killed worker's count stays in the sum; its gauges went with it.
-        assert metric_value(text, "flowserve_requests_total", method="Sample", code="OK") == 4 * CHANNELS
+        grpc_ok = metric_value(text, "flowserve_requests_total", method="Sample", code="OK", protocol="grpc")
+        assert grpc_ok == 4 * CHANNELS
         assert metric_value(text, "flowserve_requests_in_flight") == 0
     finally:
         code = stop_serve(process)
     assert code == 0
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
     log = (tmp_path / "serve.log").read_text()
-    assert f"gateway ready: gRPC 127.0.0.1:{port} (2 workers)" in log
+    assert f"gateway ready: gRPC 127.0.0.1:{port} (2 workers), HTTP :{http_port}" in log
     assert re.search(r"gateway worker [01] exited with code -9; restarting it", log)
 
 
