@@ -305,14 +305,19 @@ async def sample_memory(served: Served, gateway) -> list[str]:
                       f"+{streamed[10**6][0] - streamed[10**5][0]:.1f} MiB", "<= 300 MB, flat")]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a run over the flows of :func:`prepare`: rounds, their length, the flows' folder."""
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one timed round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the best is kept)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per flow")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the trained and exported flows here and reuse them in later runs "
                              "(default: a temporary folder)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_options(parser)
     parser.add_argument("--empty-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.empty_server:

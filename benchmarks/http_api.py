@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import numpy as np
-from gateway import CHANNEL_OPTIONS, DIGITS, MOONS, Served, closed_loop, prepare, table_row
+from gateway import CHANNEL_OPTIONS, DIGITS, MOONS, Served, add_run_options, closed_loop, prepare, table_row
 
 from flowserve.server.gateway.app import run_event_loop
 from flowserve.server.protocol.proto import flowserve_pb2 as pb
@@ -172,11 +172,7 @@ async def measure(served: Served, http: str, args) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one timed round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the best is kept)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per flow")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the flows are trained and exported (kept for the next run)")
+    add_run_options(parser)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flowserve-http-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
