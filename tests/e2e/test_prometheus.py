@@ -174,7 +174,8 @@ def labels(**items) -> tuple:
 def test_prometheus_counts_every_gateway_request(prometheus, traffic):
     ok = prometheus.query(GOOD_REQUESTS)
     instance = next(dict(k)["instance"] for k in ok)
-    common = dict(pod="gateway-gpu", model=SMALL_CHUNKS, code="OK", job="flowserve-gateway", instance=instance)
+    common = dict(pod="gateway-gpu", model=SMALL_CHUNKS, code="OK", job="flowserve-gateway", instance=instance,
+                  protocol="grpc")
     assert ok == {labels(method="Sample", **common): 2 * SAMPLE_CALLS,
                   labels(method="LogLikelihood", **common): 2 * SCORE_CALLS}
     not_found = prometheus.query('flowserve_requests_total{pod="gateway-gpu", code="NOT_FOUND"}')
