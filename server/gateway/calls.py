@@ -14,7 +14,6 @@ from .metrics import UNKNOWN_MODEL, GatewayMetrics
 
 GRPC = "grpc"
 HTTP = "http"
-PROTOCOLS = (GRPC, HTTP)
 OK = "OK"
 CANCELLED = "CANCELLED"
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
@@ -92,4 +91,3 @@ class Call:
             ledger.labelled(ledger.metrics.rows, self.method, self.model, self.protocol).observe(self.rows)
         ledger.count(self.protocol, self.method, self.model, code)
         ledger.labelled(ledger.metrics.latency, self.method, self.model, self.protocol).observe(self.elapsed_s)
-
