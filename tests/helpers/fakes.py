@@ -3,12 +3,13 @@ an unconditional flow whose answers depend on every row's inputs (so a row that 
 another's context shows), ``serve_and_call`` (the real gateway on loopback in front of them),
 the batcher and health on the in-memory backend, the runner beside a stand-in for Triton's
 ``triton_python_backend_utils``, and a flow's repository files without a real export
-(``write_flow``, for ``flowserve doctor``)."""
+(``write_flow``, for ``flowserve doctor``); ``npy_bytes``, an array as an .npy body."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import json
 import sys
 import types
@@ -184,6 +185,13 @@ class InMemoryBackend:
     def chunks(self, name: str) -> list[np.ndarray]:
         """Every call's input ``name``, in call order."""
         return [inputs[name] for _, _, inputs in self.calls]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of an .npy file (what a client of the HTTP API sends)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def serve_and_call(config: GatewayConfig, calls: Callable[..., object], backend: InMemoryBackend | None = None):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 from helpers import fakes
-from helpers.fakes import CONDITIONAL, UNCONDITIONAL, InMemoryBackend, fake_answer, serve_and_call
+from helpers.fakes import CONDITIONAL, UNCONDITIONAL, InMemoryBackend, fake_answer, npy_bytes, serve_and_call
 from helpers.processes import poll_until
 
 from flowserve.contract.spec import ALL_DIRECTIONS, triton_model_name
@@ -33,12 +33,6 @@ def config(tmp_path) -> GatewayConfig:
                          models={d: triton_model_name(UNCONDITIONAL, d) for d in ALL_DIRECTIONS})
     fakes.write_metadata(tmp_path, CONDITIONAL, family="realnvp", context_shape=[3], noise_dim=fakes.NOISE_DIM)
     return GatewayConfig(tmp_path, triton_url="in-memory", host="127.0.0.1", port=0, metrics_port=None, http_port=0)
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def npy_of(response: requests.Response) -> np.ndarray:

@@ -8,17 +8,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from helpers.fakes import npy_bytes
 
 from flowserve.server.gateway.rest import fields, openapi
 from flowserve.server.gateway.rest.fields import LOG_LIKELIHOOD, SAMPLE, json_floats, parse_json, read_fields
 from flowserve.server.protocol import npy
 from flowserve.server.protocol.errors import InvalidArgument
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def test_fields_come_from_the_query_or_the_body_typed_and_bounded():
